@@ -1,0 +1,39 @@
+"""nativevl.modeling: configurations and models (remote-code files, copied flat into exported folders)."""
+
+from .configuration_nativevl import NativeVLConfig, NativeVLTextConfig, NativeVLVisionConfig
+from .modeling_nativevl import (
+    NativeVLForConditionalGeneration,
+    NativeVLModel,
+    NativeVLPreTrainedModel,
+    NativeVLTextModel,
+    NativeVLVisionModel,
+    get_rope_index,
+)
+
+
+def register_auto_classes() -> None:
+    """Registers the configs with `AutoConfig` and the models with `AutoModel` / `AutoModelForImageTextToText`,
+    and marks the classes for export so `save_pretrained` writes `auto_map` and the remote-code files."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+    for config_class in (NativeVLConfig, NativeVLTextConfig, NativeVLVisionConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(NativeVLConfig, NativeVLModel, exist_ok=True)
+    AutoModelForImageTextToText.register(NativeVLConfig, NativeVLForConditionalGeneration, exist_ok=True)
+    NativeVLConfig.register_for_auto_class("AutoConfig")
+    NativeVLModel.register_for_auto_class("AutoModel")
+    NativeVLForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+
+__all__ = [
+    "NativeVLConfig",
+    "NativeVLForConditionalGeneration",
+    "NativeVLModel",
+    "NativeVLPreTrainedModel",
+    "NativeVLTextConfig",
+    "NativeVLTextModel",
+    "NativeVLVisionConfig",
+    "NativeVLVisionModel",
+    "get_rope_index",
+    "register_auto_classes",
+]

@@ -1,0 +1,100 @@
+"""Configurations of nativevl's native-resolution vision-language model.
+
+Three configs, composed as transformers composes Qwen2-VL's (`models/qwen2_vl/configuration_qwen2_vl.py`):
+`NativeVLVisionConfig` (the NaViT-style ViT with its 2x2 merger), `NativeVLTextConfig` (the Qwen2-family decoder)
+and `NativeVLConfig`, which picks the projector and the LLM's position scheme:
+
+- Qwen2-VL (arXiv 2409.12191): `projector_type="merger"`, `position_scheme="mrope"`.
+- NativeRes-LLaVA (arXiv 2506.12776): `projector_type="merger_mlp"` (merger to its own width, then LLaVA's
+  `mlp2x_gelu`), `position_scheme="1d"`.
+
+Configs describe architecture only: no paths, hub ids, tokenizer names or learning rates.
+
+This file is remote code: it is copied flat into a model folder and imports only transformers and the standard
+library.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
+
+
+PROJECTOR_TYPES = ("merger", "merger_mlp")
+POSITION_SCHEMES = ("mrope", "1d")
+
+
+@strict
+class NativeVLVisionConfig(Qwen2VLVisionConfig):
+    """The vision tower: Conv3d patch embedding, pre-norm ViT blocks with 2D RoPE, 2x2 patch merger.
+
+    Fields are Qwen2-VL's, so a Qwen2-VL `vision_config` loads as is:
+    - `embed_dim`: ViT width (1280 in Qwen2-VL).
+    - `hidden_size`: output width of the 2x2 merger. With `projector_type="merger"` it must equal the LLM width;
+      with `"merger_mlp"` it is the merger's own width (1536 in NativeRes-LLaVA's ViT).
+    - `patch_size` (pixels, 14), `temporal_patch_size` (frames per patch, 2; a still image is repeated),
+      `spatial_merge_size` (2: 2x2 patches become one LLM token).
+    - `rope_parameters["rope_theta"]`: base of the 2D RoPE (10000).
+    """
+
+    model_type = "nativevl_vision"
+    base_config_key = "vision_config"
+
+
+@strict
+class NativeVLTextConfig(Qwen2VLTextConfig):
+    """The Qwen2-family decoder (transformers' Qwen2-VL text model, reused as is).
+
+    `rope_parameters["mrope_section"]` splits the rotary channels into (temporal, height, width) sections summing to
+    head_dim / 2 ([16, 24, 24] for head dim 128). With the 1-D position scheme all three sections receive the same
+    position, which is exactly plain RoPE, so one decoder serves both schemes.
+    """
+
+    model_type = "nativevl_text"
+    base_config_key = "text_config"
+
+
+@strict
+class NativeVLConfig(PreTrainedConfig):
+    """A native-resolution VLM: `vision_config` + projector + `text_config`.
+
+    - `projector_type`: `"merger"` (Qwen2-VL: the merger maps straight to the LLM width) or `"merger_mlp"`
+      (NativeRes-LLaVA: merger output -> Linear -> GELU -> Linear to the LLM width).
+    - `projector_hidden_size`: hidden width of the `"merger_mlp"` projector; None means the LLM width (as in
+      LLaVA's `mlp2x_gelu`).
+    - `position_scheme`: `"mrope"` (temporal/height/width positions for vision tokens) or `"1d"` (positions
+      0..L-1 for every token, as the released NativeRes-LLaVA checkpoints use).
+    - `image_token_id`, `video_token_id`: placeholder tokens, one per LLM token of an image or video;
+      `vision_start_token_id`, `vision_end_token_id`: the tokens around each image or video.
+    """
+
+    model_type = "nativevl"
+    sub_configs_defaults = {"vision_config": NativeVLVisionConfig, "text_config": NativeVLTextConfig}
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    projector_type: str = "merger"
+    projector_hidden_size: int | None = None
+    projector_hidden_act: str = "gelu"
+    position_scheme: str = "mrope"
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    tie_word_embeddings: bool = False
+
+    def validate_architecture(self):
+        """Checks the choices that shape the model; called by `__post_init__` through strict validation."""
+        if self.projector_type not in PROJECTOR_TYPES:
+            raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
+        if self.position_scheme not in POSITION_SCHEMES:
+            raise ValueError(f"position_scheme must be one of {POSITION_SCHEMES}, got {self.position_scheme!r}")
+        if self.projector_type == "merger" and self.vision_config.hidden_size != self.text_config.hidden_size:
+            raise ValueError(
+                f"projector_type='merger' maps the merger straight to the LLM, so vision_config.hidden_size "
+                f"({self.vision_config.hidden_size}) must equal text_config.hidden_size "
+                f"({self.text_config.hidden_size}); use projector_type='merger_mlp' for different widths"
+            )
+
+
+__all__ = ["NativeVLConfig", "NativeVLTextConfig", "NativeVLVisionConfig"]

@@ -1,0 +1,682 @@
+"""nativevl's native-resolution vision-language model.
+
+A NaViT-style ViT (patch 14, 2D RoPE, no absolute position table) encodes every image at its own size; a 2x2
+merger (and, for NativeRes-LLaVA, an MLP projector) turns the patch grid into LLM tokens; transformers' Qwen2-VL
+text decoder places them with M-RoPE (temporal, height, width) or plain 1-D positions.
+
+- Qwen2-VL, arXiv 2409.12191; mirrors transformers' `models/qwen2_vl/modeling_qwen2_vl.py` (same parameter names,
+  so weights map one to one).
+- NativeRes-LLaVA, arXiv 2506.12776: `projector_type="merger_mlp"`, `position_scheme="1d"`.
+
+Written here: the packed vision tower (all images of a batch in one sequence, attention split at `cu_seqlens`),
+the projector, the position ids for both schemes. Reused from transformers: the decoder (attention dispatch,
+caches, gradient checkpointing), generation, loss.
+
+This file is remote code: it is copied flat into a model folder and imports only torch, transformers and its
+sibling `configuration_nativevl.py`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
+from transformers.utils import is_flash_attn_2_available
+
+from .configuration_nativevl import NativeVLConfig, NativeVLTextConfig, NativeVLVisionConfig
+
+
+if is_flash_attn_2_available():
+    from flash_attn import flash_attn_varlen_func
+else:
+    flash_attn_varlen_func = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vision tower
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotates channel i with channel i + d/2 (the GPT-NeoX layout used by Qwen2-VL): (x1, x2) -> (-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def vision_patch_positions(grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor:
+    """(row, col) of every patch, in the merge-block-major order of `pixel_values` rows.
+
+    grid_thw: (num_grids, 3) long [t, h, w] in patches. Returns (num_patches, 2) long. Rows of one grid are ordered
+    2x2 block by 2x2 block in raster order, the patches of a block in raster order inside it, and the whole
+    (h, w) layout repeated for each of the t temporal patches.
+    """
+    positions = []
+    for t, h, w in grid_thw.tolist():
+        rows = torch.arange(h).view(h, 1).expand(h, w)
+        cols = torch.arange(w).view(1, w).expand(h, w)
+        hw = torch.stack([rows, cols], dim=-1)  # (h, w, 2)
+        hw = hw.view(h // merge_size, merge_size, w // merge_size, merge_size, 2)  # (h/m, m, w/m, m, 2)
+        hw = hw.permute(0, 2, 1, 3, 4).reshape(h * w, 2)  # (h*w, 2), block-major
+        positions.append(hw.repeat(t, 1))  # (t*h*w, 2)
+    return torch.cat(positions, dim=0)
+
+
+class NativeVLVisionRotaryEmbedding(nn.Module):
+    """2D RoPE for the ViT: half of each head's rotary pairs rotate with the row, half with the column.
+
+    Channel layout of the returned (num_patches, head_dim) cos/sin: [row (d/4), col (d/4), row (d/4), col (d/4)],
+    so that `rotate_half` pairs channel i with i + d/2 and each pair rotates by one axis. Same angles as
+    transformers' `Qwen2VLVisionRotaryEmbedding`. The inverse frequencies are derived from the config on each call
+    (a few dozen floats), so no buffer needs re-initialising after meta-device loading.
+    """
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def forward(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: (num_patches, 2) long (row, col). Returns cos, sin: (num_patches, head_dim) float32."""
+        spatial_dim = self.head_dim // 2
+        inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, spatial_dim, 2, dtype=torch.float, device=device) / spatial_dim)
+        )  # (head_dim/4,)
+        max_pos = int(positions.max()) + 1 if positions.numel() else 1
+        table = torch.outer(torch.arange(max_pos, device=device, dtype=torch.float), inv_freq)  # (max_pos, d/4)
+        freqs = table[positions.to(device)].flatten(1)  # (num_patches, 2 * d/4): [row, col]
+        emb = torch.cat((freqs, freqs), dim=-1)  # (num_patches, head_dim)
+        return emb.cos(), emb.sin()
+
+
+class NativeVLVisionPatchEmbed(nn.Module):
+    """Conv3d with kernel = stride = (temporal_patch, patch, patch) and no bias, applied to pre-cut patches."""
+
+    def __init__(self, config: NativeVLVisionConfig) -> None:
+        super().__init__()
+        self.in_channels = config.in_channels
+        self.temporal_patch_size = config.temporal_patch_size
+        self.patch_size = config.patch_size
+        kernel = (config.temporal_patch_size, config.patch_size, config.patch_size)
+        self.proj = nn.Conv3d(config.in_channels, config.embed_dim, kernel_size=kernel, stride=kernel, bias=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values: (num_patches, C*T*P*P), rows in (C, T, P, P) order. Returns (num_patches, embed_dim)."""
+        # A conv whose kernel covers its whole input is a matmul: (N, C*T*P*P) @ (C*T*P*P, D).
+        weight = self.proj.weight.view(self.proj.out_channels, -1)  # (D, C*T*P*P)
+        return F.linear(pixel_values.to(weight.dtype), weight)
+
+
+class NativeVLVisionAttention(nn.Module):
+    """Multi-head self-attention over a packed sequence of images, never across image boundaries.
+
+    `attn_implementation` picks the kernel: `flash_attention_2` runs one varlen call over the whole packed sequence;
+    `sdpa` and `eager` run one call per run of equal-length segments (consecutive video frames or crop tiles share
+    one batched call), so memory grows with the sum of per-image squares, not the square of the total.
+    """
+
+    def __init__(self, config: NativeVLVisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_heads
+        self.head_dim = config.embed_dim // config.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=True)
+        self.proj = nn.Linear(config.embed_dim, config.embed_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        segment_runs: list[tuple[int, int, int]],
+        max_seqlen: int,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """hidden_states: (N, D). cu_seqlens: (num_segments + 1,) int32 boundaries. segment_runs: (start, length,
+        count) for runs of `count` consecutive segments of equal `length`. Returns (N, D)."""
+        n = hidden_states.shape[0]
+        qkv = self.qkv(hidden_states).view(n, 3, self.num_heads, self.head_dim)  # (N, 3, H, d)
+        cos, sin = position_embeddings  # (N, d) float32
+        qk = qkv[:, :2].float()  # (N, 2, H, d)
+        qk = qk * cos[:, None, None] + rotate_half(qk) * sin[:, None, None]
+        q, k = qk.to(qkv.dtype).unbind(1)  # (N, H, d) each
+        v = qkv[:, 2]  # (N, H, d)
+
+        impl = self.config._attn_implementation or "sdpa"
+        if impl == "flash_attention_2" and flash_attn_varlen_func is not None and q.is_cuda:
+            out = flash_attn_varlen_func(
+                q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=self.scaling, causal=False
+            )  # (N, H, d)
+        else:
+            outputs = []
+            for start, length, count in segment_runs:
+                end = start + length * count
+                # (count*L, H, d) -> (count, L, H, d) -> (count, H, L, d)
+                qs, ks, vs = (x[start:end].view(count, length, self.num_heads, self.head_dim).transpose(1, 2) for x in (q, k, v))
+                if impl == "eager":
+                    weights = torch.matmul(qs, ks.transpose(-1, -2)) * self.scaling  # (count, H, L, L)
+                    weights = weights.softmax(dim=-1, dtype=torch.float32).to(qs.dtype)
+                    o = torch.matmul(weights, vs)  # (count, H, L, d)
+                else:
+                    o = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling)  # (count, H, L, d)
+                outputs.append(o.transpose(1, 2).reshape(count * length, self.num_heads, self.head_dim))
+            out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)  # (N, H, d)
+        return self.proj(out.reshape(n, -1))  # (N, D)
+
+
+class NativeVLVisionMLP(nn.Module):
+    def __init__(self, config: NativeVLVisionConfig) -> None:
+        super().__init__()
+        hidden = int(config.embed_dim * config.mlp_ratio)
+        self.fc1 = nn.Linear(config.embed_dim, hidden)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(hidden, config.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class NativeVLVisionBlock(GradientCheckpointingLayer):
+    """Pre-norm ViT block (LayerNorm eps 1e-6, as Qwen2-VL's `Qwen2VLVisionBlock`)."""
+
+    def __init__(self, config: NativeVLVisionConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.embed_dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(config.embed_dim, eps=1e-6)
+        self.attn = NativeVLVisionAttention(config)
+        self.mlp = NativeVLVisionMLP(config)
+
+    def forward(self, hidden_states, cu_seqlens, segment_runs, max_seqlen, position_embeddings) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(
+            self.norm1(hidden_states), cu_seqlens, segment_runs, max_seqlen, position_embeddings
+        )
+        return hidden_states + self.mlp(self.norm2(hidden_states))
+
+
+class NativeVLPatchMerger(nn.Module):
+    """LayerNorm, then 4 consecutive rows (one 2x2 block) viewed as one, Linear-GELU-Linear to `hidden_size`."""
+
+    def __init__(self, config: NativeVLVisionConfig) -> None:
+        super().__init__()
+        self.merged_dim = config.embed_dim * config.spatial_merge_size**2
+        self.ln_q = nn.LayerNorm(config.embed_dim, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(self.merged_dim, self.merged_dim), nn.GELU(), nn.Linear(self.merged_dim, config.hidden_size)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, embed_dim), N a multiple of merge**2. Returns (N / merge**2, hidden_size)."""
+        return self.mlp(self.ln_q(x).view(-1, self.merged_dim))  # (N/4, 4*embed_dim) -> (N/4, hidden_size)
+
+
+def vision_segments(grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]], int]:
+    """Attention segments of a packed vision sequence: one per image, one per temporal patch of a video.
+
+    Returns cu_seqlens (num_segments + 1,) int32, the runs of consecutive equal-length segments as
+    (start, length, count), and the longest segment.
+    """
+    lengths = []
+    for t, h, w in grid_thw.tolist():
+        lengths.extend([h * w] * t)
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for length in lengths:
+        if runs and runs[-1][1] == length:
+            runs[-1] = (runs[-1][0], length, runs[-1][2] + 1)
+        else:
+            runs.append((start, length, 1))
+        start += length
+    cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return cu_seqlens, runs, max(lengths, default=0)
+
+
+@dataclass
+class NativeVLModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus `rope_deltas` (batch, 1): largest position + 1 minus sequence length."""
+
+    rope_deltas: torch.LongTensor | None = None
+
+
+@dataclass
+class NativeVLCausalLMOutputWithPast(ModelOutput):
+    """Causal LM output of `NativeVLForConditionalGeneration`: logits (batch, seq, vocab), optional loss."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    rope_deltas: torch.LongTensor | None = None
+
+
+class NativeVLPreTrainedModel(PreTrainedModel):
+    config: NativeVLConfig
+    config_class = NativeVLConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "video", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["NativeVLVisionBlock", "Qwen2VLDecoderLayer"]
+    _skip_keys_device_placement = "past_key_values"
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+
+class NativeVLVisionModel(NativeVLPreTrainedModel):
+    """The packed ViT with its merger: pixel patches of many images in, LLM-width (or merger-width) tokens out."""
+
+    config: NativeVLVisionConfig
+    config_class = NativeVLVisionConfig
+    input_modalities = ("image", "video")
+    _no_split_modules = ["NativeVLVisionBlock"]
+    _input_embed_layer = "patch_embed"
+
+    def __init__(self, config: NativeVLVisionConfig) -> None:
+        super().__init__(config)
+        self.spatial_merge_size = config.spatial_merge_size
+        self.patch_embed = NativeVLVisionPatchEmbed(config)
+        rope_theta = (config.rope_parameters or {}).get("rope_theta", 10000.0)
+        self.rotary_pos_emb = NativeVLVisionRotaryEmbedding(config.embed_dim // config.num_heads, rope_theta)
+        self.blocks = nn.ModuleList([NativeVLVisionBlock(config) for _ in range(config.depth)])
+        self.merger = NativeVLPatchMerger(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """pixel_values: (num_patches, C*T*P*P) in merge-block-major order; grid_thw: (num_grids, 3) long.
+
+        Returns `last_hidden_state` (num_patches, embed_dim) and `pooler_output` (num_patches / 4, hidden_size).
+        """
+        expected = int(grid_thw.prod(-1).sum())
+        if pixel_values.shape[0] != expected:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[0]} patch rows but grid_thw {grid_thw.tolist()} "
+                f"describes {expected}"
+            )
+        cu_seqlens, segment_runs, max_seqlen = vision_segments(grid_thw)
+        cu_seqlens = cu_seqlens.to(pixel_values.device)
+        hidden_states = self.patch_embed(pixel_values)  # (N, embed_dim)
+        positions = vision_patch_positions(grid_thw, self.spatial_merge_size)  # (N, 2)
+        position_embeddings = self.rotary_pos_emb(positions, hidden_states.device)  # 2 x (N, head_dim)
+        for block in self.blocks:
+            hidden_states = block(hidden_states, cu_seqlens, segment_runs, max_seqlen, position_embeddings)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=self.merger(hidden_states))
+
+
+class NativeVLProjector(nn.Module):
+    """NativeRes-LLaVA's `mlp2x_gelu`: Linear(merger width -> hidden) - GELU - Linear(hidden -> LLM width)."""
+
+    def __init__(self, config: NativeVLConfig) -> None:
+        super().__init__()
+        hidden = config.projector_hidden_size or config.text_config.hidden_size
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size, hidden)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(hidden, config.text_config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class NativeVLTextModel(Qwen2VLTextModel):
+    """transformers' Qwen2-VL decoder, unchanged: (3, batch, seq) M-RoPE ids, or (4, batch, seq) with the text
+    positions first for packed rows; 2-D ids are broadcast to the three sections (= plain 1-D RoPE)."""
+
+    config: NativeVLTextConfig
+    config_class = NativeVLTextConfig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Position ids
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def mrope_positions_for_sequence(
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    video_token_id: int,
+    image_grids: list[list[int]],
+    video_grids: list[list[int]],
+    merge_size: int,
+) -> torch.Tensor:
+    """M-RoPE ids of one unpadded sequence. Consumes grids from the front of `image_grids` / `video_grids`.
+
+    input_ids: (seq,) long. Returns (3, seq) long: rows (temporal, height, width). A text token gets its running
+    position on all three rows; the tokens of a grid (t, h, w) get start + (frame, row, col) over the merged
+    (t, h/m, w/m) grid; the next token resumes at the largest id so far + 1 (Qwen2-VL's rule).
+    """
+    seq_len = input_ids.shape[0]
+    kinds = torch.zeros(seq_len, dtype=torch.long)
+    kinds[input_ids.cpu() == image_token_id] = 1
+    kinds[input_ids.cpu() == video_token_id] = 2
+    positions = torch.empty(3, seq_len, dtype=torch.long)
+    cursor, next_pos = 0, 0
+    while cursor < seq_len:
+        kind = int(kinds[cursor])
+        if kind == 0:
+            change = (kinds[cursor:] != 0).nonzero()
+            end = cursor + int(change[0]) if len(change) else seq_len
+            positions[:, cursor:end] = torch.arange(next_pos, next_pos + end - cursor)
+            next_pos += end - cursor
+            cursor = end
+            continue
+        grids = image_grids if kind == 1 else video_grids
+        name = "image" if kind == 1 else "video"
+        if not grids:
+            raise ValueError(f"found more {name} placeholder tokens than {name} grids (at position {cursor})")
+        t, h, w = grids.pop(0)
+        gh, gw = h // merge_size, w // merge_size
+        n_tok = t * gh * gw
+        if cursor + n_tok > seq_len or not bool((kinds[cursor : cursor + n_tok] == kind).all()):
+            run = (kinds[cursor:] != kind).nonzero()
+            found = int(run[0]) if len(run) else seq_len - cursor
+            raise ValueError(
+                f"{name} grid {[t, h, w]} needs {n_tok} consecutive {name} tokens but {found} start at position {cursor}"
+            )
+        frame = torch.arange(t).view(t, 1, 1).expand(t, gh, gw)
+        row = torch.arange(gh).view(1, gh, 1).expand(t, gh, gw)
+        col = torch.arange(gw).view(1, 1, gw).expand(t, gh, gw)
+        positions[:, cursor : cursor + n_tok] = torch.stack([frame, row, col]).view(3, n_tok) + next_pos
+        next_pos += max(t, gh, gw)
+        cursor += n_tok
+    return positions
+
+
+def get_rope_index(
+    input_ids: torch.LongTensor,
+    config: NativeVLConfig,
+    image_grid_thw: torch.LongTensor | None = None,
+    video_grid_thw: torch.LongTensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """M-RoPE position ids of a (possibly padded) batch, computed from the placeholder tokens alone.
+
+    input_ids: (batch, seq). image_grid_thw / video_grid_thw: (num, 3) in the order the placeholders appear,
+    sample after sample. attention_mask: (batch, seq), 0 on padding (left or right). Returns position_ids
+    (3, batch, seq) long (padding gets 1, as in Qwen2-VL) and rope_deltas (batch, 1): largest id + 1 - length, so
+    that the token at cache position p of sample b decodes at p + rope_deltas[b].
+    """
+    merge = config.vision_config.spatial_merge_size
+    image_grids = image_grid_thw.tolist() if image_grid_thw is not None else []
+    video_grids = video_grid_thw.tolist() if video_grid_thw is not None else []
+    batch, seq_len = input_ids.shape
+    position_ids = torch.ones(3, batch, seq_len, dtype=torch.long)
+    deltas = []
+    for b in range(batch):
+        keep = attention_mask[b].bool().cpu() if attention_mask is not None else torch.ones(seq_len, dtype=torch.bool)
+        ids = input_ids[b].cpu()[keep]
+        pos = mrope_positions_for_sequence(
+            ids, config.image_token_id, config.video_token_id, image_grids, video_grids, merge
+        )
+        position_ids[:, b, keep] = pos
+        deltas.append((int(pos.max()) + 1 if pos.numel() else 0) - ids.shape[0])
+    if image_grids or video_grids:
+        raise ValueError(
+            f"{len(image_grids)} image grid(s) and {len(video_grids)} video grid(s) have no placeholder tokens left"
+        )
+    device = input_ids.device
+    return position_ids.to(device), torch.tensor(deltas, dtype=torch.long, device=device).unsqueeze(1)
+
+
+def text_positions(
+    batch: int, seq_len: int, past_length: int, attention_mask: torch.Tensor | None, device: torch.device
+) -> torch.LongTensor:
+    """Plain positions (batch, seq_len) of the newest `seq_len` tokens: count of attended tokens before each one
+    (so left padding is skipped), or past_length + arange without a mask."""
+    if attention_mask is not None and attention_mask.dim() == 2:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (batch, past + seq)
+        return positions[:, -seq_len:].to(device)
+    return torch.arange(past_length, past_length + seq_len, device=device).expand(batch, seq_len)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Full model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class NativeVLModel(NativeVLPreTrainedModel):
+    """Vision tower + projector + decoder, without the LM head."""
+
+    _checkpoint_conversion_mapping = {}
+    # The loss is computed per token by the head; gradient accumulation normalises with num_items_in_batch.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: NativeVLConfig) -> None:
+        super().__init__(config)
+        self.visual = NativeVLVisionModel._from_config(config.vision_config)
+        self.multi_modal_projector = NativeVLProjector(config) if config.projector_type == "merger_mlp" else None
+        self.language_model = NativeVLTextModel._from_config(config.text_config)
+        self.rope_deltas = None  # (batch, 1), set at prefill, used to place decoded tokens
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> torch.Tensor:
+        """pixel_values: (num_patches, 1176); image_grid_thw: (num_grids, 3). Returns (num_patches / 4, LLM width)."""
+        features = self.visual(pixel_values.type(self.visual.dtype), grid_thw=image_grid_thw).pooler_output
+        if self.multi_modal_projector is not None:
+            features = self.multi_modal_projector(features)
+        return features
+
+    get_video_features = get_image_features
+
+    def _scatter(self, inputs_embeds, input_ids, token_id, features, name) -> torch.Tensor:
+        """Writes `features` (n, D) into the `token_id` positions of inputs_embeds (batch, seq, D), in order."""
+        if input_ids is not None:
+            mask = input_ids == token_id
+        else:
+            token_embed = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+            mask = (inputs_embeds == token_embed).all(-1)
+        n_tokens = int(mask.sum())
+        if n_tokens != features.shape[0]:
+            raise ValueError(
+                f"found {n_tokens} {name} tokens in the input but the {name}s give {features.shape[0]} features; "
+                f"each {name} of grid (t, h, w) needs t*h*w/4 placeholder tokens"
+            )
+        mask = mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+        return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
+
+    def compute_position_ids(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        image_grid_thw: torch.LongTensor | None,
+        video_grid_thw: torch.LongTensor | None,
+    ) -> torch.LongTensor:
+        """Position ids when the caller gave none: (batch, seq) for the 1-D scheme, (3, batch, seq) for M-RoPE.
+
+        M-RoPE at prefill (empty cache) is computed from the placeholder tokens and remembers `rope_deltas`;
+        during cached decoding the new tokens are text, placed at their plain position + `rope_deltas`.
+        """
+        batch, seq_len = inputs_embeds.shape[:2]
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        mask_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        if self.config.position_scheme == "1d":
+            return text_positions(batch, seq_len, past_length, mask_2d, inputs_embeds.device)
+        if past_length == 0 and input_ids is not None:
+            position_ids, self.rope_deltas = get_rope_index(
+                input_ids, self.config, image_grid_thw, video_grid_thw, mask_2d
+            )
+            return position_ids
+        positions = text_positions(batch, seq_len, past_length, mask_2d, inputs_embeds.device)
+        if self.rope_deltas is not None:
+            deltas = self.rope_deltas.to(positions.device)
+            positions = positions + deltas.repeat_interleave(batch // deltas.shape[0], dim=0)
+        return positions.unsqueeze(0).expand(3, -1, -1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        rope_deltas: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> NativeVLModelOutputWithPast:
+        """input_ids: (batch, seq). pixel_values: (num_patches, 1176) for all images of the batch, image_grid_thw
+        (num_images, 3); videos likewise. position_ids: (batch, seq), (3, batch, seq) or (4, batch, seq) with plain
+        per-sample positions first (packed rows); computed from the placeholders when None. `mm_token_type_ids` is
+        accepted for API compatibility and not needed: placeholders are found by token id."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if rope_deltas is not None:
+            self.rope_deltas = rope_deltas
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            image_embeds = self.get_image_features(pixel_values, image_grid_thw)
+            inputs_embeds = self._scatter(inputs_embeds, input_ids, self.config.image_token_id, image_embeds, "image")
+        if pixel_values_videos is not None:
+            video_embeds = self.get_video_features(pixel_values_videos, video_grid_thw)
+            inputs_embeds = self._scatter(inputs_embeds, input_ids, self.config.video_token_id, video_embeds, "video")
+        if position_ids is None:
+            position_ids = self.compute_position_ids(
+                input_ids, inputs_embeds, attention_mask, past_key_values, image_grid_thw, video_grid_thw
+            )
+        outputs = self.language_model(
+            input_ids=None,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return NativeVLModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            rope_deltas=self.rope_deltas,
+        )
+
+
+class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin):
+    """`NativeVLModel` + LM head; `generate` places decoded tokens after the images' M-RoPE ids."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    accepts_loss_kwargs = True
+
+    def __init__(self, config: NativeVLConfig) -> None:
+        super().__init__(config)
+        self.model = NativeVLModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values, image_grid_thw)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        rope_deltas: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> NativeVLCausalLMOutputWithPast:
+        """Arguments as `NativeVLModel.forward`; labels (batch, seq) with -100 on ignored tokens (shifted inside).
+        Returns logits (batch, seq, vocab) (the last `logits_to_keep` positions when nonzero) and the mean loss."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            rope_deltas=rope_deltas,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return NativeVLCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            rope_deltas=outputs.rope_deltas,
+        )
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        """Prompt position ids for `generate`: plain for the 1-D scheme; for M-RoPE (4, batch, seq) with the plain
+        positions first and the (t, h, w) ids after; `generate` then extends every row by +1 per new token."""
+        text_ids = super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)  # (batch, seq)
+        if self.config.position_scheme == "1d":
+            return text_ids
+        input_ids = model_kwargs.get("input_ids")
+        if input_ids is None or input_ids.shape[1] == 0:
+            input_ids = inputs_tensor
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int, torch.long):
+            # Prompt given as embeddings: no placeholder tokens to read, so plain positions on all rows.
+            self.model.rope_deltas = torch.zeros(text_ids.shape[0], 1, dtype=torch.long, device=text_ids.device)
+            return text_ids.unsqueeze(0).expand(4, -1, -1)
+        mask = model_kwargs.get("attention_mask")
+        mrope_ids, self.model.rope_deltas = get_rope_index(
+            input_ids,
+            self.config,
+            model_kwargs.get("image_grid_thw"),
+            model_kwargs.get("video_grid_thw"),
+            mask if mask is not None and mask.dim() == 2 else None,
+        )
+        return torch.cat([text_ids.unsqueeze(0).to(mrope_ids.device), mrope_ids], dim=0)  # (4, batch, seq)
+
+
+__all__ = [
+    "NativeVLForConditionalGeneration",
+    "NativeVLModel",
+    "NativeVLPreTrainedModel",
+    "NativeVLTextModel",
+    "NativeVLVisionModel",
+    "get_rope_index",
+]

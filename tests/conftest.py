@@ -1,0 +1,113 @@
+"""Shared tiny configs and inputs: one tester object builds every model the tests use (hidden 32-64, 1-2 layers)."""
+
+import pytest
+import torch
+
+
+torch.set_num_threads(2)
+
+
+class TinyVLTester:
+    """Builds tiny Qwen2-VL-shaped configs and matching inputs; token ids live in a 128-token vocabulary."""
+
+    vocab_size = 128
+    image_token_id = 120
+    video_token_id = 121
+    vision_start_token_id = 122
+    vision_end_token_id = 123
+    pad_token_id = 0
+
+    def text_config(self, **overrides) -> dict:
+        config = dict(
+            vocab_size=self.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=self.pad_token_id,
+        )
+        config.update(overrides)
+        return config
+
+    def vision_config(self, **overrides) -> dict:
+        config = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, hidden_act="quick_gelu")
+        config.update(overrides)
+        return config
+
+    def token_ids(self) -> dict:
+        return dict(
+            image_token_id=self.image_token_id,
+            video_token_id=self.video_token_id,
+            vision_start_token_id=self.vision_start_token_id,
+            vision_end_token_id=self.vision_end_token_id,
+        )
+
+    def nativevl_config(self, **overrides):
+        from nativevl import NativeVLConfig
+
+        kwargs = dict(text_config=self.text_config(), vision_config=self.vision_config(), **self.token_ids())
+        kwargs.update(overrides)
+        return NativeVLConfig(**kwargs)
+
+    def qwen2_vl_config(self):
+        from transformers import Qwen2VLConfig
+
+        return Qwen2VLConfig(text_config=self.text_config(), vision_config=self.vision_config(), **self.token_ids())
+
+    def pixel_values(self, grids: list[tuple[int, int, int]], seed: int = 0) -> torch.Tensor:
+        """Random patch rows (sum t*h*w, 1176) for grids [t, h, w] in patches."""
+        generator = torch.Generator().manual_seed(seed)
+        n = sum(t * h * w for t, h, w in grids)
+        return torch.randn(n, 3 * 2 * 14 * 14, generator=generator)
+
+    def sample_ids(self, pieces: list, generator: torch.Generator) -> list[int]:
+        """pieces: ints (that many random text tokens) or ("image"|"video", (t, h, w)) for a wrapped placeholder."""
+        ids = []
+        for piece in pieces:
+            if isinstance(piece, int):
+                ids += torch.randint(3, 100, (piece,), generator=generator).tolist()
+            else:
+                kind, (t, h, w) = piece
+                token = self.image_token_id if kind == "image" else self.video_token_id
+                ids += [self.vision_start_token_id] + [token] * (t * h * w // 4) + [self.vision_end_token_id]
+        return ids
+
+    def batch(self, samples: list[list], padding_side: str = "right", seed: int = 0) -> dict:
+        """A padded batch of samples described by `sample_ids` pieces, with pixel values for their grids."""
+        generator = torch.Generator().manual_seed(seed)
+        rows = [self.sample_ids(pieces, generator) for pieces in samples]
+        longest = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), longest), self.pad_token_id)
+        attention_mask = torch.zeros(len(rows), longest, dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(0, len(row)) if padding_side == "right" else slice(longest - len(row), longest)
+            input_ids[i, span] = torch.tensor(row)
+            attention_mask[i, span] = 1
+        image_grids = [p[1] for s in samples for p in s if not isinstance(p, int) and p[0] == "image"]
+        video_grids = [p[1] for s in samples for p in s if not isinstance(p, int) and p[0] == "video"]
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if image_grids:
+            batch["pixel_values"] = self.pixel_values(image_grids, seed)
+            batch["image_grid_thw"] = torch.tensor(image_grids)
+        if video_grids:
+            batch["pixel_values_videos"] = self.pixel_values(video_grids, seed + 1)
+            batch["video_grid_thw"] = torch.tensor(video_grids)
+        return batch
+
+
+@pytest.fixture
+def tester() -> TinyVLTester:
+    return TinyVLTester()
+
+
+def mm_token_type_ids(input_ids: torch.Tensor, tester: TinyVLTester) -> torch.Tensor:
+    """transformers' Qwen2-VL needs token types (0 text, 1 image, 2 video); nativevl reads them off the ids."""
+    types = torch.zeros_like(input_ids)
+    types[input_ids == tester.image_token_id] = 1
+    types[input_ids == tester.video_token_id] = 2
+    return types
