@@ -38,16 +38,36 @@ if is_flash_attn_2_available():
 else:
     flash_attn_varlen_func = None
 
+try:  # torch >= 2.10: FlashAttention varlen kernel inside torch (CUDA, fp16/bf16)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Vision tower
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """Rotates channel i with channel i + d/2 (the GPT-NeoX layout used by Qwen2-VL): (x1, x2) -> (-x2, x1)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the GPT-NeoX layout used by Qwen2-VL: channel i pairs with channel i + d/2.
+
+    x: (N, ..., d) in any float dtype; cos, sin: (N, d/2) float32, broadcast over the middle dims. Returns a new
+    contiguous float32 tensor shaped like x: (x1 * cos - x2 * sin, x2 * cos + x1 * sin). Without autograd it runs
+    four fused kernels into one buffer instead of materialising `rotate_half` (same values as transformers' float32
+    path); `out=` kernels cannot be differentiated, so training takes the plain expression.
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (half,)
+    cos, sin = cos.view(shape), sin.view(shape)
+    if torch.is_grad_enabled() and x.requires_grad:
+        x1, x2 = x1.float(), x2.float()
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    torch.mul(x1, cos, out=out[..., :half]).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=out[..., half:]).addcmul_(x1, sin)
+    return out
 
 
 def vision_patch_positions(grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor:
@@ -71,9 +91,9 @@ def vision_patch_positions(grid_thw: torch.Tensor, merge_size: int) -> torch.Ten
 class NativeVLVisionRotaryEmbedding(nn.Module):
     """2D RoPE for the ViT: half of each head's rotary pairs rotate with the row, half with the column.
 
-    Channel layout of the returned (num_patches, head_dim) cos/sin: [row (d/4), col (d/4), row (d/4), col (d/4)],
-    so that `rotate_half` pairs channel i with i + d/2 and each pair rotates by one axis. Same angles as
-    transformers' `Qwen2VLVisionRotaryEmbedding`. The inverse frequencies are derived from the config on each call
+    Channel layout of the returned (num_patches, head_dim / 2) cos/sin: [row (d/4), col (d/4)], the angles of the
+    pairs (i, i + d/2) for i < d/2 (`apply_rotary` uses them for both halves). Same angles as transformers'
+    `Qwen2VLVisionRotaryEmbedding`, whose (d,) tables repeat these twice. The inverse frequencies are derived from the config on each call
     (a few dozen floats), so no buffer needs re-initialising after meta-device loading.
     """
 
@@ -83,16 +103,15 @@ class NativeVLVisionRotaryEmbedding(nn.Module):
         self.theta = theta
 
     def forward(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: (num_patches, 2) long (row, col). Returns cos, sin: (num_patches, head_dim) float32."""
+        """positions: (num_patches, 2) long (row, col). Returns cos, sin: (num_patches, head_dim / 2) float32."""
         spatial_dim = self.head_dim // 2
         inv_freq = 1.0 / (
             self.theta ** (torch.arange(0, spatial_dim, 2, dtype=torch.float, device=device) / spatial_dim)
         )  # (head_dim/4,)
         max_pos = int(positions.max()) + 1 if positions.numel() else 1
         table = torch.outer(torch.arange(max_pos, device=device, dtype=torch.float), inv_freq)  # (max_pos, d/4)
-        freqs = table[positions.to(device)].flatten(1)  # (num_patches, 2 * d/4): [row, col]
-        emb = torch.cat((freqs, freqs), dim=-1)  # (num_patches, head_dim)
-        return emb.cos(), emb.sin()
+        freqs = table[positions.to(device)].flatten(1)  # (num_patches, d/2): [row (d/4), col (d/4)]
+        return freqs.cos(), freqs.sin()
 
 
 class NativeVLVisionPatchEmbed(nn.Module):
@@ -116,9 +135,10 @@ class NativeVLVisionPatchEmbed(nn.Module):
 class NativeVLVisionAttention(nn.Module):
     """Multi-head self-attention over a packed sequence of images, never across image boundaries.
 
-    `attn_implementation` picks the kernel: `flash_attention_2` runs one varlen call over the whole packed sequence;
-    `sdpa` and `eager` run one call per run of equal-length segments (consecutive video frames or crop tiles share
-    one batched call), so memory grows with the sum of per-image squares, not the square of the total.
+    `attn_implementation` picks the kernel. On CUDA in fp16/bf16, `flash_attention_2` and `sdpa` run one varlen
+    call over the whole packed sequence (flash-attn's when installed, else torch's own `varlen_attn`). Otherwise,
+    and always for `eager`, one call per run of equal-length segments (consecutive video frames or crop tiles share
+    one batched call). Either way memory grows with the sum of per-image squares, not the square of the total.
     """
 
     def __init__(self, config: NativeVLVisionConfig) -> None:
@@ -142,31 +162,30 @@ class NativeVLVisionAttention(nn.Module):
         count) for runs of `count` consecutive segments of equal `length`. Returns (N, D)."""
         n = hidden_states.shape[0]
         qkv = self.qkv(hidden_states).view(n, 3, self.num_heads, self.head_dim)  # (N, 3, H, d)
-        cos, sin = position_embeddings  # (N, d) float32
-        qk = qkv[:, :2].float()  # (N, 2, H, d)
-        qk = qk * cos[:, None, None] + rotate_half(qk) * sin[:, None, None]
-        q, k = qk.to(qkv.dtype).unbind(1)  # (N, H, d) each
+        q, k = apply_rotary(qkv[:, :2], *position_embeddings).to(qkv.dtype).unbind(1)  # (N, H, d) each
         v = qkv[:, 2]  # (N, H, d)
 
         impl = self.config._attn_implementation or "sdpa"
-        if impl == "flash_attention_2" and flash_attn_varlen_func is not None and q.is_cuda:
+        varlen_ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and impl != "eager"
+        if varlen_ok and flash_attn_varlen_func is not None:
             out = flash_attn_varlen_func(
                 q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=self.scaling, causal=False
             )  # (N, H, d)
+        elif varlen_ok and varlen_attn is not None:
+            out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=self.scaling)  # (N, H, d)
         else:
-            outputs = []
+            out = torch.empty_like(v)  # (N, H, d)
             for start, length, count in segment_runs:
                 end = start + length * count
-                # (count*L, H, d) -> (count, L, H, d) -> (count, H, L, d)
-                qs, ks, vs = (x[start:end].view(count, length, self.num_heads, self.head_dim).transpose(1, 2) for x in (q, k, v))
+                # (count*L, H, d) -> (count, L, H, d) -> (count, H, L, d), views
+                qs, ks, vs = (t[start:end].view(count, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
                 if impl == "eager":
-                    weights = torch.matmul(qs, ks.transpose(-1, -2)) * self.scaling  # (count, H, L, L)
+                    weights = torch.matmul(qs * self.scaling, ks.transpose(-1, -2))  # (count, H, L, L)
                     weights = weights.softmax(dim=-1, dtype=torch.float32).to(qs.dtype)
                     o = torch.matmul(weights, vs)  # (count, H, L, d)
                 else:
                     o = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling)  # (count, H, L, d)
-                outputs.append(o.transpose(1, 2).reshape(count * length, self.num_heads, self.head_dim))
-            out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)  # (N, H, d)
+                out[start:end].view(count, length, *out.shape[1:]).copy_(o.transpose(1, 2))
         return self.proj(out.reshape(n, -1))  # (N, D)
 
 

@@ -187,7 +187,10 @@ def labels_for(batch):
 
 def test_every_parameter_gets_a_gradient(tester):
     torch.manual_seed(0)
-    for config in (tester.nativevl_config(), tester.nativevl_config(projector_type="merger_mlp", position_scheme="1d")):
+    for config in (
+        tester.nativevl_config(),
+        tester.nativevl_config(projector_type="merger_mlp", position_scheme="1d"),
+    ):
         model = NativeVLForConditionalGeneration(config).train()
         batch = tester.batch(MIXED + [[1, ("video", (2, 4, 4)), 2]])
         model(**batch, labels=labels_for(batch)).loss.backward()
@@ -208,7 +211,7 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(tester):
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     loss, grads = loss_and_grads()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert model.model.visual.blocks[0].gradient_checkpointing
     loss_ckpt, grads_ckpt = loss_and_grads()
     torch.testing.assert_close(loss_ckpt, loss, atol=1e-6, rtol=0)

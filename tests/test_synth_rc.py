@@ -1,0 +1,124 @@
+"""Synthetic resolution-centric benchmark over the 35 RC-Bench cells (NativeRes-LLaVA, arXiv 2506.12776)."""
+
+import hashlib
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nativevl.evaluation import (
+    AREA_BINS,
+    ASPECT_BINS,
+    PALETTE,
+    SHAPES,
+    area_bin,
+    aspect_bin,
+    exact_match,
+    generate_benchmark,
+    load_benchmark,
+    make_item,
+    sample_cell_size,
+)
+from nativevl.evaluation.synth_rc import cap_height, default_text_size
+
+
+SCALE = 1 / 8
+PER_CELL = 2
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    return generate_benchmark(tmp_path_factory.mktemp("a"), per_cell=PER_CELL, seed=3, scale=SCALE)
+
+
+def _digest(jsonl_path):
+    records = load_benchmark(jsonl_path)
+    images = [hashlib.sha256(open(r["image_path"], "rb").read()).hexdigest() for r in records]
+    return jsonl_path.read_bytes(), images
+
+
+def test_deterministic_for_a_seed(bench, tmp_path):
+    again = generate_benchmark(tmp_path / "b", per_cell=PER_CELL, seed=3, scale=SCALE)
+    assert _digest(again) == _digest(bench)
+    other = generate_benchmark(tmp_path / "c", per_cell=1, seed=4, scale=SCALE)
+    assert other.read_bytes() != bench.read_bytes()
+
+
+def test_balanced_over_cells_and_kinds(bench):
+    records = load_benchmark(bench)
+    counts = Counter((r["area_bin"], r["aspect_bin"], r["kind"]) for r in records)
+    expected = {(a, r, k): PER_CELL for a in AREA_BINS for r in ASPECT_BINS for k in ("rc", "sc")}
+    assert counts == expected
+    assert len({r["id"] for r in records}) == len(records)
+
+
+def test_nominal_size_bins_to_cell_and_actual_size_is_scaled(bench):
+    for r in load_benchmark(bench):
+        assert area_bin(r["nominal_width"], r["nominal_height"]) == r["area_bin"]
+        assert aspect_bin(r["nominal_width"], r["nominal_height"]) == r["aspect_bin"]
+        assert (r["width"], r["height"]) == (round(r["nominal_width"] * SCALE), round(r["nominal_height"] * SCALE))
+        with Image.open(r["image_path"]) as image:
+            assert image.size == (r["width"], r["height"]) and image.mode == "RGB"
+        assert r["metric"] == "exact_match" and r["question"].endswith(("?", "word."))
+        assert exact_match(r["answers"][0], r["answers"]) == 1.0
+
+
+def test_rc_text_has_a_fixed_pixel_height(bench):
+    cap = cap_height(default_text_size(SCALE))
+    assert cap_height(20) == 14 and cap == 8  # Pillow's Aileron: golden values at the two default sizes
+    for r in load_benchmark(bench):
+        if r["kind"] != "rc":
+            continue
+        x0, y0, x1, y1 = r["text_box"]
+        assert y1 - y0 == cap and 0 <= x0 < x1 <= r["width"] and 0 <= y0 < y1 <= r["height"]
+        # Background and clutter have every channel >= 175 and the text is darker: its ink fills exactly
+        # the rows of text_box and lies inside it.
+        dark = np.asarray(Image.open(r["image_path"])).min(axis=2) < 160
+        rows, cols = np.nonzero(dark.any(axis=1))[0], np.nonzero(dark.any(axis=0))[0]
+        assert (rows.min(), rows.max() + 1) == (y0, y1), r["id"]
+        assert x0 <= cols.min() and cols.max() < x1, r["id"]
+
+
+def test_sc_answers_come_from_the_palette_or_shapes(bench):
+    sc = [r for r in load_benchmark(bench) if r["kind"] == "sc"]
+    assert {r["content"] for r in sc} == {"color", "shape"}
+    for r in sc:
+        assert r["answers"][0] in (PALETTE if r["content"] == "color" else SHAPES)
+
+
+@pytest.mark.parametrize("area", AREA_BINS)
+def test_sample_cell_size_stays_in_cell(area):
+    rng = random.Random(0)
+    for aspect in ASPECT_BINS:
+        for _ in range(20):
+            w, h = sample_cell_size(area, aspect, rng)
+            assert (area_bin(w, h), aspect_bin(w, h)) == (area, aspect)
+    if area == "G":
+        w, h = sample_cell_size("G", "NM", rng, max_area=25)
+        assert w * h < 25 * 384 * 384
+        with pytest.raises(ValueError, match="max_area must exceed 24"):
+            sample_cell_size("G", "NM", rng, max_area=20)
+
+
+def test_make_item_full_scale_and_errors():
+    image, record = make_item("rc", 2000, 1500, random.Random(1))
+    again, _ = make_item("rc", 2000, 1500, random.Random(1))
+    assert image.size == (2000, 1500) and image.tobytes() == again.tobytes()
+    x0, y0, x1, y1 = record["text_box"]
+    assert y1 - y0 == 14 and record["kind"] == "rc" and len(record["answers"]) == 1
+    with pytest.raises(ValueError, match="kind must be one of"):
+        make_item("ocr", 10, 10, random.Random(0))
+    with pytest.raises(ValueError, match="cannot hold text 14 px tall"):
+        make_item("rc", 200, 15, random.Random(0))
+    with pytest.raises(ValueError, match="unknown kinds"):
+        generate_benchmark("unused", kinds=("rc", "xx"))
+
+
+@pytest.mark.timeout(10)  # a generous bound on "fast", not a benchmark (usually well under a second)
+def test_small_scale_generation_is_fast(tmp_path):
+    path = generate_benchmark(tmp_path, per_cell=1, seed=0, kinds=("rc",), scale=SCALE)
+    assert len(path.read_text().splitlines()) == 35
+    assert json.loads(path.read_text().splitlines()[0])["image"] == "images/A-BH-000-rc.png"
