@@ -14,17 +14,22 @@ from nativevl.modeling import (
     NativeVLVisionConfig,
     register_auto_classes,
 )
+from nativevl.processing import NativeVLImageProcessor, NativeVLProcessor
+from nativevl.processing import register_auto_classes as register_processor_classes
 
 
 __version__ = "0.1.0"
 
 register_auto_classes()
+register_processor_classes(NativeVLConfig)
 
 __all__ = [
     "NativeVLConfig",
     "NativeVLForConditionalGeneration",
+    "NativeVLImageProcessor",
     "NativeVLModel",
     "NativeVLPreTrainedModel",
+    "NativeVLProcessor",
     "NativeVLTextConfig",
     "NativeVLVisionConfig",
     "__version__",

@@ -274,6 +274,14 @@ class NativeVLCausalLMOutputWithPast(ModelOutput):
     rope_deltas: torch.LongTensor | None = None
 
 
+# What `save_pretrained` writes into config.json's `auto_map` so the folder loads with `trust_remote_code=True`.
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_nativevl.NativeVLConfig",
+    "AutoModel": "modeling_nativevl.NativeVLModel",
+    "AutoModelForImageTextToText": "modeling_nativevl.NativeVLForConditionalGeneration",
+}
+
+
 class NativeVLPreTrainedModel(PreTrainedModel):
     config: NativeVLConfig
     config_class = NativeVLConfig
@@ -287,6 +295,13 @@ class NativeVLPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained` (safetensors); a model marked for export (`import nativevl` marks the
+        classes) also lists every Auto class in `auto_map` and gets the remote-code files copied beside it."""
+        if self._auto_class is not None and isinstance(self.config, NativeVLConfig):
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **REMOTE_CODE_AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class NativeVLVisionModel(NativeVLPreTrainedModel):

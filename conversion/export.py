@@ -1,0 +1,131 @@
+"""`nativevl export`: Hub-style remote-code folders (weights, config, code, tokenizer, processor, card).
+
+    nativevl export --tiny ./tiny-nativevl            # random tiny model (a few MB) + byte-level tokenizer
+    nativevl export --tiny ./tiny-1d --position-scheme 1d --projector-type merger_mlp
+    nativevl export ./my-model ./my-model-export      # re-export any nativevl folder
+
+The folder loads without nativevl installed:
+`AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)`, `AutoProcessor.from_pretrained(...)`,
+`pipeline("image-text-to-text", model=folder, trust_remote_code=True)`.
+"""
+
+import argparse
+import os
+
+import torch
+
+from nativevl.conversion.atomic import atomic_output_dir
+from nativevl.modeling import NativeVLConfig, NativeVLForConditionalGeneration
+from nativevl.processing import NativeVLImageProcessor, NativeVLProcessor
+from nativevl.processing.tiny_tokenizer import build_tiny_tokenizer
+
+
+def tiny_config(tokenizer, position_scheme: str = "mrope", projector_type: str = "merger", **text) -> NativeVLConfig:
+    """A tiny architecture (~1M parameters) over `tokenizer`'s vocabulary and vision token ids."""
+    ids = dict(
+        zip(
+            ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"),
+            tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]),
+            strict=True,
+        )
+    )
+    text_config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_config.update(text)
+    vision_hidden = 64 if projector_type == "merger" else 96
+    vision_config = dict(depth=2, embed_dim=64, hidden_size=vision_hidden, num_heads=4, mlp_ratio=2)
+    return NativeVLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        projector_type=projector_type,
+        position_scheme=position_scheme,
+        **ids,
+    )
+
+
+def build_tiny(
+    seed: int = 0, position_scheme: str = "mrope", projector_type: str = "merger", max_pixels: int = 448 * 448
+) -> tuple[NativeVLForConditionalGeneration, NativeVLProcessor]:
+    """A randomly initialised tiny model and its processor (byte-level tokenizer with Qwen2-VL's special tokens)."""
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = NativeVLForConditionalGeneration(tiny_config(tokenizer, position_scheme, projector_type)).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_processor = NativeVLImageProcessor(max_pixels=max_pixels)
+    return model, NativeVLProcessor(image_processor, tokenizer, position_scheme=position_scheme)
+
+
+def render_card(model: NativeVLForConditionalGeneration, base_model: str | None) -> str:
+    """README.md of an exported folder, from `model_cards/nativevl.md` when the renderer is available."""
+    config = model.config
+    try:
+        from nativevl.conversion.model_card import render_model_card
+    except ImportError:  # renderer not installed: a minimal card with the same front matter
+        render_model_card = None
+    fields = dict(
+        base_model=base_model or "none (randomly initialised)",
+        license="apache-2.0",
+        projector_type=config.projector_type,
+        position_scheme=config.position_scheme,
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
+    if render_model_card is not None:
+        return render_model_card("nativevl", **fields)
+    return (
+        "---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\nlicense: apache-2.0\n---\n"
+        f"# nativevl model\n\nprojector `{config.projector_type}`, positions `{config.position_scheme}`.\n"
+    )
+
+
+def save_folder(
+    model: NativeVLForConditionalGeneration,
+    processor: NativeVLProcessor,
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    base_model: str | None = None,
+    max_shard_size: str = "5GB",
+) -> None:
+    """Writes model (safetensors), remote code, processor, tokenizer, chat template and README, atomically."""
+    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        processor.save_pretrained(tmp)
+        (tmp / "README.md").write_text(render_card(model, base_model))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nativevl export", description=__doc__)
+    parser.add_argument("paths", nargs="+", help="OUT_DIR with --tiny, else MODEL_DIR OUT_DIR")
+    parser.add_argument("--tiny", action="store_true", help="export a randomly initialised tiny model")
+    parser.add_argument("--position-scheme", choices=["mrope", "1d"], default="mrope")
+    parser.add_argument("--projector-type", choices=["merger", "merger_mlp"], default="merger")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        if len(args.paths) != 1:
+            parser.error("--tiny takes one OUT_DIR")
+        model, processor = build_tiny(args.seed, args.position_scheme, args.projector_type)
+        output, base = args.paths[0], None
+    else:
+        if len(args.paths) != 2:
+            parser.error("give MODEL_DIR OUT_DIR")
+        source, output = args.paths
+        model = NativeVLForConditionalGeneration.from_pretrained(source)
+        processor = NativeVLProcessor.from_pretrained(source)
+        base = source
+    save_folder(model, processor, output, args.overwrite, base, args.max_shard_size)
+    print(f"wrote {output}")
+    return 0

@@ -1,0 +1,329 @@
+"""`NativeVLProcessor`: tokenizer + `NativeVLImageProcessor`, placeholder expansion and position ids.
+
+Mirrors transformers' `models/qwen2_vl/processing_qwen2_vl.py`: every `<|image_pad|>` (`<|video_pad|>`) in the text
+stands for one image (video) and is expanded to one token per LLM token of it, `t*h*w / merge**2`; in crop mode
+the tiles of one image follow each other inside the same placeholder run. Unlike Qwen2-VL's processor it also
+returns the position ids the model would compute: `(3, batch, seq)` M-RoPE ids (temporal, height, width) for
+`position_scheme="mrope"`, `(batch, seq)` plain ids for `"1d"` (NativeRes-LLaVA, arXiv 2506.12776).
+
+This file is remote code: it is copied flat into a model folder and imports only numpy, torch, transformers and
+its sibling `image_processing_nativevl.py`. The position ids are computed here again rather than imported from
+`modeling_nativevl.py` (remote-code folders cannot import each other); a test holds the two equal.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+
+# ChatML with Qwen2-VL's vision tokens. Content is a string or a list of {"type": "text"|"image"|"video"} parts; an
+# image part becomes <|vision_start|><|image_pad|><|vision_end|>, expanded by the processor. Assistant turns sit in
+# {% generation %} markers so `return_assistant_tokens_mask=True` gives the tokens an assistant-only loss trains on.
+CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}{%- for part in content -%}"
+    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'video' or 'video' in part -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{ render(message['content']) }}{{ '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{%- else -%}{{ render(message['content']) }}{{ '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+def image_size(image) -> tuple[int, int]:
+    """(height, width) of an image as the image processor will see it, without decoding pixels where possible."""
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    if isinstance(image, np.ndarray):
+        return int(image.shape[0]), int(image.shape[1])
+    if isinstance(image, torch.Tensor):
+        return int(image.shape[-2]), int(image.shape[-1])
+    if isinstance(image, (str, bytes)):
+        import io
+
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+            return opened.height, opened.width
+    raise ValueError(f"cannot read the size of an image of type {type(image).__name__}")
+
+
+def mrope_position_ids(
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    image_grids: Sequence[Sequence[int]],
+    video_grids: Sequence[Sequence[int]],
+    image_token_id: int,
+    video_token_id: int,
+    merge_size: int,
+) -> np.ndarray:
+    """M-RoPE ids (3, batch, seq) of a padded batch; padding gets 1. Same rule as the model's `get_rope_index`:
+    text takes the running position on all three rows; a grid (t, h, w) takes start + (frame, row, col) over the
+    merged (t, h/m, w/m) grid; the next token resumes at the largest id so far + 1."""
+    batch, seq_len = input_ids.shape
+    positions = np.ones((3, batch, seq_len), dtype=np.int64)
+    grids = {1: list(image_grids), 2: list(video_grids)}
+    for b in range(batch):
+        keep = attention_mask[b].astype(bool)
+        ids = input_ids[b][keep]
+        kinds = np.where(ids == image_token_id, 1, np.where(ids == video_token_id, 2, 0))
+        out = np.empty((3, ids.shape[0]), dtype=np.int64)
+        cursor, next_pos = 0, 0
+        while cursor < ids.shape[0]:
+            kind = kinds[cursor]
+            if kind == 0:
+                rest = np.flatnonzero(kinds[cursor:] != 0)
+                end = cursor + int(rest[0]) if rest.size else ids.shape[0]
+                out[:, cursor:end] = np.arange(next_pos, next_pos + end - cursor)
+                next_pos, cursor = next_pos + end - cursor, end
+                continue
+            t, h, w = grids[kind].pop(0)
+            gh, gw = h // merge_size, w // merge_size
+            frame, row, col = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+            n_tok = t * gh * gw
+            out[:, cursor : cursor + n_tok] = np.stack([frame, row, col]).reshape(3, n_tok) + next_pos
+            next_pos, cursor = next_pos + max(t, gh, gw), cursor + n_tok
+        positions[:, b, keep] = out
+    return positions
+
+
+class NativeVLProcessor(ProcessorMixin):
+    r"""Tokenizer + `NativeVLImageProcessor` for nativevl models.
+
+    Args:
+        image_processor: a `NativeVLImageProcessor` (its `mode` picks native / fixed / crop).
+        tokenizer: any tokenizer holding `<|vision_start|>`, `<|vision_end|>`, `<|image_pad|>`, `<|video_pad|>`.
+        chat_template: Jinja template; ChatML with Qwen2-VL's vision tokens by default.
+        position_scheme: `"mrope"` or `"1d"`, as the model's config (decides the shape of `position_ids`).
+        max_image_tokens: default per-sample budget of image tokens; images of a sample over it are scaled down
+            together (never truncated). None: no budget beyond the image processor's `max_pixels`.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        position_scheme: str = "mrope",
+        max_image_tokens: int | None = None,
+        **kwargs,
+    ):
+        if position_scheme not in ("mrope", "1d"):
+            raise ValueError(f"position_scheme must be 'mrope' or '1d', got {position_scheme!r}")
+        self.position_scheme = position_scheme
+        self.max_image_tokens = max_image_tokens
+        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+        self.vision_start_token, self.vision_end_token = "<|vision_start|>", "<|vision_end|>"
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
+        ids = tokenizer.convert_tokens_to_ids([self.image_token, self.video_token])
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+            raise ValueError(f"the tokenizer lacks {self.image_token} or {self.video_token}")
+        self.image_token_id, self.video_token_id = ids
+
+    def __call__(
+        self,
+        images=None,
+        text: str | list[str] | None = None,
+        videos=None,
+        return_tensors: str | None = "pt",
+        padding: bool | str = True,
+        max_image_tokens: int | None = None,
+        images_kwargs: dict | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Expands placeholders, tokenizes, processes pixels and computes position ids.
+
+        Args:
+            images: images in placeholder order across the batch (a flat list, or one list per sample).
+            text: one string or a list; each `<|image_pad|>` / `<|video_pad|>` marks one image / video.
+            videos: videos in placeholder order (each a list of frames or a (T, H, W, C) array).
+            max_image_tokens: per-sample budget of image tokens for this call (overrides the processor's).
+            images_kwargs: per-call image processor overrides (e.g. `{"mode": "fixed"}`, `{"max_pixels": ...}`).
+            **kwargs: tokenizer arguments (`padding_side`, `truncation` is refused: it would cut through images).
+
+        Returns:
+            `BatchFeature` with `input_ids`, `attention_mask` (batch, seq); `pixel_values` (patches, 1176) and
+            `image_grid_thw` (grids, 3) when images are given; `pixel_values_videos`, `video_grid_thw` for videos;
+            `position_ids` (3, batch, seq) or (batch, seq).
+        """
+        if text is None:
+            raise ValueError("NativeVLProcessor needs text with one placeholder per image or video")
+        if kwargs.get("truncation"):
+            raise ValueError("truncation would cut through image tokens; limit images with max_image_tokens instead")
+        kwargs.pop("truncation", None)
+        kwargs.pop("audio", None)
+        texts = [text] if isinstance(text, str) else list(text)
+        images_kwargs = dict(images_kwargs or {})
+        for key in ("mode", "min_pixels", "max_pixels", "fixed_pixels", "keep_aspect"):
+            if key in kwargs:
+                images_kwargs[key] = kwargs.pop(key)
+        image_counts = [t.count(self.image_token) for t in texts]
+        video_counts = [t.count(self.video_token) for t in texts]
+        flat_images = _flatten(images)
+        flat_videos = [] if videos is None else (list(videos) if isinstance(videos, (list, tuple)) else [videos])
+        if sum(image_counts) != len(flat_images):
+            raise ValueError(
+                f"the text holds {sum(image_counts)} {self.image_token} placeholder(s) {image_counts} per sample "
+                f"but {len(flat_images)} image(s) were given"
+            )
+        if sum(video_counts) != len(flat_videos):
+            raise ValueError(
+                f"the text holds {sum(video_counts)} {self.video_token} placeholder(s) but {len(flat_videos)} "
+                "video(s) were given"
+            )
+        data = {}
+        image_tokens: list[int] = []
+        if flat_images:
+            budget = max_image_tokens if max_image_tokens is not None else self.max_image_tokens
+            pixel_values, grids, image_tokens = self._process_images(flat_images, image_counts, budget, images_kwargs)
+            data["pixel_values"], data["image_grid_thw"] = pixel_values, grids
+        video_tokens: list[int] = []
+        if flat_videos:
+            out = self.image_processor(videos=flat_videos, return_tensors="np", **images_kwargs)
+            data["pixel_values_videos"], data["video_grid_thw"] = out["pixel_values_videos"], out["video_grid_thw"]
+            merge = self.image_processor.merge_size**2
+            video_tokens = [int(np.prod(g)) // merge for g in out["video_grid_thw"]]
+        texts, replacements = self._expand(texts, image_tokens, video_tokens)
+        encoded = self.tokenizer(texts, padding=padding, return_tensors="np", **kwargs)
+        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        data.update(encoded)
+        if self.position_scheme == "1d":
+            data["position_ids"] = np.maximum(np.cumsum(attention_mask, -1) - 1, 0)
+        else:
+            data["position_ids"] = mrope_position_ids(
+                input_ids,
+                attention_mask,
+                data.get("image_grid_thw", np.zeros((0, 3), np.int64)).tolist(),
+                data.get("video_grid_thw", np.zeros((0, 3), np.int64)).tolist(),
+                self.image_token_id,
+                self.video_token_id,
+                self.image_processor.merge_size,
+            )
+        features = BatchFeature(data=data, tensor_type=return_tensors)
+        if kwargs.get("return_offsets_mapping"):
+            # how far each placeholder moved, for `apply_chat_template(..., return_assistant_tokens_mask=True)`
+            features["text_replacement_offsets"] = replacements
+        return features
+
+    def _process_images(self, images, counts, budget, images_kwargs):
+        """Processes images sample by sample when a token budget applies (each sample gets its own max_pixels),
+        at once otherwise. Returns pixel_values, image_grid_thw and the LLM tokens of each image (tiles summed)."""
+        merge = self.image_processor.merge_size**2
+        groups, start = [], 0
+        for count in counts:
+            groups.append(images[start : start + count])
+            start += count
+        if budget is None:
+            groups, limits = [images], [images_kwargs]
+        else:
+            limits = [self._fit_budget(group, budget, images_kwargs, b) for b, group in enumerate(groups)]
+        pixel_values, grids, tokens = [], [], []
+        for group, group_kwargs in zip(groups, limits, strict=True):
+            if not group:
+                continue
+            out = self.image_processor(images=group, return_tensors="np", **group_kwargs)
+            pixel_values.append(out["pixel_values"])
+            grids.append(out["image_grid_thw"])
+            grid_tokens = np.prod(out["image_grid_thw"], axis=-1) // merge
+            ends = np.cumsum(out["image_num_tiles"])
+            tokens += [int(grid_tokens[e - n : e].sum()) for n, e in zip(out["image_num_tiles"], ends, strict=True)]
+        return np.concatenate(pixel_values), np.concatenate(grids), tokens
+
+    def _fit_budget(self, group, budget: int, images_kwargs: dict, sample: int) -> dict:
+        """Image processor arguments that keep the images of one sample within `budget` LLM tokens: max_pixels is
+        scaled down by the overshoot (area scales with tokens) until the sample fits."""
+        sizes = [image_size(image) for image in group]
+        kwargs = dict(images_kwargs)
+        max_pixels = kwargs.get("max_pixels", self.image_processor.max_pixels)
+        floor = (self.image_processor.patch_size * self.image_processor.merge_size) ** 2
+        for _ in range(64):
+            kwargs["max_pixels"] = max_pixels
+            kwargs["min_pixels"] = min(kwargs.get("min_pixels", self.image_processor.min_pixels), max_pixels)
+            total = sum(self.image_processor.num_image_tokens(h, w, kwargs) for h, w in sizes)
+            if total <= budget:
+                return kwargs
+            if max_pixels <= floor * len(sizes):
+                break
+            max_pixels = max(floor, int(max_pixels * budget / total * 0.95))
+        raise ValueError(
+            f"sample {sample}: its {len(sizes)} image(s) of sizes {sizes} need {total} tokens even at "
+            f"max_pixels={max_pixels}, over max_image_tokens={budget}"
+        )
+
+    def _expand(self, texts: list[str], image_tokens: list[int], video_tokens: list[int]):
+        """Replaces the i-th image (video) placeholder across the batch by `image_tokens[i]` (`video_tokens[i]`)
+        copies of it. Returns the texts and, per text, the character spans moved: {"span", "new_span"}."""
+        counts = {self.image_token: iter(image_tokens), self.video_token: iter(video_tokens)}
+        expanded, replacements = [], []
+        for text in texts:
+            out, moved, cursor, length = [], [], 0, 0
+            while True:
+                hits = [(text.find(tok, cursor), tok) for tok in counts if text.find(tok, cursor) >= 0]
+                if not hits:
+                    break
+                at, token = min(hits)
+                out.append(text[cursor:at])
+                length += at - cursor
+                run = token * next(counts[token])
+                moved.append({"span": (at, at + len(token)), "new_span": (length, length + len(run))})
+                out.append(run)
+                length += len(run)
+                cursor = at + len(token)
+            out.append(text[cursor:])
+            expanded.append("".join(out))
+            replacements.append(moved)
+        return expanded, replacements
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs):
+        """Placeholder tokens per image (height, width) and per video (frames, height, width), without pixels."""
+        from transformers.processing_utils import MultiModalData
+
+        data = {}
+        if image_sizes is not None:
+            data["num_image_tokens"] = [self.image_processor.num_image_tokens(h, w) for h, w in image_sizes]
+            data["num_image_patches"] = [
+                self.image_processor.get_number_of_image_patches(h, w) for h, w in image_sizes
+            ]
+        if video_sizes is not None:
+            data["num_video_tokens"] = [self.image_processor.num_video_tokens(*size) for size in video_sizes]
+        return MultiModalData(**data)
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
+        """Decodes generated ids (batch, seq) to strings."""
+        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw"]
+
+
+def _flatten(images) -> list:
+    """A flat list of images from None, one image, a list, or a list of per-sample lists."""
+    if images is None:
+        return []
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    flat = []
+    for item in images:
+        flat.extend(item if isinstance(item, (list, tuple)) else [item])
+    return flat
+
+
+__all__ = ["CHAT_TEMPLATE", "NativeVLProcessor", "mrope_position_ids"]
