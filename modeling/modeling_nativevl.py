@@ -551,6 +551,37 @@ class NativeVLModel(NativeVLPreTrainedModel):
             positions = positions + deltas.repeat_interleave(batch // deltas.shape[0], dim=0)
         return positions.unsqueeze(0).expand(3, -1, -1)
 
+    def _packed_position_ids(self, position_ids, pixel_values, pixel_values_videos) -> tuple[torch.Tensor, bool]:
+        """Position ids of a batch without attention mask, made safe for packed rows (several samples per row).
+
+        Packing shows as plain positions restarting inside a row. transformers builds the per-sample mask from the
+        plain row of (4, batch, seq) ids only: (batch, seq) ids are expanded to that form (exact for the 1-D scheme
+        and for text under M-RoPE); (3, batch, seq) ids lack the plain row and (batch, seq) ids lack the M-RoPE rows
+        of images, so both raise rather than let samples attend to each other. Returns the ids and whether packed.
+        """
+        plain = position_ids if position_ids.dim() == 2 else position_ids[0]
+        if position_ids.dim() == 3 and position_ids.shape[0] == 3:
+            plain = None  # (3, batch, seq): no plain row; the temporal row only falls where a new sample starts
+            restarts = (position_ids[0, :, 1:] < position_ids[0, :, :-1]).any()
+        else:
+            restarts = (plain[:, 1:] - plain[:, :-1] != 1).any()
+        if not restarts:
+            return position_ids, False
+        if plain is None:
+            raise ValueError(
+                "position_ids (3, batch, seq) restart inside a row but carry no plain row: pass packed rows as "
+                "(4, batch, seq) ids, plain per-sample positions first (as PackingCollator does)"
+            )
+        if position_ids.dim() == 2:
+            has_vision = pixel_values is not None or pixel_values_videos is not None
+            if self.config.position_scheme == "mrope" and has_vision:
+                raise ValueError(
+                    "packed rows with images under M-RoPE need (4, batch, seq) position ids (plain row, then "
+                    "temporal/height/width); (batch, seq) ids would drop the images' 2-D positions"
+                )
+            position_ids = position_ids.unsqueeze(0).expand(4, -1, -1)
+        return position_ids, True
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -587,6 +618,11 @@ class NativeVLModel(NativeVLPreTrainedModel):
             position_ids = self.compute_position_ids(
                 input_ids, inputs_embeds, attention_mask, past_key_values, image_grid_thw, video_grid_thw
             )
+        elif attention_mask is None and past_key_values is None:
+            position_ids, packed = self._packed_position_ids(position_ids, pixel_values, pixel_values_videos)
+            if packed:
+                # a cache would make transformers skip the per-sample mask: samples would see each other
+                use_cache = False
         outputs = self.language_model(
             input_ids=None,
             inputs_embeds=inputs_embeds,

@@ -1,0 +1,192 @@
+"""Padding-free multimodal packing: many samples per row, images of all of them in one vision call, no leakage.
+
+TRL 1.16 refuses packing and padding-free for vision datasets; NativeRes-LLaVA (arXiv 2506.12776) packs the vision
+side only. `PackingCollator` packs both sides: each row holds whole samples back to back, each sample's position
+ids restart at 0 (the plain row first, then the three M-RoPE rows: `(4, rows, seq)`), the boundaries travel as
+`cu_seq_lens_q/k` and `max_length_q/k` for varlen kernels, and there is no attention mask: transformers builds the
+block-diagonal causal mask (sdpa, eager, flex) from the restarting plain positions, flash-attn reads the
+boundaries. Labels are -100 on prompt tokens (assistant-only by default), on image and video tokens, on padding,
+and at every segment start.
+
+Mirrors TRL's `DataCollatorWithFlattening` / `padding_free` (trl/trainer/sft_trainer.py) for text, extended to
+images; the conversational format is TRL's (`{"messages": [...], "images": [...]}`).
+"""
+
+import copy
+import io
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from transformers.utils.chat_template_utils import render_jinja_template
+
+
+IGNORE_INDEX = -100
+
+
+def best_fit_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: indices grouped into rows whose lengths sum to at most `max_tokens`.
+
+    Each item goes, longest first, into the open row it fills most tightly, or a new row. Raises ValueError naming an
+    item longer than `max_tokens`.
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        length = lengths[index]
+        if length > max_tokens:
+            raise ValueError(f"sample {index} has {length} tokens (images included), over max_tokens={max_tokens}")
+        fits = [r for r in range(len(rows)) if room[r] >= length]
+        if fits:
+            best = min(fits, key=lambda r: room[r])
+            rows[best].append(index)
+            room[best] -= length
+        else:
+            rows.append([index])
+            room.append(max_tokens - length)
+    return [sorted(row) for row in rows]
+
+
+def _load_image(image, where: str):
+    """PIL image from what datasets store: a PIL image, a path, bytes, or {"bytes": ..., "path": ...}."""
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, bytes):
+        try:
+            image = Image.open(io.BytesIO(image))
+            image.load()
+        except Exception as error:  # PIL raises several types for bad data
+            raise ValueError(f"{where}: cannot decode image bytes ({error})") from error
+    return image
+
+
+class PackingCollator:
+    """Collates TRL conversational vision examples into packed, padding-free batches for `model(**batch)`.
+
+    Args:
+        processor: a `NativeVLProcessor` (its chat template needs `{% generation %}` markers for assistant-only loss).
+        max_tokens: most tokens (text and image tokens) per row; None puts every sample of the batch in one row.
+        assistant_only_loss: train on assistant tokens only (default); False trains on every text token.
+        messages_key, images_key: example fields holding the conversation and its images.
+
+    Returns from `__call__` a dict: `input_ids`, `labels` (rows, seq) long; `position_ids` (4, rows, seq) long;
+    `cu_seq_lens_q`, `cu_seq_lens_k` (segments + 1,) int32 over the flattened rows; `max_length_q`, `max_length_k`
+    int; `use_cache` False; `pixel_values` (patches, 1176) and `image_grid_thw` (images, 3) in row order when the
+    batch has images (videos likewise). Rows shorter than the longest end with a padding segment of their own.
+    """
+
+    def __init__(
+        self,
+        processor,
+        max_tokens: int | None = None,
+        assistant_only_loss: bool = True,
+        messages_key: str = "messages",
+        images_key: str = "images",
+    ) -> None:
+        self.processor = processor
+        self.max_tokens = max_tokens
+        self.assistant_only_loss = assistant_only_loss
+        self.messages_key = messages_key
+        self.images_key = images_key
+        self.pad_token_id = processor.tokenizer.pad_token_id
+        self.vision_token_ids = {processor.image_token_id, processor.video_token_id}
+        self.filled_tokens = 0  # running totals behind `fill_rate`
+        self.row_tokens = 0
+
+    @property
+    def fill_rate(self) -> float:
+        """Share of row slots holding sample tokens (not padding) over every batch collated so far."""
+        return self.filled_tokens / self.row_tokens if self.row_tokens else 0.0
+
+    def encode(self, example: dict, index: int = 0) -> dict:
+        """One sample alone: input_ids, labels (seq,), position_ids (3, seq), and its pixel tensors."""
+        messages = example[self.messages_key]
+        images = [
+            _load_image(im, f"sample {index} image {i}") for i, im in enumerate(example.get(self.images_key) or [])
+        ]
+        prompts, spans = render_jinja_template(
+            conversations=[copy.deepcopy(messages)],
+            chat_template=self.processor.chat_template,
+            return_assistant_tokens_mask=True,
+        )
+        try:
+            out = self.processor(
+                images=images or None, text=prompts, return_offsets_mapping=True, return_tensors="pt", padding=False
+            )
+        except ValueError as error:
+            raise ValueError(f"sample {index}: {error}") from error
+        input_ids = out["input_ids"][0]
+        if self.assistant_only_loss:
+            keep = self._assistant_mask(
+                out["offset_mapping"][0].tolist(), spans[0], out["text_replacement_offsets"][0]
+            )
+            if not keep.any():
+                raise ValueError(f"sample {index} has no assistant tokens to train on")
+        else:
+            keep = torch.ones_like(input_ids, dtype=torch.bool)
+        for token_id in self.vision_token_ids:
+            keep &= input_ids != token_id
+        labels = torch.where(keep, input_ids, IGNORE_INDEX)
+        positions = out["position_ids"][:, 0] if out["position_ids"].dim() == 3 else out["position_ids"]
+        encoded = {"input_ids": input_ids, "labels": labels, "position_ids": positions.expand(3, -1)}
+        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+            if key in out:
+                encoded[key] = out[key]
+        return encoded
+
+    @staticmethod
+    def _assistant_mask(offsets: list, spans: list, replacements: list) -> torch.Tensor:
+        """True on tokens overlapping a `{% generation %}` span, with spans shifted past expanded placeholders."""
+        ends = [r["span"][1] for r in replacements]
+        gained = [0] + [r["new_span"][1] - r["span"][1] for r in replacements]
+        mask = torch.zeros(len(offsets), dtype=torch.bool)
+        for start, end in spans:
+            start += gained[sum(e <= start for e in ends)]
+            end += gained[sum(e <= end - 1 for e in ends)]
+            for pos, (token_start, token_end) in enumerate(offsets):
+                if token_start < end and token_end > start:
+                    mask[pos] = True
+        return mask
+
+    def __call__(self, examples: list[dict]) -> dict:
+        encoded = [self.encode(example, i) for i, example in enumerate(examples)]
+        lengths = [e["input_ids"].shape[0] for e in encoded]
+        rows = best_fit_rows(lengths, self.max_tokens) if self.max_tokens else [list(range(len(encoded)))]
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((4, len(rows), width), dtype=torch.long)
+        seqlens: list[int] = []
+        vision: dict[str, list[torch.Tensor]] = {}
+        for r, row in enumerate(rows):
+            cursor = 0
+            for i in row:
+                sample, n = encoded[i], lengths[i]
+                input_ids[r, cursor : cursor + n] = sample["input_ids"]
+                labels[r, cursor : cursor + n] = sample["labels"]
+                labels[r, cursor] = IGNORE_INDEX  # never predict a sample's first token from its neighbour
+                position_ids[0, r, cursor : cursor + n] = torch.arange(n)
+                position_ids[1:, r, cursor : cursor + n] = sample["position_ids"]
+                for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+                    if key in sample:
+                        vision.setdefault(key, []).append(sample[key])
+                seqlens.append(n)
+                cursor += n
+            if cursor < width:  # padding tail: a segment of its own, positions restart, nothing to learn
+                position_ids[:, r, cursor:] = torch.arange(width - cursor)
+                seqlens.append(width - cursor)
+        self.filled_tokens += sum(lengths)
+        self.row_tokens += len(rows) * width
+        cu_seqlens = torch.tensor([0] + seqlens).cumsum(0).to(torch.int32)
+        batch = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "cu_seq_lens_q": cu_seqlens,
+            "cu_seq_lens_k": cu_seqlens,
+            "max_length_q": max(seqlens),
+            "max_length_k": max(seqlens),
+            "use_cache": False,
+        }
+        batch.update({key: torch.cat(parts) for key, parts in vision.items()})
+        return batch
