@@ -11,11 +11,15 @@ The folder loads without nativevl installed:
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 import torch
 
 from nativevl.conversion.atomic import atomic_output_dir
+from nativevl.conversion.model_card import render_model_card
 from nativevl.modeling import NativeVLConfig, NativeVLForConditionalGeneration
+from nativevl.modeling.modeling_nativevl import REMOTE_CODE_AUTO_MAP
 from nativevl.processing import NativeVLImageProcessor, NativeVLProcessor
 from nativevl.processing.tiny_tokenizer import build_tiny_tokenizer
 
@@ -67,25 +71,29 @@ def build_tiny(
     return model, NativeVLProcessor(image_processor, tokenizer, position_scheme=position_scheme)
 
 
-def render_card(model: NativeVLForConditionalGeneration, base_model: str | None) -> str:
-    """README.md of an exported folder, from `model_cards/nativevl.md` when the renderer is available."""
+def render_card(
+    model: NativeVLForConditionalGeneration,
+    model_name: str,
+    base_model: str | None,
+    description: str,
+    command: str,
+) -> str:
+    """README.md of an exported folder, rendered from `model_cards/nativevl.md`."""
     config = model.config
-    try:
-        from nativevl.conversion.model_card import render_model_card
-    except ImportError:  # renderer not installed: a minimal card with the same front matter
-        render_model_card = None
-    fields = dict(
-        base_model=base_model or "none (randomly initialised)",
+    return render_model_card(
+        "nativevl",
+        model_name=model_name,
+        base_model=base_model or "none",
         license="apache-2.0",
+        tags=["nativevl", "image-text-to-text", "native-resolution"],
+        command=command,
+        verification="- not a conversion: no source to compare with",
+        dtype=str(model.dtype).replace("torch.", ""),
         projector_type=config.projector_type,
         position_scheme=config.position_scheme,
-        parameters=sum(p.numel() for p in model.parameters()),
-    )
-    if render_model_card is not None:
-        return render_model_card("nativevl", **fields)
-    return (
-        "---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\nlicense: apache-2.0\n---\n"
-        f"# nativevl model\n\nprojector `{config.projector_type}`, positions `{config.position_scheme}`.\n"
+        model_class=REMOTE_CODE_AUTO_MAP["AutoModelForImageTextToText"],
+        processor_class="processing_nativevl.NativeVLProcessor",
+        description=description,
     )
 
 
@@ -96,12 +104,16 @@ def save_folder(
     overwrite: bool = False,
     base_model: str | None = None,
     max_shard_size: str = "5GB",
+    description: str = "A nativevl native-resolution vision-language model.",
+    command: str | None = None,
 ) -> None:
     """Writes model (safetensors), remote code, processor, tokenizer, chat template and README, atomically."""
+    command = command or "nativevl " + " ".join(sys.argv[1:])
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         processor.save_pretrained(tmp)
-        (tmp / "README.md").write_text(render_card(model, base_model))
+        card = render_card(model, Path(output_dir).name, base_model, description, command)
+        (tmp / "README.md").write_text(card)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,13 +131,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--tiny takes one OUT_DIR")
         model, processor = build_tiny(args.seed, args.position_scheme, args.projector_type)
         output, base = args.paths[0], None
+        description = "A randomly initialised tiny nativevl model for tests (its outputs are meaningless)."
     else:
         if len(args.paths) != 2:
             parser.error("give MODEL_DIR OUT_DIR")
         source, output = args.paths
         model = NativeVLForConditionalGeneration.from_pretrained(source)
         processor = NativeVLProcessor.from_pretrained(source)
-        base = source
-    save_folder(model, processor, output, args.overwrite, base, args.max_shard_size)
+        base, description = source, f"Re-export of {source}."
+    save_folder(model, processor, output, args.overwrite, base, args.max_shard_size, description)
     print(f"wrote {output}")
     return 0

@@ -1,5 +1,6 @@
 """Resolution-centric evaluation (NativeRes-LLaVA, arXiv 2506.12776): RC-Bench scoring and binning, grid reports and
-a synthetic benchmark balanced over the 35 (area, aspect) cells."""
+a synthetic benchmark balanced over the 35 (area, aspect) cells, and evaluation runs (`run`; CLI `nativevl eval` in
+`cli`)."""
 
 from nativevl.evaluation.metrics import (
     AREA_BINS,
@@ -21,6 +22,15 @@ from nativevl.evaluation.metrics import (
     summarize,
 )
 from nativevl.evaluation.report import grid_difference, render_heatmap, write_cell_csv
+from nativevl.evaluation.run import (
+    EvalInputError,
+    compare,
+    dataset_sizes,
+    evaluate,
+    load_records,
+    print_report,
+    profile,
+)
 from nativevl.evaluation.synth_rc import (
     PALETTE,
     SHAPES,
@@ -36,6 +46,7 @@ __all__ = [
     "AREA_EDGES",
     "AREA_UNIT",
     "ASPECT_BINS",
+    "EvalInputError",
     "GRID_SHAPE",
     "PALETTE",
     "RCSummary",
@@ -46,12 +57,18 @@ __all__ = [
     "cell_index",
     "choose_metric",
     "coefficient_of_variation",
+    "compare",
+    "dataset_sizes",
+    "evaluate",
     "exact_match",
     "generate_benchmark",
     "grid_difference",
     "load_benchmark",
+    "load_records",
     "make_item",
     "normalize_answer",
+    "print_report",
+    "profile",
     "profile_dataset",
     "render_heatmap",
     "sample_cell_size",

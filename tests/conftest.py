@@ -111,3 +111,31 @@ def mm_token_type_ids(input_ids: torch.Tensor, tester: TinyVLTester) -> torch.Te
     types[input_ids == tester.image_token_id] = 1
     types[input_ids == tester.video_token_id] = 2
     return types
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 40, 220), "yellow": (230, 220, 40)}
+
+
+def write_colour_dataset(folder, n: int, seed: int = 0) -> str:
+    """A TRL conversational vision dataset on disk: images of one colour, "Colour?" -> its name. Returns the
+    JSONL path; image paths are relative to it. Every example has an `id`."""
+    import json
+    import random
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    with open(folder / "train.jsonl", "w") as f:
+        for i in range(n):
+            name = rng.choice(sorted(COLOURS))
+            size = (rng.randint(20, 90), rng.randint(20, 90))
+            Image.new("RGB", size, COLOURS[name]).save(folder / "images" / f"{i}.png")
+            messages = [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": name}]},
+            ]
+            f.write(json.dumps({"id": i, "messages": messages, "images": [f"images/{i}.png"]}) + "\n")
+    return str(folder / "train.jsonl")

@@ -1,0 +1,266 @@
+"""`nativevl train RECIPE.yaml [--overrides]`: supervised fine-tuning through TRL's `SFTTrainer`, packed.
+
+Recipes (`training/recipes/`) hold TRL `SFTConfig` fields plus `NativeVLArguments` (model, data, which parts train,
+per-part learning rates, LoRA preset, image limits and mode, packing, attention). The stages follow NativeRes-LLaVA
+(arXiv 2506.12776): stage 1 trains the projector, stage 2 projector + LLM, stage 3 everything (ViT at a lower lr).
+
+    nativevl export --tiny runs/tiny                 # a random tiny model to start from
+    nativevl train training/recipes/tiny_stage2.yaml --model_name_or_path runs/tiny \\
+        --dataset_path data/train.jsonl --output_dir runs/sft --max_steps 20
+    accelerate launch --config_file training/accelerate/ddp.yaml -m nativevl.cli train training/recipes/stage2.yaml \
+        --model_name_or_path ... --dataset_path ...      # DDP; fsdp.yaml, deepspeed_zero{2,3}.yaml likewise
+    accelerate launch --multi_gpu --num_processes 2 -m nativevl.cli train training/recipes/tiny_stage2.yaml \
+        --use_cpu true ...                               # 2 CPU processes (gloo), as the test suite runs it
+
+Data: a JSONL file or a `datasets` folder (`save_to_disk`) of TRL conversational vision examples,
+`{"messages": [...], "images": [path | bytes, ...]}`; relative image paths are resolved against the JSONL's folder.
+The final model is written as a remote-code folder (`<output_dir>/final` unless `--export_dir`), LoRA merged in.
+"""
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from trl import SFTConfig, SFTTrainer, TrlParser
+
+from nativevl.conversion.export import save_folder
+from nativevl.modeling import NativeVLForConditionalGeneration
+from nativevl.processing import NativeVLProcessor
+from nativevl.training.packing import PackingCollator
+
+
+PARTS = ("vision_tower", "merger", "projector", "llm")
+LLM_LINEARS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+PROJECTOR_LINEARS = r"model\.(multi_modal_projector\.linear_[12]|visual\.merger\.mlp\.[02])"
+LORA_PRESETS = {
+    "llm": LLM_LINEARS,
+    "llm+projector": f"({LLM_LINEARS}|{PROJECTOR_LINEARS})",
+    "all-linear": "all-linear",
+}
+
+
+@dataclass
+class NativeVLArguments:
+    """nativevl's own training options (TRL's `SFTConfig` holds the rest)."""
+
+    model_name_or_path: str = field(metadata={"help": "nativevl folder to start from (e.g. `nativevl export --tiny`)"})
+    dataset_path: str = field(metadata={"help": "JSONL file or datasets folder of {messages, images} examples"})
+    eval_dataset_path: str | None = field(default=None, metadata={"help": "optional evaluation data, same format"})
+    train_vision_tower: bool = field(default=False, metadata={"help": "train the ViT blocks and patch embedding"})
+    train_merger: bool = field(default=False, metadata={"help": "train the 2x2 patch merger"})
+    train_projector: bool = field(default=True, metadata={"help": "train the MLP projector (merger_mlp models)"})
+    train_llm: bool = field(default=False, metadata={"help": "train the language model and LM head"})
+    vision_tower_lr: float | None = field(default=None, metadata={"help": "lr of the ViT; None: learning_rate"})
+    merger_lr: float | None = field(default=None, metadata={"help": "lr of the merger; None: learning_rate"})
+    projector_lr: float | None = field(default=None, metadata={"help": "lr of the projector; None: learning_rate"})
+    llm_lr: float | None = field(default=None, metadata={"help": "lr of the LLM; None: learning_rate"})
+    lora: str | None = field(default=None, metadata={"help": "LoRA preset: llm | llm+projector | all-linear"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    image_mode: str = field(default="native", metadata={"help": "native | fixed | crop"})
+    min_pixels: int | None = field(default=None, metadata={"help": "override the processor's min_pixels"})
+    max_pixels: int | None = field(default=None, metadata={"help": "override the processor's max_pixels"})
+    fixed_pixels: int | None = field(default=None, metadata={"help": "pixels per image in fixed mode"})
+    max_image_tokens: int | None = field(default=None, metadata={"help": "per-sample image token budget"})
+    multimodal_packing: bool = field(default=True, metadata={"help": "padding-free packing (PackingCollator)"})
+    max_tokens_per_row: int | None = field(default=None, metadata={"help": "row length when packing; None: 1 row"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flex_attention | flash_..."})
+    export_dir: str | None = field(default=None, metadata={"help": "final remote-code folder (<output_dir>/final)"})
+
+
+def part_of(name: str) -> str:
+    """Which trainable part a parameter name (plain or PEFT-wrapped) belongs to."""
+    if ".visual.merger." in f".{name}":
+        return "merger"
+    if ".visual." in f".{name}":
+        return "vision_tower"
+    if ".multi_modal_projector." in f".{name}":
+        return "projector"
+    return "llm"
+
+
+def load_model_and_processor(args: NativeVLArguments):
+    model = NativeVLForConditionalGeneration.from_pretrained(
+        args.model_name_or_path, attn_implementation=args.attn_implementation, dtype=torch.float32
+    )
+    overrides = {
+        k: v
+        for k, v in dict(
+            mode=args.image_mode,
+            min_pixels=args.min_pixels,
+            max_pixels=args.max_pixels,
+            fixed_pixels=args.fixed_pixels,
+        ).items()
+        if v is not None
+    }
+    processor = NativeVLProcessor.from_pretrained(args.model_name_or_path)
+    for key, value in overrides.items():
+        setattr(processor.image_processor, key, value)
+    processor.image_processor._config({})  # validate the overrides now
+    if args.max_image_tokens is not None:
+        processor.max_image_tokens = args.max_image_tokens
+    return model, processor
+
+
+def set_trainable_parts(model, args: NativeVLArguments) -> dict[str, int]:
+    """Freezes every part not selected; returns trainable parameter counts per part. In a `merger` model (Qwen2-VL)
+    the merger is the projector, so `train_projector` trains it too."""
+    wanted = {part: getattr(args, f"train_{part}") for part in PARTS}
+    if model.config.projector_type == "merger":
+        wanted["merger"] = wanted["merger"] or wanted["projector"]
+    counts = dict.fromkeys(PARTS, 0)
+    for name, param in model.named_parameters():
+        part = part_of(name)
+        param.requires_grad_(wanted[part])
+        counts[part] += param.numel() if wanted[part] else 0
+    if not any(counts.values()):
+        raise ValueError(f"no parameter trains: select at least one of train_{{{', '.join(PARTS)}}} with parameters")
+    return counts
+
+
+def load_examples(path: str):
+    """A `datasets.Dataset` of {messages, images} from a JSONL file (image paths made absolute) or a saved folder."""
+    import datasets
+
+    source = Path(path)
+    if not source.exists():
+        raise FileNotFoundError(f"dataset {path} does not exist")
+    if source.is_dir():
+        return datasets.load_from_disk(str(source))
+    dataset = datasets.load_dataset("json", data_files=str(source), split="train")
+    base = source.parent.resolve()
+    if "images" not in dataset.column_names:
+        return dataset.map(lambda _: {"images": []})
+
+    def absolute(example):
+        images = example["images"] or []
+        return {"images": [str(base / im) if isinstance(im, str) and not os.path.isabs(im) else im for im in images]}
+
+    return dataset.map(absolute)
+
+
+class NativeVLTrainer(SFTTrainer):
+    """`SFTTrainer` with per-part learning rates; everything else is TRL's."""
+
+    def __init__(self, *args, part_lrs: dict[str, float | None] | None = None, **kwargs):
+        self.part_lrs = part_lrs or {}
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and any(lr is not None for lr in self.part_lrs.values()):
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups: dict[tuple[str, bool], list] = {}
+            for name, param in opt_model.named_parameters():
+                if param.requires_grad:
+                    groups.setdefault((part_of(name), name in decay), []).append(param)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(
+                [
+                    {
+                        "params": params,
+                        "weight_decay": self.args.weight_decay if decayed else 0.0,
+                        "lr": self.part_lrs.get(part) or self.args.learning_rate,
+                    }
+                    for (part, decayed), params in groups.items()
+                ],
+                **optimizer_kwargs,
+            )
+        return super().create_optimizer(model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        rows = inputs["position_ids"].shape[-2] if "cu_seq_lens_q" in inputs else None
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if rows is not None and self.model.training:
+            # TRL counts position_ids.size(1) tokens for a batch without attention mask: for packed
+            # (4, rows, seq) ids that is the row count; add the rest of the row slots
+            extra = torch.tensor(inputs["input_ids"].numel() - rows, device=inputs["input_ids"].device)
+            self._total_train_tokens += int(self.accelerator.gather_for_metrics(extra).sum())
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return result
+
+
+def build_trainer(training_args: SFTConfig, args: NativeVLArguments) -> NativeVLTrainer:
+    model, processor = load_model_and_processor(args)
+    peft_config = None
+    if args.lora is not None:
+        from peft import LoraConfig
+
+        if args.lora not in LORA_PRESETS:
+            raise ValueError(f"lora preset must be one of {sorted(LORA_PRESETS)}, got {args.lora!r}")
+        for param in model.parameters():
+            param.requires_grad_(False)
+        peft_config = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=LORA_PRESETS[args.lora],
+            task_type="CAUSAL_LM",
+        )
+    else:
+        set_trainable_parts(model, args)
+    training_args.remove_unused_columns = False
+    training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    training_args.packing = False  # TRL's own packing refuses vision data; PackingCollator does it instead
+    training_args.padding_free = False
+    training_args.max_length = None  # samples are never truncated through an image; rows are bounded instead
+    if args.multimodal_packing:
+        collator = PackingCollator(processor, max_tokens=args.max_tokens_per_row)
+    else:
+        from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+        collator = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)
+    eval_dataset = load_examples(args.eval_dataset_path) if args.eval_dataset_path else None
+    part_lrs = {part: getattr(args, f"{part}_lr") for part in PARTS}
+    return NativeVLTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=load_examples(args.dataset_path),
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        data_collator=collator,
+        peft_config=peft_config,
+        part_lrs=part_lrs,
+    )
+
+
+def export_final(trainer: NativeVLTrainer, args: NativeVLArguments, output_dir: str) -> str:
+    """Writes the trained model (LoRA merged) and its processor as a remote-code folder; returns its path."""
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model = trainer.accelerator.unwrap_model(model)
+    target = args.export_dir or os.path.join(output_dir, "final")
+    if trainer.accelerator.is_main_process:
+        save_folder(model, trainer.processing_class, target, overwrite=True, base_model=args.model_name_or_path)
+    trainer.accelerator.wait_for_everyone()
+    return target
+
+
+def parse(argv: list[str]) -> tuple[SFTConfig, NativeVLArguments]:
+    """`RECIPE.yaml [--overrides]` (or plain flags) into the two dataclasses."""
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        argv = ["--config", argv[0], *argv[1:]]
+    parser = TrlParser((SFTConfig, NativeVLArguments))
+    training_args, args = parser.parse_args_and_config(argv)
+    return training_args, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    training_args, args = parse(list(sys.argv[1:] if argv is None else argv))
+    trainer = build_trainer(training_args, args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    target = export_final(trainer, args, training_args.output_dir)
+    collator = trainer.data_collator
+    if trainer.accelerator.is_main_process:
+        if isinstance(collator, PackingCollator):
+            print(f"packing fill rate: {collator.fill_rate:.1%} of row slots hold sample tokens")
+        print(f"final model: {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
