@@ -11,6 +11,9 @@ from collections.abc import Iterable
 
 KeyTable = list[tuple[str, str | None]]
 
+# Rotary inverse-frequency buffers that old checkpoints saved: nativevl recomputes them from the config.
+ROTARY_BUFFER_RULES: KeyTable = [(r".*\.(?:rotary_emb|rotary_pos_emb)\.inv_freq", None)]
+
 
 def map_keys(source_keys: Iterable[str], table: KeyTable) -> dict[str, str]:
     """Returns {source key: target key} for every kept key; raises KeyError listing keys no pattern matches."""
