@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="nativevl-demo", help="output folder (data, model, runs)")
     parser.add_argument("--minutes", type=float, default=10.0, help="total time budget; training gets what is left")
     parser.add_argument("--train-per-cell", type=int, default=40, help="training items per cell and kind")
-    parser.add_argument("--test-per-cell", type=int, default=2, help="held-out items per cell and kind")
+    parser.add_argument("--test-per-cell", type=int, default=4, help="held-out items per cell and kind")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.minutes <= 0:
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"      {n_train} training items, {len(records)} held-out items (35 cells x 2 kinds)", flush=True)
 
     budget = args.minutes * 60
-    eval_reserve = max(45.0, 0.25 * budget)  # three evaluation runs and the pipeline call
+    eval_reserve = max(45.0, 0.2 * budget)  # three evaluation runs and the pipeline call
     seconds = max(10.0, budget - (time.monotonic() - start) - eval_reserve)
     print(f"[2/4] training a {RECIPE.stem} model from scratch for {seconds:.0f} s ...", flush=True)
     final, stats = train(out, train_jsonl, seconds, args.seed)

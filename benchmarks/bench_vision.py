@@ -86,12 +86,14 @@ def worker(args) -> None:
             torch.cuda.synchronize()
         return out
 
-    run()  # warm-up
+    # peak memory of the forwards over what the process held before the first one (weights and inputs loaded):
+    # on CPU the peak RSS growth, on CUDA the peak allocated growth
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = current_rss_bytes()
+    run()  # warm-up
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()

@@ -35,22 +35,11 @@ from nativevl.conversion.writer import (
 )
 from nativevl.modeling import NativeVLConfig, NativeVLForConditionalGeneration
 from nativevl.modeling.modeling_nativevl import NativeVLProjector
+from nativevl.processing.tiny_tokenizer import QWEN2_VL_VISION_TOKENS
 
 
 # Qwen2-VL's special tokens beyond Qwen2's ChatML ones, in Qwen2-VL's id order (151646..151656).
-QWEN2_VL_SPECIAL_TOKENS = (
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
+QWEN2_VL_SPECIAL_TOKENS = tuple(QWEN2_VL_VISION_TOKENS)
 # A Qwen2-VL checkpoint, of which only the vision tower is kept.
 COMPOSE_VISION_KEY_TABLE: KeyTable = ROTARY_BUFFER_RULES + [
     (r"(?:model\.)?visual\.(.+)", r"model.visual.\1"),

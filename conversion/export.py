@@ -24,8 +24,11 @@ from nativevl.processing import NativeVLImageProcessor, NativeVLProcessor
 from nativevl.processing.tiny_tokenizer import build_tiny_tokenizer
 
 
-def tiny_config(tokenizer, position_scheme: str = "mrope", projector_type: str = "merger", **text) -> NativeVLConfig:
-    """A tiny architecture (~1M parameters) over `tokenizer`'s vocabulary and vision token ids."""
+def tiny_config(
+    tokenizer, position_scheme: str = "mrope", projector_type: str = "merger", vision: dict | None = None, **text
+) -> NativeVLConfig:
+    """A tiny architecture (~1M parameters) over `tokenizer`'s vocabulary and vision token ids; `vision` and
+    `text` override fields of the vision and text configs (a `merger` projector follows the text width)."""
     ids = dict(
         zip(
             ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"),
@@ -47,8 +50,9 @@ def tiny_config(tokenizer, position_scheme: str = "mrope", projector_type: str =
         pad_token_id=tokenizer.pad_token_id,
     )
     text_config.update(text)
-    vision_hidden = 64 if projector_type == "merger" else 96
+    vision_hidden = text_config["hidden_size"] if projector_type == "merger" else 96
     vision_config = dict(depth=2, embed_dim=64, hidden_size=vision_hidden, num_heads=4, mlp_ratio=2)
+    vision_config.update(vision or {})
     return NativeVLConfig(
         text_config=text_config,
         vision_config=vision_config,

@@ -30,7 +30,7 @@ import binascii
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -108,10 +108,26 @@ def load_records(data_jsonl: str | Path, limit: int | None = None) -> list[dict]
     if not data_jsonl.is_file():
         raise EvalInputError(f"data file not found: {data_jsonl}")
     records = []
+    for line_no, record in _json_lines(data_jsonl):
+        if limit is not None and len(records) >= limit:
+            break
+        record.setdefault("id", f"line-{line_no}")
+        check_record(record)
+        if "image_path" not in record:
+            try:
+                source = resolve_image(record["image"], data_jsonl.parent)
+            except EvalInputError as err:
+                raise EvalInputError(f"record {record['id']!r} ({data_jsonl} line {line_no}): {err}") from None
+            if isinstance(source, Path):
+                record["image_path"] = str(source.resolve())
+        records.append(record)
+    return records
+
+
+def _json_lines(data_jsonl: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of every non-blank line; EvalInputError naming the line for anything but an object."""
     with open(data_jsonl) as f:
         for line_no, line in enumerate(f, start=1):
-            if limit is not None and len(records) >= limit:
-                break
             if not line.strip():
                 continue
             try:
@@ -120,17 +136,7 @@ def load_records(data_jsonl: str | Path, limit: int | None = None) -> list[dict]
                 raise EvalInputError(f"{data_jsonl} line {line_no} is not JSON: {err}") from None
             if not isinstance(record, dict):
                 raise EvalInputError(f"{data_jsonl} line {line_no} is not a JSON object: {line[:80]!r}")
-            record.setdefault("id", f"line-{line_no}")
-            check_record(record)
-            if "image_path" not in record:
-                try:
-                    source = resolve_image(record["image"], data_jsonl.parent)
-                except EvalInputError as err:
-                    raise EvalInputError(f"record {record['id']!r} ({data_jsonl} line {line_no}): {err}") from None
-                if isinstance(source, Path):
-                    record["image_path"] = str(source.resolve())
-            records.append(record)
-    return records
+            yield line_no, record
 
 
 def check_record(record: Mapping, fields: Sequence[str] = ("image", "question", "answers")) -> None:
@@ -512,33 +518,24 @@ def dataset_sizes(data_jsonl: str | Path) -> list[tuple[float, float]]:
     if not data_jsonl.is_file():
         raise EvalInputError(f"data file not found: {data_jsonl}")
     sizes = []
-    with open(data_jsonl) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    for line_no, record in _json_lines(data_jsonl):
+        name = record.get("id", f"line-{line_no}")
+        if "nominal_width" in record or "width" in record:
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalInputError(f"{data_jsonl} line {line_no} is not JSON: {err}") from None
-            if not isinstance(record, dict):
-                raise EvalInputError(f"{data_jsonl} line {line_no} is not a JSON object: {line[:80]!r}")
-            name = record.get("id", f"line-{line_no}")
-            if "nominal_width" in record or "width" in record:
-                try:
-                    size = record_size(record)
-                except ValueError as err:
-                    raise EvalInputError(f"record {name!r}: {err}") from None
-            elif "image" in record:
-                try:
-                    source = resolve_image(record["image"], data_jsonl.parent)
-                except EvalInputError as err:
-                    raise EvalInputError(f"record {name!r}: {err}") from None
-                size = _displayed_size(source, name)
-            else:
-                raise EvalInputError(f"record {name!r} ({data_jsonl} line {line_no}) has neither image nor size")
-            if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in size):
-                raise EvalInputError(f"record {name!r}: size must be positive numbers, got {size}")
-            sizes.append(size)
+                size = record_size(record)
+            except ValueError as err:
+                raise EvalInputError(f"record {name!r}: {err}") from None
+        elif "image" in record:
+            try:
+                source = resolve_image(record["image"], data_jsonl.parent)
+            except EvalInputError as err:
+                raise EvalInputError(f"record {name!r}: {err}") from None
+            size = _displayed_size(source, name)
+        else:
+            raise EvalInputError(f"record {name!r} ({data_jsonl} line {line_no}) has neither image nor size")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in size):
+            raise EvalInputError(f"record {name!r}: size must be positive numbers, got {size}")
+        sizes.append(size)
     if not sizes:
         raise EvalInputError(f"{data_jsonl} holds no records")
     return sizes

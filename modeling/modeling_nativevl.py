@@ -296,6 +296,12 @@ class NativeVLPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses from the module source; every attention here reads `config._attn_implementation` at
+        # call time (the decoder through AttentionInterface), so `set_attn_implementation` always applies
+        return True
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained` (safetensors); a model marked for export (`import nativevl` marks the
         classes) also lists every Auto class in `auto_map` and gets the remote-code files copied beside it."""
@@ -365,6 +371,79 @@ class NativeVLTextModel(Qwen2VLTextModel):
 
     config: NativeVLTextConfig
     config_class = NativeVLTextConfig
+    _supports_flex_attn = True  # the decoder takes transformers' BlockMask (document mask for packed rows)
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return True  # Qwen2-VL's decoder dispatches through AttentionInterface (transformers' guess reads this file)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packed attention for the decoder without flash-attn
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def varlen_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """`attn_implementation="nativevl_varlen"`: causal attention per packed segment, never over the whole row.
+
+    query: (batch, heads, seq, d); key, value: (batch, kv_heads, seq, d). With `cu_seq_lens_q` (packed rows from
+    `PackingCollator`, boundaries over the flattened rows) each segment attends causally to itself only: one
+    `varlen_attn` call on CUDA in fp16/bf16, else one sdpa call per segment, so the cost is the sum of per-sample
+    squares (sdpa with transformers' block-diagonal mask pays the square of the row). Anything else (padding masks,
+    KV-cache decoding) is transformers' sdpa. Returns (batch, seq, heads, d).
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    batch, heads, seq, dim = query.shape
+    kv_heads = key.shape[1]
+    # (batch, h, seq, d) -> (batch*seq, h, d): the rows laid end to end, as cu_seq_lens counts them
+    q, k, v = (t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim) for t in (query, key, value))
+    dropout = dropout if module.training else 0.0
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_attn is not None and dropout == 0.0:
+        if kv_heads != heads:
+            k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+        longest = int(max_length_q) if max_length_q is not None else int(cu_seq_lens_q.diff().max())
+        cu = cu_seq_lens_q.to(torch.int32)
+        out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=(-1, 0))  # (N, h, d)
+    else:
+        out = torch.empty_like(q)  # (batch*seq, h, d)
+        bounds = cu_seq_lens_q.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            # (n, h, d) -> (1, h, n, d)
+            qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=kv_heads != heads
+            )
+            out[start:end] = o[0].transpose(0, 1)
+    return out.view(batch, seq, heads, dim), None
+
+
+def register_attention() -> None:
+    """Makes `attn_implementation="nativevl_varlen"` known to transformers (masks as sdpa's)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register("nativevl_varlen", varlen_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("nativevl_varlen", sdpa_mask)
+
+
+register_attention()
 
 
 # ----------------------------------------------------------------------------------------------------------------

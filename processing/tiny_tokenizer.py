@@ -8,11 +8,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 
-# Qwen2-VL's special tokens, in Qwen2-VL's order (ids follow the 256 byte tokens here).
-QWEN2_VL_SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
+# Qwen2's ChatML tokens, then the ones Qwen2-VL adds (ids 151646..151656 in Qwen2-VL), in Qwen2-VL's order.
+QWEN2_CHATML_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN2_VL_VISION_TOKENS = [
     "<|object_ref_start|>",
     "<|object_ref_end|>",
     "<|box_start|>",
@@ -25,6 +23,7 @@ QWEN2_VL_SPECIAL_TOKENS = [
     "<|image_pad|>",
     "<|video_pad|>",
 ]
+QWEN2_VL_SPECIAL_TOKENS = QWEN2_CHATML_TOKENS + QWEN2_VL_VISION_TOKENS
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -142,6 +142,7 @@ def test_packed_vision_equals_each_image_alone(tester, attn):
     model = NativeVLForConditionalGeneration(tester.nativevl_config()).eval()
     model.set_attn_implementation(attn)
     visual = model.model.visual
+    assert visual.config._attn_implementation == attn
     pixel_values, grids = vision_inputs(tester)
     with torch.no_grad():
         packed = visual(pixel_values, grids).pooler_output
@@ -161,6 +162,7 @@ def test_vision_sdpa_equals_eager_and_transformers(pair):
         ours.set_attn_implementation("sdpa")
         sdpa = ours.model.visual(pixel_values, grids).pooler_output
         ours.set_attn_implementation("eager")
+        assert ours.model.visual.config._attn_implementation == "eager"
         eager = ours.model.visual(pixel_values, grids).pooler_output
         ours.set_attn_implementation("sdpa")
     torch.testing.assert_close(sdpa, expected, atol=1e-5, rtol=0)
@@ -174,6 +176,7 @@ def test_model_sdpa_equals_eager(tester):
     with torch.no_grad():
         sdpa = model(**batch).logits
         model.set_attn_implementation("eager")
+        assert model.model.language_model.config._attn_implementation == "eager"
         eager = model(**batch).logits
     keep = batch["attention_mask"].bool()
     torch.testing.assert_close(sdpa[keep], eager[keep], atol=1e-5, rtol=0)

@@ -52,10 +52,12 @@ def per_sample(model, collator, batch_examples):
     return results
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention", "nativevl_varlen"])
 def test_packed_equals_each_sample_alone(tiny, attn):
     model, processor = tiny
     model.set_attn_implementation(attn)
+    assert model.model.language_model.config._attn_implementation == attn
+    assert model.model.visual.config._attn_implementation == attn
     collator = PackingCollator(processor)
     batch = collator(examples())
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
