@@ -25,10 +25,16 @@ from nativevl.processing.tiny_tokenizer import build_tiny_tokenizer
 
 
 def tiny_config(
-    tokenizer, position_scheme: str = "mrope", projector_type: str = "merger", vision: dict | None = None, **text
+    tokenizer,
+    position_scheme: str = "mrope",
+    projector_type: str = "merger",
+    vision: dict | None = None,
+    granularity: int | None = None,
+    **text,
 ) -> NativeVLConfig:
     """A tiny architecture (~1M parameters) over `tokenizer`'s vocabulary and vision token ids; `vision` and
-    `text` override fields of the vision and text configs (a `merger` projector follows the text width)."""
+    `text` override fields of the vision and text configs (a `merger` projector follows the text width);
+    `granularity` levels add a small AVG-LLaVA router (4 heads, FFN 128, 8 instruction tokens)."""
     ids = dict(
         zip(
             ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"),
@@ -59,16 +65,27 @@ def tiny_config(
         projector_type=projector_type,
         position_scheme=position_scheme,
         **ids,
+        **(
+            dict(granularity=granularity, router_top_k=8, router_num_heads=4, router_intermediate_size=128)
+            if granularity is not None
+            else {}
+        ),
     )
 
 
 def build_tiny(
-    seed: int = 0, position_scheme: str = "mrope", projector_type: str = "merger", max_pixels: int = 448 * 448
+    seed: int = 0,
+    position_scheme: str = "mrope",
+    projector_type: str = "merger",
+    max_pixels: int = 448 * 448,
+    granularity: int | None = None,
 ) -> tuple[NativeVLForConditionalGeneration, NativeVLProcessor]:
-    """A randomly initialised tiny model and its processor (byte-level tokenizer with Qwen2-VL's special tokens)."""
+    """A randomly initialised tiny model and its processor (byte-level tokenizer with Qwen2-VL's special tokens);
+    `granularity` levels add the AVG-LLaVA router."""
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
-    model = NativeVLForConditionalGeneration(tiny_config(tokenizer, position_scheme, projector_type)).eval()
+    config = tiny_config(tokenizer, position_scheme, projector_type, granularity=granularity)
+    model = NativeVLForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     image_processor = NativeVLImageProcessor(max_pixels=max_pixels)

@@ -3,11 +3,15 @@
 from .configuration_nativevl import NativeVLConfig, NativeVLTextConfig, NativeVLVisionConfig
 from .modeling_nativevl import (
     NativeVLForConditionalGeneration,
+    NativeVLGranularityRouter,
     NativeVLModel,
     NativeVLPreTrainedModel,
     NativeVLTextModel,
     NativeVLVisionModel,
+    compact_image_placeholders,
     get_rope_index,
+    level_grid,
+    pool_grid,
 )
 
 
@@ -28,12 +32,16 @@ def register_auto_classes() -> None:
 __all__ = [
     "NativeVLConfig",
     "NativeVLForConditionalGeneration",
+    "NativeVLGranularityRouter",
     "NativeVLModel",
     "NativeVLPreTrainedModel",
     "NativeVLTextConfig",
     "NativeVLTextModel",
     "NativeVLVisionConfig",
     "NativeVLVisionModel",
+    "compact_image_placeholders",
     "get_rope_index",
+    "level_grid",
+    "pool_grid",
     "register_auto_classes",
 ]

@@ -65,6 +65,13 @@ class NativeVLConfig(PreTrainedConfig):
       0..L-1 for every token, as the released NativeRes-LLaVA checkpoints use).
     - `image_token_id`, `video_token_id`: placeholder tokens, one per LLM token of an image or video;
       `vision_start_token_id`, `vision_end_token_id`: the tokens around each image or video.
+    - `granularity`: adaptive visual granularity (AVG-LLaVA, arXiv 2410.02745): the number of levels L, or None
+      (off: no router). Level 0 is the full merged grid; each further level halves the tokens by average pooling,
+      1x2 (width) then 2x1 (height) alternately, ceil mode. Images only; videos always use the full grid.
+    - `router_top_k`: instruction tokens the router sees (the k LLM input embeddings of the prompt most
+      cosine-similar to the mean image token; 32 in AVG-LLaVA).
+    - `router_num_heads`, `router_intermediate_size`, `router_dropout`: the router's one Transformer encoder layer
+      (width = LLM width, so heads must divide it); 8 heads and torch's default 2048-wide FFN as in the release.
     """
 
     model_type = "nativevl"
@@ -82,6 +89,11 @@ class NativeVLConfig(PreTrainedConfig):
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
     tie_word_embeddings: bool = False
+    granularity: int | None = None  # number of granularity levels L (router over levels 0..L-1); None: off
+    router_top_k: int = 32  # instruction tokens per image fed to the router
+    router_num_heads: int = 8  # heads of the router's encoder layer; must divide text_config.hidden_size
+    router_intermediate_size: int = 2048  # FFN width of the router's encoder layer
+    router_dropout: float = 0.0  # dropout inside the router's encoder layer
 
     def validate_architecture(self):
         """Checks the choices that shape the model; called by `__post_init__` through strict validation."""
@@ -95,6 +107,16 @@ class NativeVLConfig(PreTrainedConfig):
                 f"({self.vision_config.hidden_size}) must equal text_config.hidden_size "
                 f"({self.text_config.hidden_size}); use projector_type='merger_mlp' for different widths"
             )
+        if self.granularity is not None:
+            if self.granularity < 1:
+                raise ValueError(f"granularity must be None or a number of levels >= 1, got {self.granularity}")
+            if self.text_config.hidden_size % self.router_num_heads:
+                raise ValueError(
+                    f"router_num_heads ({self.router_num_heads}) must divide text_config.hidden_size "
+                    f"({self.text_config.hidden_size})"
+                )
+            if self.router_top_k < 0:
+                raise ValueError(f"router_top_k must be >= 0, got {self.router_top_k}")
 
 
 __all__ = ["NativeVLConfig", "NativeVLTextConfig", "NativeVLVisionConfig"]

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -257,14 +258,19 @@ def vision_segments(grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[tuple[in
 
 @dataclass
 class NativeVLModelOutputWithPast(BaseModelOutputWithPast):
-    """`BaseModelOutputWithPast` plus `rope_deltas` (batch, 1): largest position + 1 minus sequence length."""
+    """`BaseModelOutputWithPast` plus `rope_deltas` (batch, 1): largest position + 1 minus sequence length;
+    `image_granularity` (num_images,) long: the level each image was fed at; `visual_tokens` (num_images,) long:
+    the LLM tokens each image used (both None without images)."""
 
     rope_deltas: torch.LongTensor | None = None
+    image_granularity: torch.LongTensor | None = None
+    visual_tokens: torch.LongTensor | None = None
 
 
 @dataclass
 class NativeVLCausalLMOutputWithPast(ModelOutput):
-    """Causal LM output of `NativeVLForConditionalGeneration`: logits (batch, seq, vocab), optional loss."""
+    """Causal LM output of `NativeVLForConditionalGeneration`: logits (batch, seq, vocab), optional loss;
+    `image_granularity`, `visual_tokens` (num_images,) as in `NativeVLModelOutputWithPast`."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
@@ -272,6 +278,8 @@ class NativeVLCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     rope_deltas: torch.LongTensor | None = None
+    image_granularity: torch.LongTensor | None = None
+    visual_tokens: torch.LongTensor | None = None
 
 
 # What `save_pretrained` writes into config.json's `auto_map` so the folder loads with `trust_remote_code=True`.
@@ -301,6 +309,11 @@ class NativeVLPreTrainedModel(PreTrainedModel):
         # transformers guesses from the module source; every attention here reads `config._attn_implementation` at
         # call time (the decoder through AttentionInterface), so `set_attn_implementation` always applies
         return True
+
+    def _init_weights(self, module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, NativeVLGranularityRouter):
+            init.zeros_(module.voter)  # uniform vote at init
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained` (safetensors); a model marked for export (`import nativevl` marks the
@@ -508,15 +521,20 @@ def get_rope_index(
     image_grid_thw: torch.LongTensor | None = None,
     video_grid_thw: torch.LongTensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    image_granularity: torch.LongTensor | None = None,
 ) -> tuple[torch.LongTensor, torch.LongTensor]:
     """M-RoPE position ids of a (possibly padded) batch, computed from the placeholder tokens alone.
 
     input_ids: (batch, seq). image_grid_thw / video_grid_thw: (num, 3) in the order the placeholders appear,
-    sample after sample. attention_mask: (batch, seq), 0 on padding (left or right). Returns position_ids
+    sample after sample. attention_mask: (batch, seq), 0 on padding (left or right). image_granularity:
+    (num_images,) long levels; an image of level l is placed as its pooled grid `level_grid(...)` (its own
+    (row, col) ids, `level_grid`'s count of placeholders); None: level 0 everywhere. Returns position_ids
     (3, batch, seq) long (padding gets 1, as in Qwen2-VL) and rope_deltas (batch, 1): largest id + 1 - length, so
     that the token at cache position p of sample b decodes at p + rope_deltas[b].
     """
     merge = config.vision_config.spatial_merge_size
+    if image_grid_thw is not None:
+        image_grid_thw = pooled_grid_thw(image_grid_thw, image_granularity, merge)
     image_grids = image_grid_thw.tolist() if image_grid_thw is not None else []
     video_grids = video_grid_thw.tolist() if video_grid_thw is not None else []
     batch, seq_len = input_ids.shape
@@ -550,6 +568,153 @@ def text_positions(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Adaptive visual granularity (AVG-LLaVA, arXiv 2410.02745): granularity scaler and router
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def level_grid(t: int, h: int, w: int, level: int) -> tuple[int, int, int]:
+    """Merged grid (t, h', w') of granularity `level` for a merged grid (t, h, w) (tokens, not patches).
+
+    Step s = 0, 1, 2, ... halves the width (even s, 1x2 pooling) or the height (odd s, 2x1 pooling), rounding up
+    (ceil mode); a side of 1 stays 1, so no level goes below one token per row and column.
+    """
+    for step in range(level):
+        if step % 2 == 0:
+            w = (w + 1) // 2
+        else:
+            h = (h + 1) // 2
+    return t, h, w
+
+
+def _pair_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Averages neighbouring pairs along `dim` (size n -> ceil(n / 2)); an odd last element is its own average."""
+    n = x.shape[dim]
+    if n == 1:
+        return x
+    if n % 2:
+        x = torch.cat([x, x.narrow(dim, n - 1, 1)], dim=dim)  # (a + a) / 2 == a: the partial window averages a
+    shape = x.shape[:dim] + (x.shape[dim] // 2, 2) + x.shape[dim + 1 :]
+    return x.reshape(shape).mean(dim + 1)  # (..., n/2, 2, ...) -> (..., n/2, ...)
+
+
+def pool_grid(
+    features: torch.Tensor, grid: tuple[int, int, int], level: int
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Granularity scaler: average-pools one image's projected tokens to `level`.
+
+    features: (t*h*w, D), raster order of the merged (h, w) grid per temporal slice; grid: (t, h, w) merged.
+    Returns (t*h'*w', D) in the same order and (t, h', w') == `level_grid(t, h, w, level)`. Level 0 returns the
+    input unchanged. Released AVG-LLaVA pools 24x24 crops only; here odd sides pool in ceil mode.
+    """
+    t, h, w = grid
+    x = features.view(t, h, w, features.shape[-1])  # (t, h, w, D)
+    for step in range(level):
+        x = _pair_mean(x, dim=2 if step % 2 == 0 else 1)  # 1x2 over width, then 2x1 over height
+    t, h, w = x.shape[:3]
+    return x.reshape(t * h * w, x.shape[-1]), (t, h, w)  # (t*h'*w', D)
+
+
+def pooled_grid_thw(
+    image_grid_thw: torch.LongTensor, image_granularity: torch.LongTensor | None, merge_size: int
+) -> torch.LongTensor:
+    """Patch grids (num_images, 3) that describe the pooled images: (t, h' * m, w' * m) for the merged grid
+    (t, h', w') of each image's level, so the placeholder count and M-RoPE (row, col) ids follow the pooled grid."""
+    if image_granularity is None:
+        return image_grid_thw
+    rows = []
+    for (t, h, w), level in zip(image_grid_thw.tolist(), image_granularity.tolist(), strict=True):
+        t, gh, gw = level_grid(t, h // merge_size, w // merge_size, int(level))
+        rows.append([t, gh * merge_size, gw * merge_size])
+    return torch.tensor(rows, dtype=torch.long, device=image_grid_thw.device).view(-1, 3)
+
+
+def image_token_counts(image_grid_thw: torch.LongTensor, image_granularity: torch.LongTensor | None, merge_size: int):
+    """Placeholder tokens of each image (list of int) at its level (level 0 when `image_granularity` is None)."""
+    grids = pooled_grid_thw(image_grid_thw, image_granularity, merge_size)
+    return [t * h * w // merge_size**2 for t, h, w in grids.tolist()]
+
+
+class NativeVLGranularityRouter(nn.Module):
+    """AVG-LLaVA's granularity router, one decision per image.
+
+    Input per image: the tokens of every level (level 0 first) and up to `top_k` instruction tokens. One
+    `nn.TransformerEncoderLayer(batch_first=True)` attends across the tokens of one image (the released code
+    attends across crops: batch_first was missing), Linear-GELU-Linear gives every token one logit per level, a
+    learned voter weight aggregates the tokens, LayerNorm over the L aggregated logits; softmax gives probabilities.
+
+    Voter: token counts vary with the image size, so the voter weights belong to token *slots* rather than absolute
+    positions: one learned logit per level (shared by that level's visual tokens) and one per instruction rank (the
+    i-th most image-similar instruction token). A token's weight is the softmax of its slot logit over all tokens
+    of the image; zeros at init, so the vote starts as a plain mean.
+    """
+
+    def __init__(self, config: NativeVLConfig) -> None:
+        super().__init__()
+        width = config.text_config.hidden_size
+        self.num_levels, self.top_k = config.granularity, config.router_top_k
+        self.layer = nn.TransformerEncoderLayer(
+            width,
+            config.router_num_heads,
+            config.router_intermediate_size,
+            dropout=config.router_dropout,
+            activation="gelu",
+            batch_first=True,
+        )
+        self.head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, self.num_levels))
+        self.voter = nn.Parameter(torch.zeros(self.num_levels + self.top_k))
+        self.norm = nn.LayerNorm(self.num_levels)
+
+    def forward(self, tokens: torch.Tensor, slots: torch.LongTensor, padding: torch.Tensor) -> torch.Tensor:
+        """tokens: (images, N, D); slots: (images, N) long, level l -> l, instruction rank r -> L + r;
+        padding: (images, N) bool, True where there is no token. Returns logits (images, L)."""
+        hidden = self.layer(tokens, src_key_padding_mask=padding)  # (images, N, D)
+        per_token = self.head(hidden)  # (images, N, L)
+        weights = self.voter[slots].masked_fill(padding, float("-inf")).softmax(-1)  # (images, N)
+        votes = (weights.unsqueeze(-1) * per_token.float()).sum(1)  # (images, L)
+        return self.norm(votes.to(self.norm.weight.dtype))  # (images, L)
+
+
+def compact_image_placeholders(
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    image_grid_thw: torch.LongTensor,
+    from_levels: torch.LongTensor | None,
+    to_levels: torch.LongTensor,
+    image_token_id: int,
+    merge_size: int,
+    pad_token_id: int,
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Drops each image's surplus placeholders so a prompt expanded for `from_levels` fits `to_levels`.
+
+    input_ids, attention_mask: (batch, seq), left or right padded (the side is kept; unpadded counts as left).
+    Returns the re-padded input_ids and attention_mask (batch, seq'), seq' <= seq. Placeholders are identical
+    tokens, so each image keeps the first n(to_level) of its run.
+    """
+    mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    right = bool((~mask[:, -1]).any()) and not bool((~mask[:, 0]).any())
+    before = image_token_counts(image_grid_thw, from_levels, merge_size)
+    after = image_token_counts(image_grid_thw, to_levels, merge_size)
+    where = ((input_ids == image_token_id) & mask).nonzero()  # (n, 2) in row-major = placeholder order
+    if len(where) != sum(before):
+        raise ValueError(f"found {len(where)} image tokens in the prompt but the images need {sum(before)}")
+    keep, start = mask.clone(), 0
+    for n_before, n_after in zip(before, after, strict=True):
+        if n_after > n_before:
+            raise ValueError(f"cannot grow an image from {n_before} to {n_after} placeholder tokens")
+        drop = where[start + n_after : start + n_before]
+        keep[drop[:, 0], drop[:, 1]] = False
+        start += n_before
+    rows = [input_ids[b][keep[b]] for b in range(input_ids.shape[0])]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    new_mask = torch.zeros((len(rows), width), dtype=torch.long, device=input_ids.device)
+    for b, row in enumerate(rows):
+        span = slice(0, len(row)) if right else slice(width - len(row), width)
+        ids[b, span], new_mask[b, span] = row, 1
+    return ids, new_mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Full model
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -566,7 +731,9 @@ class NativeVLModel(NativeVLPreTrainedModel):
         self.visual = NativeVLVisionModel._from_config(config.vision_config)
         self.multi_modal_projector = NativeVLProjector(config) if config.projector_type == "merger_mlp" else None
         self.language_model = NativeVLTextModel._from_config(config.text_config)
+        self.granularity_router = NativeVLGranularityRouter(config) if config.granularity is not None else None
         self.rope_deltas = None  # (batch, 1), set at prefill, used to place decoded tokens
+        self._vision_cache = None  # (pixel_values, image_grid_thw, features) reused by generate(granularity="auto")
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -577,6 +744,9 @@ class NativeVLModel(NativeVLPreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> torch.Tensor:
         """pixel_values: (num_patches, 1176); image_grid_thw: (num_grids, 3). Returns (num_patches / 4, LLM width)."""
+        cache = self._vision_cache
+        if cache is not None and cache[0] is pixel_values and torch.equal(cache[1].cpu(), image_grid_thw.cpu()):
+            return cache[2]
         features = self.visual(pixel_values.type(self.visual.dtype), grid_thw=image_grid_thw).pooler_output
         if self.multi_modal_projector is not None:
             features = self.multi_modal_projector(features)
@@ -595,10 +765,127 @@ class NativeVLModel(NativeVLPreTrainedModel):
         if n_tokens != features.shape[0]:
             raise ValueError(
                 f"found {n_tokens} {name} tokens in the input but the {name}s give {features.shape[0]} features; "
-                f"each {name} of grid (t, h, w) needs t*h*w/4 placeholder tokens"
+                f"each {name} of grid (t, h, w) needs t*h*w/4 placeholder tokens (at granularity level l > 0, the "
+                f"count of its pooled grid level_grid(t, h/2, w/2, l))"
             )
         mask = mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
         return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
+
+    def resolve_granularity(self, granularity, image_grid_thw: torch.LongTensor | None) -> torch.LongTensor | None:
+        """Per-image levels (num_images,) long from None (None: full grid), an int (every image) or a sequence /
+        tensor (one level per image grid). Raises on levels outside 0..L-1 (when the config sets L) or below 0."""
+        if granularity is None or image_grid_thw is None:
+            return None
+        if isinstance(granularity, str):
+            raise ValueError(
+                f"granularity={granularity!r}: forward takes None, an int level or per-image levels; the router "
+                "(granularity='auto') runs in generate(), or call choose_granularity() and pass its levels"
+            )
+        n = image_grid_thw.shape[0]
+        if isinstance(granularity, int):
+            levels = torch.full((n,), granularity, dtype=torch.long)
+        else:
+            levels = torch.as_tensor(granularity, dtype=torch.long).flatten().cpu()
+        if levels.shape[0] != n:
+            raise ValueError(f"granularity gives {levels.shape[0]} level(s) but there are {n} image grid(s)")
+        top = self.config.granularity
+        if levels.numel() and (int(levels.min()) < 0 or (top is not None and int(levels.max()) >= top)):
+            raise ValueError(f"granularity levels {levels.tolist()} must lie in 0..{(top or 1) - 1 if top else 'inf'}")
+        return levels.to(image_grid_thw.device)
+
+    def pool_image_features(
+        self, features: torch.Tensor, image_grid_thw: torch.LongTensor, levels: torch.LongTensor | None
+    ) -> torch.Tensor:
+        """features: (sum t*h*w/4, D) level-0 tokens of all images. Returns each image pooled to its level,
+        concatenated: (sum of pooled counts, D)."""
+        if levels is None or not bool((levels != 0).any()):
+            return features
+        merge = self.config.vision_config.spatial_merge_size
+        grids = [(t, h // merge, w // merge) for t, h, w in image_grid_thw.tolist()]
+        parts = features.split([t * h * w for t, h, w in grids])
+        return torch.cat([pool_grid(p, g, int(lv))[0] for p, g, lv in zip(parts, grids, levels.tolist(), strict=True)])
+
+    def router_logits(
+        self,
+        input_ids: torch.LongTensor,
+        image_features: torch.Tensor,
+        image_grid_thw: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        image_granularity: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
+        """The router's logits (num_images, L), one row per image grid.
+
+        input_ids: (batch, seq) holding the images' placeholders at the levels `image_granularity` (None: level 0);
+        image_features: (sum t*h*w/4, D) level-0 tokens. Each image sees its own levels' tokens plus the `top_k`
+        text tokens of its own sample (the row, or the `cu_seq_lens_q` segment of a packed row) most
+        cosine-similar to its mean token; text tokens exclude vision tokens, padding (attention_mask 0) and answer
+        tokens (labels != -100), so the router sees the instruction only.
+        """
+        if self.granularity_router is None:
+            raise ValueError("this model has no granularity router: set config.granularity to a number of levels")
+        router, cfg = self.granularity_router, self.config
+        merge, levels_n = cfg.vision_config.spatial_merge_size, router.num_levels
+        flat_ids = input_ids.reshape(-1)  # (batch*seq,)
+        seq = input_ids.shape[1]
+        index = torch.arange(flat_ids.shape[0], device=flat_ids.device)
+        if cu_seq_lens_q is not None:
+            segment = torch.searchsorted(cu_seq_lens_q.to(index.device, torch.long), index, right=True) - 1
+        else:
+            segment = index // seq  # (batch*seq,)
+        vision_ids = (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
+        is_text = ~torch.isin(flat_ids, torch.tensor(vision_ids, device=flat_ids.device))
+        if attention_mask is not None and attention_mask.dim() == 2:
+            is_text &= attention_mask.reshape(-1).bool()
+        if labels is not None:
+            is_text &= labels.reshape(-1) == -100
+        embeds = self.get_input_embeddings()(flat_ids)  # (batch*seq, D)
+        where = (flat_ids == cfg.image_token_id).nonzero().squeeze(-1)  # (num image tokens,)
+        counts = image_token_counts(image_grid_thw, image_granularity, merge)
+        if where.shape[0] != sum(counts):
+            raise ValueError(f"found {where.shape[0]} image tokens in the input but the images need {sum(counts)}")
+        firsts = where[torch.tensor([0] + counts[:-1], dtype=torch.long).cumsum(0).to(where.device)]
+        grids = [(t, h // merge, w // merge) for t, h, w in image_grid_thw.tolist()]
+        parts = image_features.split([t * h * w for t, h, w in grids])
+        tokens, slots = [], []
+        for feats, grid, first in zip(parts, grids, firsts.tolist(), strict=True):
+            levels = [pool_grid(feats, grid, level)[0] for level in range(levels_n)]
+            slot = [torch.full((x.shape[0],), level, dtype=torch.long) for level, x in enumerate(levels)]
+            text = embeds[is_text & (segment == segment[first])]  # (m, D), the own sample's instruction
+            if text.shape[0] and router.top_k:
+                similarity = F.cosine_similarity(text.float(), feats.float().mean(0, keepdim=True), dim=-1)  # (m,)
+                top = similarity.topk(min(router.top_k, text.shape[0])).indices  # most similar first
+                levels.append(text[top].to(feats.dtype))
+                slot.append(levels_n + torch.arange(top.shape[0]))
+            tokens.append(torch.cat(levels))  # (N_i, D)
+            slots.append(torch.cat(slot))  # (N_i,)
+        longest = max(x.shape[0] for x in tokens)
+        dtype = router.head[0].weight.dtype
+        batch_tokens = torch.zeros(len(tokens), longest, tokens[0].shape[-1], dtype=dtype, device=embeds.device)
+        batch_slots = torch.zeros(len(tokens), longest, dtype=torch.long, device=embeds.device)
+        padding = torch.ones(len(tokens), longest, dtype=torch.bool, device=embeds.device)
+        for i, (x, slot) in enumerate(zip(tokens, slots, strict=True)):
+            batch_tokens[i, : x.shape[0]], batch_slots[i, : x.shape[0]], padding[i, : x.shape[0]] = x, slot, False
+        return router(batch_tokens, batch_slots, padding)  # (num_images, L)
+
+    def choose_granularity(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        image_granularity: torch.LongTensor | None = None,
+    ) -> tuple[torch.LongTensor, torch.Tensor, torch.Tensor]:
+        """`granularity="auto"`: runs the vision tower and the router. Returns the argmax levels (num_images,)
+        long, the router logits (num_images, L) and the level-0 image features (sum t*h*w/4, D)."""
+        features = self.get_image_features(pixel_values, image_grid_thw)
+        logits = self.router_logits(
+            input_ids, features, image_grid_thw, attention_mask, labels, cu_seq_lens_q, image_granularity
+        )
+        return logits.argmax(-1), logits, features
 
     def compute_position_ids(
         self,
@@ -608,6 +895,7 @@ class NativeVLModel(NativeVLPreTrainedModel):
         past_key_values: Cache | None,
         image_grid_thw: torch.LongTensor | None,
         video_grid_thw: torch.LongTensor | None,
+        image_granularity: torch.LongTensor | None = None,
     ) -> torch.LongTensor:
         """Position ids when the caller gave none: (batch, seq) for the 1-D scheme, (3, batch, seq) for M-RoPE.
 
@@ -621,7 +909,7 @@ class NativeVLModel(NativeVLPreTrainedModel):
             return text_positions(batch, seq_len, past_length, mask_2d, inputs_embeds.device)
         if past_length == 0 and input_ids is not None:
             position_ids, self.rope_deltas = get_rope_index(
-                input_ids, self.config, image_grid_thw, video_grid_thw, mask_2d
+                input_ids, self.config, image_grid_thw, video_grid_thw, mask_2d, image_granularity
             )
             return position_ids
         positions = text_positions(batch, seq_len, past_length, mask_2d, inputs_embeds.device)
@@ -675,27 +963,44 @@ class NativeVLModel(NativeVLPreTrainedModel):
         video_grid_thw: torch.LongTensor | None = None,
         mm_token_type_ids: torch.IntTensor | None = None,
         rope_deltas: torch.LongTensor | None = None,
+        granularity: int | torch.LongTensor | None = None,
+        image_granularity: torch.LongTensor | None = None,
         **kwargs,
     ) -> NativeVLModelOutputWithPast:
         """input_ids: (batch, seq). pixel_values: (num_patches, 1176) for all images of the batch, image_grid_thw
         (num_images, 3); videos likewise. position_ids: (batch, seq), (3, batch, seq) or (4, batch, seq) with plain
         per-sample positions first (packed rows); computed from the placeholders when None. `mm_token_type_ids` is
-        accepted for API compatibility and not needed: placeholders are found by token id."""
+        accepted for API compatibility and not needed: placeholders are found by token id.
+
+        granularity: None (full grids), an int level for every image, or (num_images,) long levels; each image's
+        tokens are average-pooled to its level before they fill its placeholders, whose count must be the pooled
+        count. `image_granularity` (as the processor and `PackingCollator` return it) is used when `granularity`
+        is None. The router (`"auto"`) runs in `generate`, which shortens the prompt to the chosen levels."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if rope_deltas is not None:
             self.rope_deltas = rope_deltas
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        levels = self.resolve_granularity(
+            granularity if granularity is not None else image_granularity, image_grid_thw
+        )
+        visual_tokens = None
         if pixel_values is not None:
             image_embeds = self.get_image_features(pixel_values, image_grid_thw)
+            image_embeds = self.pool_image_features(image_embeds, image_grid_thw, levels)
+            merge = self.config.vision_config.spatial_merge_size
+            counts = image_token_counts(image_grid_thw, levels, merge)
+            visual_tokens = torch.tensor(counts, dtype=torch.long, device=inputs_embeds.device)
+            if levels is None:
+                levels = torch.zeros_like(visual_tokens)
             inputs_embeds = self._scatter(inputs_embeds, input_ids, self.config.image_token_id, image_embeds, "image")
         if pixel_values_videos is not None:
             video_embeds = self.get_video_features(pixel_values_videos, video_grid_thw)
             inputs_embeds = self._scatter(inputs_embeds, input_ids, self.config.video_token_id, video_embeds, "video")
         if position_ids is None:
             position_ids = self.compute_position_ids(
-                input_ids, inputs_embeds, attention_mask, past_key_values, image_grid_thw, video_grid_thw
+                input_ids, inputs_embeds, attention_mask, past_key_values, image_grid_thw, video_grid_thw, levels
             )
         elif attention_mask is None and past_key_values is None:
             position_ids, packed = self._packed_position_ids(position_ids, pixel_values, pixel_values_videos)
@@ -717,6 +1022,8 @@ class NativeVLModel(NativeVLPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             rope_deltas=self.rope_deltas,
+            image_granularity=levels if pixel_values is not None else None,
+            visual_tokens=visual_tokens,
         )
 
 
@@ -763,10 +1070,13 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
         mm_token_type_ids: torch.IntTensor | None = None,
         rope_deltas: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        granularity: int | torch.LongTensor | None = None,
+        image_granularity: torch.LongTensor | None = None,
         **kwargs,
     ) -> NativeVLCausalLMOutputWithPast:
         """Arguments as `NativeVLModel.forward`; labels (batch, seq) with -100 on ignored tokens (shifted inside).
-        Returns logits (batch, seq, vocab) (the last `logits_to_keep` positions when nonzero) and the mean loss."""
+        Returns logits (batch, seq, vocab) (the last `logits_to_keep` positions when nonzero) and the mean loss,
+        plus the level and the visual tokens of each image."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -779,6 +1089,8 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
             image_grid_thw=image_grid_thw,
             video_grid_thw=video_grid_thw,
             rope_deltas=rope_deltas,
+            granularity=granularity,
+            image_granularity=image_granularity,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -795,6 +1107,8 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             rope_deltas=outputs.rope_deltas,
+            image_granularity=outputs.image_granularity,
+            visual_tokens=outputs.visual_tokens,
         )
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
@@ -811,21 +1125,86 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
             self.model.rope_deltas = torch.zeros(text_ids.shape[0], 1, dtype=torch.long, device=text_ids.device)
             return text_ids.unsqueeze(0).expand(4, -1, -1)
         mask = model_kwargs.get("attention_mask")
+        granularity = model_kwargs.get("granularity")
+        if granularity is None:
+            granularity = model_kwargs.get("image_granularity")
         mrope_ids, self.model.rope_deltas = get_rope_index(
             input_ids,
             self.config,
             model_kwargs.get("image_grid_thw"),
             model_kwargs.get("video_grid_thw"),
             mask if mask is not None and mask.dim() == 2 else None,
+            self.model.resolve_granularity(granularity, model_kwargs.get("image_grid_thw")),
         )
         return torch.cat([text_ids.unsqueeze(0).to(mrope_ids.device), mrope_ids], dim=0)  # (4, batch, seq)
+
+    def generate(self, *args, granularity: str | int | torch.LongTensor | None = None, **kwargs):
+        """`GenerationMixin.generate` plus `granularity`: None (full grids), an int level or per-image levels
+        (the prompt's placeholders must already match, e.g. from `processor(..., granularity=...)`), or `"auto"`.
+
+        `"auto"` (prompt expanded for level 0, as the processor does by default): the vision tower and the router
+        run once on the prompt and pick each image's level; the prompt is compacted (each image keeps the
+        placeholders of its level, rows re-padded on the same side, attention mask rebuilt), its position ids are
+        computed for the pooled grids, and the standard `generate` runs on it with those levels (the image
+        features are reused, not recomputed). The returned sequences are the ORIGINAL prompt ids followed by the
+        generated tokens, so slicing off `input_ids.shape[1]` (as `pipeline` does) stays correct; with
+        `return_dict_in_generate=True` the output also carries `image_granularity` (num_images,).
+        """
+        if not isinstance(granularity, str):
+            if granularity is not None:
+                kwargs["granularity"] = granularity
+            return super().generate(*args, **kwargs)
+        if granularity != "auto":
+            raise ValueError(f"granularity must be None, an int, per-image levels or 'auto', got {granularity!r}")
+        input_ids = kwargs.pop("input_ids", None)
+        if input_ids is None and args:
+            input_ids, args = args[0], args[1:]
+        pixel_values, grids = kwargs.get("pixel_values"), kwargs.get("image_grid_thw")
+        if pixel_values is None or input_ids is None:  # nothing to route
+            return super().generate(*args, input_ids=input_ids, **kwargs)
+        from_levels = self.model.resolve_granularity(kwargs.pop("image_granularity", None), grids)
+        mask = kwargs.get("attention_mask")
+        with torch.no_grad():
+            levels, logits, features = self.model.choose_granularity(
+                input_ids, pixel_values, grids, attention_mask=mask, image_granularity=from_levels
+            )
+        pad = self.generation_config.pad_token_id
+        pad = pad if pad is not None else (self.config.text_config.pad_token_id or 0)
+        compact_ids, compact_mask = compact_image_placeholders(
+            input_ids,
+            mask,
+            grids,
+            from_levels,
+            levels,
+            self.config.image_token_id,
+            self.config.vision_config.spatial_merge_size,
+            int(pad if not isinstance(pad, torch.Tensor) else pad.flatten()[0]),
+        )
+        kwargs.pop("position_ids", None)  # the processor's ids describe the full grids; recomputed for the levels
+        kwargs["attention_mask"] = compact_mask
+        self.model._vision_cache = (pixel_values, grids, features)
+        try:
+            out = super().generate(*args, input_ids=compact_ids, granularity=levels, **kwargs)
+        finally:
+            self.model._vision_cache = None
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        sequences = torch.cat([input_ids.to(sequences.device), sequences[:, compact_ids.shape[1] :]], dim=1)
+        if isinstance(out, torch.Tensor):
+            return sequences
+        out.sequences = sequences
+        out["image_granularity"] = levels
+        return out
 
 
 __all__ = [
     "NativeVLForConditionalGeneration",
+    "NativeVLGranularityRouter",
     "NativeVLModel",
     "NativeVLPreTrainedModel",
     "NativeVLTextModel",
     "NativeVLVisionModel",
+    "compact_image_placeholders",
     "get_rope_index",
+    "level_grid",
+    "pool_grid",
 ]

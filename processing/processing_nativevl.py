@@ -59,6 +59,18 @@ def image_size(image) -> tuple[int, int]:
     raise ValueError(f"cannot read the size of an image of type {type(image).__name__}")
 
 
+def level_grid(t: int, h: int, w: int, level: int) -> tuple[int, int, int]:
+    """Merged grid (t, h', w') of granularity `level` (AVG-LLaVA, arXiv 2410.02745) for a merged grid (t, h, w):
+    step s halves the width (even s) or the height (odd s), ceil mode, never below 1. A copy of the model's
+    `level_grid` (remote-code folders cannot import each other); a test holds the two equal."""
+    for step in range(level):
+        if step % 2 == 0:
+            w = (w + 1) // 2
+        else:
+            h = (h + 1) // 2
+    return t, h, w
+
+
 def mrope_position_ids(
     input_ids: np.ndarray,
     attention_mask: np.ndarray,
@@ -67,10 +79,18 @@ def mrope_position_ids(
     image_token_id: int,
     video_token_id: int,
     merge_size: int,
+    image_granularity: Sequence[int] | None = None,
 ) -> np.ndarray:
     """M-RoPE ids (3, batch, seq) of a padded batch; padding gets 1. Same rule as the model's `get_rope_index`:
     text takes the running position on all three rows; a grid (t, h, w) takes start + (frame, row, col) over the
-    merged (t, h/m, w/m) grid; the next token resumes at the largest id so far + 1."""
+    merged (t, h/m, w/m) grid; the next token resumes at the largest id so far + 1. `image_granularity` (one level
+    per image grid): an image of level l is placed as its pooled merged grid `level_grid(t, h/m, w/m, l)`."""
+    if image_granularity is not None:
+        image_grids = [
+            [t, gh * merge_size, gw * merge_size]
+            for (t, h, w), level in zip(image_grids, image_granularity, strict=True)
+            for t, gh, gw in [level_grid(t, h // merge_size, w // merge_size, int(level))]
+        ]
     batch, seq_len = input_ids.shape
     positions = np.ones((3, batch, seq_len), dtype=np.int64)
     grids = {1: list(image_grids), 2: list(video_grids)}
@@ -140,6 +160,7 @@ class NativeVLProcessor(ProcessorMixin):
         padding: bool | str = True,
         max_image_tokens: int | None = None,
         images_kwargs: dict | None = None,
+        granularity: int | Sequence[int] | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Expands placeholders, tokenizes, processes pixels and computes position ids.
@@ -150,12 +171,16 @@ class NativeVLProcessor(ProcessorMixin):
             videos: videos in placeholder order (each a list of frames or a (T, H, W, C) array).
             max_image_tokens: per-sample budget of image tokens for this call (overrides the processor's).
             images_kwargs: per-call image processor overrides (e.g. `{"mode": "fixed"}`, `{"max_pixels": ...}`).
+            granularity: None (full grids), one level for every image, or one level per image (placeholder order
+                across the batch): each image gets the placeholders of its pooled grid (AVG-LLaVA levels; see the
+                model's `level_grid`), and `image_granularity` (one level per image grid; crop tiles share their
+                image's level) is returned so the model pools to the same level and the position ids match.
             **kwargs: tokenizer arguments (`padding_side`, `truncation` is refused: it would cut through images).
 
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask` (batch, seq); `pixel_values` (patches, 1176) and
             `image_grid_thw` (grids, 3) when images are given; `pixel_values_videos`, `video_grid_thw` for videos;
-            `position_ids` (3, batch, seq) or (batch, seq).
+            `position_ids` (3, batch, seq) or (batch, seq); `image_granularity` (grids,) when `granularity` is given.
         """
         if text is None:
             raise ValueError("NativeVLProcessor needs text with one placeholder per image or video")
@@ -184,10 +209,28 @@ class NativeVLProcessor(ProcessorMixin):
             )
         data = {}
         image_tokens: list[int] = []
+        grid_levels = None
         if flat_images:
             budget = max_image_tokens if max_image_tokens is not None else self.max_image_tokens
-            pixel_values, grids, image_tokens = self._process_images(flat_images, image_counts, budget, images_kwargs)
+            pixel_values, grids, image_tokens, tiles = self._process_images(
+                flat_images, image_counts, budget, images_kwargs
+            )
             data["pixel_values"], data["image_grid_thw"] = pixel_values, grids
+            if granularity is not None:
+                levels = [granularity] * len(flat_images) if isinstance(granularity, int) else list(granularity)
+                if len(levels) != len(flat_images) or any(int(level) < 0 for level in levels):
+                    raise ValueError(
+                        f"granularity {granularity!r} must be one level >= 0 or one per image ({len(flat_images)})"
+                    )
+                grid_levels = np.repeat(np.asarray(levels, dtype=np.int64), tiles)  # one level per grid (tile)
+                merge = self.image_processor.merge_size
+                per_grid = [
+                    int(np.prod(level_grid(t, h // merge, w // merge, int(level))))
+                    for (t, h, w), level in zip(grids.tolist(), grid_levels.tolist(), strict=True)
+                ]
+                ends = np.cumsum(tiles)
+                image_tokens = [sum(per_grid[e - n : e]) for n, e in zip(tiles, ends, strict=True)]
+                data["image_granularity"] = grid_levels
         video_tokens: list[int] = []
         if flat_videos:
             out = self.image_processor(videos=flat_videos, return_tensors="np", **images_kwargs)
@@ -209,6 +252,7 @@ class NativeVLProcessor(ProcessorMixin):
                 self.image_token_id,
                 self.video_token_id,
                 self.image_processor.merge_size,
+                None if grid_levels is None else grid_levels.tolist(),
             )
         features = BatchFeature(data=data, tensor_type=return_tensors)
         if kwargs.get("return_offsets_mapping"):
@@ -218,7 +262,8 @@ class NativeVLProcessor(ProcessorMixin):
 
     def _process_images(self, images, counts, budget, images_kwargs):
         """Processes images sample by sample when a token budget applies (each sample gets its own max_pixels),
-        at once otherwise. Returns pixel_values, image_grid_thw and the LLM tokens of each image (tiles summed)."""
+        at once otherwise. Returns pixel_values, image_grid_thw, the LLM tokens of each image (tiles summed) and
+        the number of grids (tiles) of each image."""
         merge = self.image_processor.merge_size**2
         groups, start = [], 0
         for count in counts:
@@ -228,7 +273,7 @@ class NativeVLProcessor(ProcessorMixin):
             groups, limits = [images], [images_kwargs]
         else:
             limits = [self._fit_budget(group, budget, images_kwargs, b) for b, group in enumerate(groups)]
-        pixel_values, grids, tokens = [], [], []
+        pixel_values, grids, tokens, tiles = [], [], [], []
         for group, group_kwargs in zip(groups, limits, strict=True):
             if not group:
                 continue
@@ -238,7 +283,8 @@ class NativeVLProcessor(ProcessorMixin):
             grid_tokens = np.prod(out["image_grid_thw"], axis=-1) // merge
             ends = np.cumsum(out["image_num_tiles"])
             tokens += [int(grid_tokens[e - n : e].sum()) for n, e in zip(out["image_num_tiles"], ends, strict=True)]
-        return np.concatenate(pixel_values), np.concatenate(grids), tokens
+            tiles += [int(n) for n in out["image_num_tiles"]]
+        return np.concatenate(pixel_values), np.concatenate(grids), tokens, tiles
 
     def _fit_budget(self, group, budget: int, images_kwargs: dict, sample: int) -> dict:
         """Image processor arguments that keep the images of one sample within `budget` LLM tokens: max_pixels is
@@ -326,4 +372,4 @@ def _flatten(images) -> list:
     return flat
 
 
-__all__ = ["CHAT_TEMPLATE", "NativeVLProcessor", "mrope_position_ids"]
+__all__ = ["CHAT_TEMPLATE", "NativeVLProcessor", "level_grid", "mrope_position_ids"]

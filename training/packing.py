@@ -14,6 +14,7 @@ images; the conversational format is TRL's (`{"messages": [...], "images": [...]
 
 import copy
 import io
+import random
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +23,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 
 
 IGNORE_INDEX = -100
+VISION_KEYS = ("pixel_values", "image_grid_thw", "image_granularity", "pixel_values_videos", "video_grid_thw")
 
 
 def best_fit_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -68,11 +70,20 @@ class PackingCollator:
         max_tokens: most tokens (text and image tokens) per row; None puts every sample of the batch in one row.
         assistant_only_loss: train on assistant tokens only (default); False trains on every text token.
         messages_key, images_key: example fields holding the conversation and its images.
+        granularity_training: AVG-LLaVA stage 1 (multi-granularity instruction tuning) over `num_levels` levels:
+            None (full grids), `"random"` (each image of each sample gets one random level) or `"all"` (each sample
+            with images appears once per level, every image at that level; text-only samples appear once). With
+            `"all"` the packed loss is the token-weighted mean over every copy; the copies of one sample share
+            their answer tokens, so this is the mean over levels of each level's loss.
+        num_levels: the model's `config.granularity` (needed by `granularity_training`).
+        granularity: a level forced on every image (e.g. RGLF's per-level batches); None: no forcing.
+        seed: seed of the random levels.
 
     Returns from `__call__` a dict: `input_ids`, `labels` (rows, seq) long; `position_ids` (4, rows, seq) long;
     `cu_seq_lens_q`, `cu_seq_lens_k` (segments + 1,) int32 over the flattened rows; `max_length_q`, `max_length_k`
     int; `use_cache` False; `pixel_values` (patches, 1176) and `image_grid_thw` (images, 3) in row order when the
-    batch has images (videos likewise). Rows shorter than the longest end with a padding segment of their own.
+    batch has images (videos likewise), `image_granularity` (images,) when levels are chosen. Rows shorter than the
+    longest end with a padding segment of their own.
     """
 
     def __init__(
@@ -82,7 +93,22 @@ class PackingCollator:
         assistant_only_loss: bool = True,
         messages_key: str = "messages",
         images_key: str = "images",
+        granularity_training: str | None = None,
+        num_levels: int | None = None,
+        granularity: int | None = None,
+        seed: int = 0,
     ) -> None:
+        if granularity_training not in (None, "all", "random"):
+            raise ValueError(f"granularity_training must be None, 'all' or 'random', got {granularity_training!r}")
+        if granularity_training is not None and not num_levels:
+            raise ValueError(
+                f"granularity_training={granularity_training!r} needs num_levels (the model's config.granularity), "
+                f"got {num_levels!r}"
+            )
+        self.granularity_training = granularity_training
+        self.num_levels = num_levels
+        self.granularity = granularity
+        self.rng = random.Random(seed)
         self.processor = processor
         self.max_tokens = max_tokens
         self.assistant_only_loss = assistant_only_loss
@@ -98,8 +124,9 @@ class PackingCollator:
         """Share of row slots holding sample tokens (not padding) over every batch collated so far."""
         return self.filled_tokens / self.row_tokens if self.row_tokens else 0.0
 
-    def encode(self, example: dict, index: int = 0) -> dict:
-        """One sample alone: input_ids, labels (seq,), position_ids (3, seq), and its pixel tensors."""
+    def encode(self, example: dict, index: int = 0, granularity: int | list[int] | None = None) -> dict:
+        """One sample alone: input_ids, labels (seq,), position_ids (3, seq), and its pixel tensors; its images at
+        `granularity` (one level, or one per image) when given."""
         messages = example[self.messages_key]
         images = [
             _load_image(im, f"sample {index} image {i}") for i, im in enumerate(example.get(self.images_key) or [])
@@ -111,7 +138,12 @@ class PackingCollator:
         )
         try:
             out = self.processor(
-                images=images or None, text=prompts, return_offsets_mapping=True, return_tensors="pt", padding=False
+                images=images or None,
+                text=prompts,
+                return_offsets_mapping=True,
+                return_tensors="pt",
+                padding=False,
+                granularity=granularity if images else None,
             )
         except ValueError as error:
             raise ValueError(f"sample {index}: {error}") from error
@@ -129,9 +161,29 @@ class PackingCollator:
         labels = torch.where(keep, input_ids, IGNORE_INDEX)
         positions = out["position_ids"][:, 0] if out["position_ids"].dim() == 3 else out["position_ids"]
         encoded = {"input_ids": input_ids, "labels": labels, "position_ids": positions.expand(3, -1)}
-        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        for key in VISION_KEYS:
             if key in out:
                 encoded[key] = out[key]
+        return encoded
+
+    def encode_all(self, examples: list[dict]) -> list[dict]:
+        """Encodes the batch at the levels `granularity` / `granularity_training` ask for (see the class)."""
+        encoded = []
+        for i, example in enumerate(examples):
+            n_images = len(example.get(self.images_key) or [])
+            if self.granularity is not None:
+                encoded.append(self.encode(example, i, self.granularity))
+            elif self.granularity_training == "random" and n_images:
+                levels = [self.rng.randrange(self.num_levels) for _ in range(n_images)]
+                encoded.append(self.encode(example, i, levels))
+            elif self.granularity_training == "all" and n_images:
+                encoded.extend(self.encode(example, i, level) for level in range(self.num_levels))
+            else:
+                encoded.append(self.encode(example, i))
+        if self.granularity is not None or self.granularity_training is not None:
+            for sample in encoded:  # every image carries a level, so the model pools each one as encoded
+                if "image_grid_thw" in sample and "image_granularity" not in sample:
+                    sample["image_granularity"] = torch.zeros(len(sample["image_grid_thw"]), dtype=torch.long)
         return encoded
 
     @staticmethod
@@ -149,7 +201,7 @@ class PackingCollator:
         return mask
 
     def __call__(self, examples: list[dict]) -> dict:
-        encoded = [self.encode(example, i) for i, example in enumerate(examples)]
+        encoded = self.encode_all(examples)
         lengths = [e["input_ids"].shape[0] for e in encoded]
         rows = best_fit_rows(lengths, self.max_tokens) if self.max_tokens else [list(range(len(encoded)))]
         width = max(sum(lengths[i] for i in row) for row in rows)
@@ -167,7 +219,7 @@ class PackingCollator:
                 labels[r, cursor] = IGNORE_INDEX  # never predict a sample's first token from its neighbour
                 position_ids[0, r, cursor : cursor + n] = torch.arange(n)
                 position_ids[1:, r, cursor : cursor + n] = sample["position_ids"]
-                for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+                for key in VISION_KEYS:
                     if key in sample:
                         vision.setdefault(key, []).append(sample[key])
                 seqlens.append(n)

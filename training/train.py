@@ -12,6 +12,16 @@ per-part learning rates, LoRA preset, image limits and mode, packing, attention)
     accelerate launch --multi_gpu --num_processes 2 -m nativevl.cli train training/recipes/tiny_stage2.yaml \
         --use_cpu true ...                               # 2 CPU processes (gloo), as the test suite runs it
 
+Adaptive visual granularity (AVG-LLaVA, arXiv 2410.02745): `--granularity 3` gives the model 3 levels and a router
+(fresh when the checkpoint has none); stage 1 adds `--granularity_training all|random` to any SFT recipe (every
+sample at every level, loss averaged over levels; or one random level per image); stage 2 is `stage: rglf`
+(`recipes/rglf.yaml`, `tiny_rglf.yaml`; `training/rglf.py`), which trains the router alone.
+
+    nativevl train training/recipes/tiny_stage2.yaml --model_name_or_path runs/tiny --granularity 3 \
+        --granularity_training all --dataset_path data/train.jsonl --output_dir runs/avg1 --max_steps 20
+    nativevl train training/recipes/tiny_rglf.yaml --model_name_or_path runs/avg1/final \
+        --dataset_path data/train.jsonl --output_dir runs/avg2 --max_steps 20
+
 Data: a JSONL file or a `datasets` folder (`save_to_disk`) of TRL conversational vision examples,
 `{"messages": [...], "images": [path | bytes, ...]}`; relative image paths are resolved against the JSONL's folder.
 The final model is written as a remote-code folder (`<output_dir>/final` unless `--export_dir`), LoRA merged in.
@@ -23,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import Trainer
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from nativevl.conversion.export import save_folder
@@ -69,6 +80,16 @@ class NativeVLArguments:
     max_tokens_per_row: int | None = field(default=None, metadata={"help": "row length when packing; None: 1 row"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flex_attention | flash_..."})
     export_dir: str | None = field(default=None, metadata={"help": "final remote-code folder (<output_dir>/final)"})
+    stage: str = field(default="sft", metadata={"help": "sft | rglf (AVG-LLaVA stage 2: train the router only)"})
+    granularity: int | None = field(
+        default=None, metadata={"help": "granularity levels L; adds a fresh router if the checkpoint has none"}
+    )
+    granularity_training: str | None = field(
+        default=None, metadata={"help": "AVG-LLaVA stage 1 (sft): all (every level, loss averaged) | random"}
+    )
+    rglf_margin: float = field(default=1.0, metadata={"help": "RGLF ranking margin per unit of loss gap"})
+    rglf_rank_weight: float = field(default=1.0, metadata={"help": "weight of the RGLF ranking loss"})
+    rglf_ce_weight: float = field(default=0.1, metadata={"help": "weight of the CE towards the best level"})
 
 
 def part_of(name: str) -> str:
@@ -79,12 +100,15 @@ def part_of(name: str) -> str:
         return "vision_tower"
     if ".multi_modal_projector." in f".{name}":
         return "projector"
+    if ".granularity_router." in f".{name}":
+        return "router"
     return "llm"
 
 
 def load_model_and_processor(args: NativeVLArguments):
+    extra = {} if args.granularity is None else {"granularity": args.granularity}
     model = NativeVLForConditionalGeneration.from_pretrained(
-        args.model_name_or_path, attn_implementation=args.attn_implementation, dtype=torch.float32
+        args.model_name_or_path, attn_implementation=args.attn_implementation, dtype=torch.float32, **extra
     )
     overrides = {
         k: v
@@ -111,7 +135,8 @@ def set_trainable_parts(model, args: NativeVLArguments) -> dict[str, int]:
     wanted = {part: getattr(args, f"train_{part}") for part in PARTS}
     if model.config.projector_type == "merger":
         wanted["merger"] = wanted["merger"] or wanted["projector"]
-    counts = dict.fromkeys(PARTS, 0)
+    wanted["router"] = False  # the router learns in stage rglf only
+    counts = dict.fromkeys(wanted, 0)
     for name, param in model.named_parameters():
         part = part_of(name)
         param.requires_grad_(wanted[part])
@@ -183,8 +208,24 @@ class NativeVLTrainer(SFTTrainer):
         return result
 
 
-def build_trainer(training_args: SFTConfig, args: NativeVLArguments) -> NativeVLTrainer:
+def build_trainer(training_args: SFTConfig, args: NativeVLArguments) -> Trainer:
+    if args.stage not in ("sft", "rglf"):
+        raise ValueError(f"stage must be 'sft' or 'rglf', got {args.stage!r}")
+    if args.granularity_training not in (None, "all", "random"):
+        raise ValueError(f"granularity_training must be all or random, got {args.granularity_training!r}")
     model, processor = load_model_and_processor(args)
+    if (args.granularity_training or args.stage == "rglf") and model.config.granularity is None:
+        raise ValueError(
+            f"stage={args.stage!r} granularity_training={args.granularity_training!r} needs granularity levels: "
+            f"{args.model_name_or_path} has none, pass --granularity L"
+        )
+    if args.stage == "rglf":
+        from nativevl.training.rglf import build_rglf_trainer
+
+        eval_dataset = load_examples(args.eval_dataset_path) if args.eval_dataset_path else None
+        return build_rglf_trainer(
+            training_args, model, processor, load_examples(args.dataset_path), eval_dataset, args
+        )
     peft_config = None
     if args.lora is not None:
         from peft import LoraConfig
@@ -208,8 +249,16 @@ def build_trainer(training_args: SFTConfig, args: NativeVLArguments) -> NativeVL
     training_args.padding_free = False
     training_args.max_length = None  # samples are never truncated through an image; rows are bounded instead
     if args.multimodal_packing:
-        collator = PackingCollator(processor, max_tokens=args.max_tokens_per_row)
+        collator = PackingCollator(
+            processor,
+            max_tokens=args.max_tokens_per_row,
+            granularity_training=args.granularity_training,
+            num_levels=model.config.granularity,
+            seed=training_args.seed,
+        )
     else:
+        if args.granularity_training is not None:
+            raise ValueError("granularity_training needs multimodal_packing (PackingCollator)")
         from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
         collator = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)

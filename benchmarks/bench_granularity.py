@@ -1,0 +1,144 @@
+"""Adaptive visual granularity (AVG-LLaVA, arXiv 2410.02745) on the synthetic RC/SC benchmark.
+
+For a model with `config.granularity` levels, answers every item of `nativevl.evaluation.synth_rc` at the full grid,
+at every fixed level and with the router (`generate(granularity="auto")`), and prints per setting: visual tokens
+per item (RC, SC, all), exact-match accuracy (RC, SC, all), and the prefill time of the router path (vision tower +
+router + LLM prefill on the compacted prompt) against the full grid's (vision tower + LLM prefill).
+
+    python benchmarks/bench_granularity.py --model runs/avg2/final --data rc_demo/data.jsonl --limit 200
+    python benchmarks/bench_granularity.py --smoke      # fresh tiny model, random router, 70 tiny items: seconds
+
+A model straight out of `--smoke` is untrained: its accuracy is 0 and its router's choices are arbitrary; the
+run only shows that every path works and what the token and time accounting look like.
+"""
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nativevl.evaluation.metrics import score_sample
+from nativevl.evaluation.run import load_image, load_records
+from nativevl.evaluation.synth_rc import generate_benchmark
+from nativevl.modeling.modeling_nativevl import compact_image_placeholders, image_token_counts
+
+
+def prompts(processor, questions: list[str]) -> list[str]:
+    turns = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}] for q in questions]
+    return processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+
+
+@torch.inference_mode()
+def answer(model, processor, images, questions, setting, max_new_tokens: int):
+    """Greedy answers and visual tokens per item for `setting`: "full", an int level, or "router"."""
+    level = setting if isinstance(setting, int) else None
+    batch = processor(
+        images=[[im] for im in images], text=prompts(processor, questions), padding_side="left", granularity=level
+    )
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
+    if setting == "router":
+        out = model.generate(**batch, granularity="auto", **kwargs)
+        merge = model.config.vision_config.spatial_merge_size
+        tokens = image_token_counts(batch["image_grid_thw"], out.image_granularity, merge)
+    else:
+        out = model.generate(**batch, **kwargs)
+        tokens = (batch["input_ids"] == processor.image_token_id).sum(-1).tolist()
+    new = out.sequences[:, batch["input_ids"].shape[1] :]
+    return [a.strip() for a in processor.batch_decode(new, skip_special_tokens=True)], tokens
+
+
+@torch.inference_mode()
+def prefill_seconds(model, processor, images, questions, repeats: int = 3) -> tuple[float, float]:
+    """Best-of-`repeats` seconds of one prefill: full grid, and router path (choice + compacted prefill)."""
+    batch = processor(images=[[im] for im in images], text=prompts(processor, questions), padding_side="left")
+    core, merge = model.model, model.config.vision_config.spatial_merge_size
+    full, routed = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(**batch, logits_to_keep=1)
+        full.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        levels, _, features = core.choose_granularity(
+            batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"], batch["attention_mask"]
+        )
+        ids, mask = compact_image_placeholders(
+            batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"], None, levels,
+            model.config.image_token_id, merge, processor.tokenizer.pad_token_id,
+        )  # fmt: skip
+        core._vision_cache = (batch["pixel_values"], batch["image_grid_thw"], features)
+        try:
+            model(
+                input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                image_grid_thw=batch["image_grid_thw"], granularity=levels, logits_to_keep=1,
+            )  # fmt: skip
+        finally:
+            core._vision_cache = None
+        routed.append(time.perf_counter() - start)
+    return min(full), min(routed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="nativevl folder whose config sets granularity")
+    parser.add_argument("--data", help="synth_rc data.jsonl")
+    parser.add_argument("--smoke", action="store_true", help="fresh tiny model and a tiny benchmark")
+    parser.add_argument("--limit", type=int, default=None, help="first N items")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        from nativevl.conversion.export import build_tiny
+
+        model, processor = build_tiny(max_pixels=112 * 112, granularity=3)
+        data = generate_benchmark(tempfile.mkdtemp(prefix="bench-granularity-"), per_cell=1, scale=1 / 8)
+    elif args.model and args.data:
+        from nativevl.modeling import NativeVLForConditionalGeneration
+        from nativevl.processing import NativeVLProcessor
+
+        model = NativeVLForConditionalGeneration.from_pretrained(args.model).eval()
+        processor = NativeVLProcessor.from_pretrained(args.model)
+        data = Path(args.data)
+    else:
+        parser.error("give --model and --data, or --smoke")
+    if model.config.granularity is None:
+        parser.error(f"{args.model} has no granularity levels (config.granularity is None)")
+    records = load_records(data, limit=args.limit)
+    root = Path(data).parent
+    settings = ["full", *range(model.config.granularity), "router"]
+    results = {s: {"rc": [], "sc": []} for s in settings}  # kind -> [(score, tokens)]
+    full_time = routed_time = 0.0
+    for start in range(0, len(records), args.batch_size):
+        chunk = records[start : start + args.batch_size]
+        images = [load_image(r, root) for r in chunk]
+        questions = [r["question"] for r in chunk]
+        for setting in settings:
+            answers, tokens = answer(model, processor, images, questions, setting, args.max_new_tokens)
+            for record, prediction, n in zip(chunk, answers, tokens, strict=True):
+                score = score_sample(prediction, record["answers"], record.get("metric"))
+                results[setting][record["kind"]].append((score, n))
+        seconds = prefill_seconds(model, processor, images, questions)
+        full_time, routed_time = full_time + seconds[0], routed_time + seconds[1]
+        print(f"{start + len(chunk)}/{len(records)} items", flush=True)
+
+    def mean(rows, index):
+        return sum(r[index] for r in rows) / len(rows) if rows else float("nan")
+
+    print(f"\n{'setting':>8} | {'tokens RC':>9} {'SC':>7} {'all':>7} | {'acc RC':>7} {'SC':>6} {'all':>6}")
+    for setting in settings:
+        rc, sc = results[setting]["rc"], results[setting]["sc"]
+        name = f"level {setting}" if isinstance(setting, int) else setting
+        print(
+            f"{name:>8} | {mean(rc, 1):9.1f} {mean(sc, 1):7.1f} {mean(rc + sc, 1):7.1f} | "
+            f"{100 * mean(rc, 0):7.1f} {100 * mean(sc, 0):6.1f} {100 * mean(rc + sc, 0):6.1f}"
+        )
+    full_tokens = mean(results["full"]["rc"] + results["full"]["sc"], 1)
+    router_tokens = mean(results["router"]["rc"] + results["router"]["sc"], 1)
+    print(f"\nrouter uses {100 * (1 - router_tokens / full_tokens):.1f}% fewer visual tokens than the full grid")
+    print(f"prefill time router / full: {routed_time / full_time:.2f} (router path includes the router itself)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

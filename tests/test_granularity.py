@@ -1,0 +1,370 @@
+"""Adaptive visual granularity (AVG-LLaVA, arXiv 2410.02745): scaler, M-RoPE of pooled grids, forced levels,
+router per sample, `generate(granularity="auto")`, processor and packing at chosen levels."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TinyVLTester
+from PIL import Image
+
+from nativevl import NativeVLForConditionalGeneration
+from nativevl.conversion.export import build_tiny
+from nativevl.modeling import get_rope_index, level_grid, pool_grid
+from nativevl.modeling.modeling_nativevl import compact_image_placeholders, pooled_grid_thw
+from nativevl.processing.processing_nativevl import level_grid as processor_level_grid
+from nativevl.processing.processing_nativevl import mrope_position_ids
+from nativevl.training.packing import PackingCollator
+
+
+LEVELS = 3
+
+
+def test_level_grid_golden_and_released_levels():
+    # AVG-LLaVA's released levels for a 24x24 grid: 576, 288, 144, 72, 36 tokens
+    assert [int(np.prod(level_grid(1, 24, 24, lv))) for lv in range(5)] == [576, 288, 144, 72, 36]
+    assert [level_grid(1, 3, 5, lv) for lv in range(6)] == [(1, 3, 5), (1, 3, 3), (1, 2, 3), (1, 2, 2), (1, 1, 2)] + [
+        (1, 1, 1)
+    ]
+    assert level_grid(1, 1, 1, 7) == (1, 1, 1)  # never below one token per row and column
+    assert level_grid(2, 1, 6, 2) == (2, 1, 3)  # a side of 1 does not pool: the width step still halves
+    for grid in [(1, 3, 5), (2, 7, 1), (1, 24, 24)]:
+        for lv in range(6):
+            assert processor_level_grid(*grid, lv) == level_grid(*grid, lv)
+
+
+@pytest.mark.parametrize("grid", [(1, 3, 5), (2, 5, 3), (1, 1, 7), (1, 4, 4)])
+def test_pool_grid_is_ceil_mode_average_pooling(grid):
+    t, h, w = grid
+    features = torch.randn(t * h * w, 6, dtype=torch.float64)
+    reference = features.view(t, h, w, 6).permute(0, 3, 1, 2)  # (t, D, h, w) for avg_pool2d
+    for level in range(5):
+        pooled, out_grid = pool_grid(features, grid, level)
+        assert out_grid == level_grid(t, h, w, level)
+        assert pooled.shape == (int(np.prod(out_grid)), 6)
+        torch.testing.assert_close(pooled.view(*out_grid, 6).permute(0, 3, 1, 2), reference, atol=1e-12, rtol=0)
+        step = (1, 2) if level % 2 == 0 else (2, 1)
+        if reference.shape[-1 if step == (1, 2) else -2] > 1:
+            # a partial window at an odd edge averages only what it covers (no zero padding counted)
+            reference = F.avg_pool2d(reference, step, step, ceil_mode=True, count_include_pad=False)
+
+
+def test_pool_grid_values_by_hand():
+    features = torch.arange(15, dtype=torch.float32).view(15, 1)  # 3x5 grid, raster order
+    level1, grid1 = pool_grid(features, (1, 3, 5), 1)
+    assert grid1 == (1, 3, 3)
+    assert level1.flatten().tolist() == [0.5, 2.5, 4.0, 5.5, 7.5, 9.0, 10.5, 12.5, 14.0]
+    level2, grid2 = pool_grid(features, (1, 3, 5), 2)
+    assert grid2 == (1, 2, 3)
+    assert level2.flatten().tolist() == [3.0, 5.0, 6.5, 10.5, 12.5, 14.0]
+
+
+def test_mrope_ids_of_pooled_grids(tester):
+    config = tester.nativevl_config()
+    # (1, 4, 6) patches = 2x3 merged; level 1 -> 2x2, level 2 -> 1x2
+    for level, (rows, cols) in [(1, (2, 2)), (2, (1, 2))]:
+        batch = tester.batch([[2, ("image", (1, rows * 2, cols * 2)), 2]])
+        levels = torch.tensor([level])
+        positions, deltas = get_rope_index(
+            batch["input_ids"], config, image_grid_thw=torch.tensor([[1, 4, 6]]), image_granularity=levels
+        )
+        n = rows * cols
+        image = positions[:, 0, 3 : 3 + n]
+        assert image[0].tolist() == [3] * n
+        assert image[1].tolist() == [3 + r for r in range(rows) for _ in range(cols)]
+        assert image[2].tolist() == [3 + c for _ in range(rows) for c in range(cols)]
+        assert positions[:, 0, 3 + n].tolist() == [3 + max(rows, cols)] * 3  # vision_end after the pooled grid
+        assert deltas.item() == int(positions.max()) + 1 - batch["input_ids"].shape[1]
+        processor_ids = mrope_position_ids(
+            batch["input_ids"].numpy(),
+            batch["attention_mask"].numpy(),
+            [[1, 4, 6]],
+            [],
+            tester.image_token_id,
+            tester.video_token_id,
+            2,
+            [level],
+        )
+        assert np.array_equal(processor_ids, positions.numpy())
+    assert pooled_grid_thw(torch.tensor([[1, 6, 10], [2, 2, 2]]), torch.tensor([2, 3]), 2).tolist() == [
+        [1, 4, 6],
+        [2, 2, 2],
+    ]
+
+
+@pytest.fixture(scope="module")
+def model():
+    tester = TinyVLTester()
+    torch.manual_seed(0)
+    config = tester.nativevl_config(
+        granularity=LEVELS, router_num_heads=4, router_top_k=4, router_intermediate_size=64
+    )
+    return tester, NativeVLForConditionalGeneration(config).eval()
+
+
+GRIDS = [(1, 6, 10), (1, 2, 6), (1, 4, 4)]  # merged 3x5, 1x3, 2x2
+
+
+def pooled_batch(tester, levels, padding_side="left"):
+    """A batch whose placeholders match `levels`, with the pixel values of the full GRIDS."""
+    pooled = pooled_grid_thw(torch.tensor(GRIDS), torch.tensor(levels), 2).tolist()
+    samples = [[5, ("image", pooled[0]), 3, ("image", pooled[1]), 4], [2, ("image", pooled[2]), 6]]
+    batch = tester.batch(samples, padding_side=padding_side)
+    batch["pixel_values"] = tester.pixel_values(GRIDS)
+    batch["image_grid_thw"] = torch.tensor(GRIDS)
+    return batch, torch.tensor(pooled)
+
+
+@pytest.mark.parametrize("levels", [[1, 1, 1], [2, 0, 1]])
+def test_forced_level_equals_pooled_features_by_hand(model, levels):
+    tester, ours = model
+    batch, pooled_grids = pooled_batch(tester, levels)
+    granularity = levels[0] if len(set(levels)) == 1 else torch.tensor(levels)
+    with torch.no_grad():
+        out = ours(**batch, granularity=granularity)
+        features = ours.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+        parts = features.split([h * w // 4 for _, h, w in GRIDS])
+        by_hand = torch.cat(
+            [pool_grid(p, (t, h // 2, w // 2), lv)[0] for p, (t, h, w), lv in zip(parts, GRIDS, levels)]
+        )
+        embeds = ours.get_input_embeddings()(batch["input_ids"])
+        mask = (batch["input_ids"] == tester.image_token_id).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(mask, by_hand)
+        # the pooled image is placed exactly as an image of the pooled grid would be
+        positions, _ = get_rope_index(batch["input_ids"], ours.config, pooled_grids, None, batch["attention_mask"])
+        expected = ours(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=positions).logits
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(out.logits[keep], expected[keep], atol=1e-6, rtol=0)
+    assert out.image_granularity.tolist() == levels
+    assert out.visual_tokens.tolist() == [int(np.prod(g)) // 4 for g in pooled_grids.tolist()]
+
+
+def test_level_zero_and_none_agree_and_mismatch_names_both_numbers(model):
+    tester, ours = model
+    batch, _ = pooled_batch(tester, [0, 0, 0])
+    with torch.no_grad():
+        full = ours(**batch)
+        zero = ours(**batch, granularity=0)
+    assert torch.equal(full.logits, zero.logits)
+    assert full.image_granularity.tolist() == [0, 0, 0] and full.visual_tokens.tolist() == [15, 3, 4]
+    with pytest.raises(ValueError, match="found 22 image tokens in the input but the images give 13 features"):
+        ours(**batch, granularity=1)
+    with pytest.raises(ValueError, match=r"granularity levels \[0, 3, 0\] must lie in 0..2"):
+        ours(**batch, granularity=torch.tensor([0, 3, 0]))
+    with pytest.raises(ValueError, match="runs in generate"):
+        ours(**batch, granularity="auto")
+
+
+def test_router_logits_shape_and_gradient(model):
+    tester, ours = model
+    batch, _ = pooled_batch(tester, [0, 0, 0])
+    features = ours.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).detach()
+    logits = ours.model.router_logits(batch["input_ids"], features, batch["image_grid_thw"], batch["attention_mask"])
+    assert logits.shape == (3, LEVELS)
+    logits.logsumexp(-1).sum().backward()
+    router = ours.model.granularity_router
+    missing = [n for n, p in router.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    ours.zero_grad()
+    assert not missing, missing
+
+
+def fixed_router(ours, levels):
+    """Makes the router pick `levels` (one per image) whatever the inputs."""
+    logits = F.one_hot(torch.tensor(levels), LEVELS).float() * 10
+
+    def router_logits(*args, **kwargs):
+        return logits
+
+    ours.model.router_logits = router_logits
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_compact_prompt_by_hand(model, padding_side):
+    tester, ours = model
+    full, _ = pooled_batch(tester, [0, 0, 0], padding_side)
+    small, _ = pooled_batch(tester, [2, 0, 1], padding_side)
+    ids, mask = compact_image_placeholders(
+        full["input_ids"], full["attention_mask"], full["image_grid_thw"], None, torch.tensor([2, 0, 1]), 120, 2, 0
+    )
+    assert torch.equal(ids, small["input_ids"]) and torch.equal(mask, small["attention_mask"])
+
+
+def test_generate_auto_equals_forced_levels_on_compacted_prompt(model):
+    tester, ours = model
+    levels = [2, 0, 1]
+    full, _ = pooled_batch(tester, [0, 0, 0])
+    small, _ = pooled_batch(tester, levels)
+    try:
+        fixed_router(ours, levels)
+        auto = ours.generate(
+            **full, granularity="auto", max_new_tokens=6, do_sample=False, return_dict_in_generate=True
+        )
+    finally:
+        del ours.model.router_logits
+    forced = ours.generate(**small, granularity=torch.tensor(levels), max_new_tokens=6, do_sample=False)
+    prompt = full["input_ids"].shape[1]
+    assert torch.equal(auto.sequences[:, :prompt], full["input_ids"])  # original prompt ids, then new tokens
+    assert torch.equal(auto.sequences[:, prompt:], forced[:, small["input_ids"].shape[1] :])
+    assert auto.image_granularity.tolist() == levels
+    # the real router: generate with its own choice equals generate at the levels it reports; the vision tower
+    # runs once (the router's features are reused at prefill)
+    calls, vision = [], ours.model.visual.forward
+    ours.model.visual.forward = lambda *a, **k: calls.append(1) or vision(*a, **k)
+    try:
+        auto = ours.generate(
+            **full, granularity="auto", max_new_tokens=4, do_sample=False, return_dict_in_generate=True
+        )
+    finally:
+        del ours.model.visual.forward
+    assert len(calls) == 1
+    chosen = auto.image_granularity.tolist()
+    small, _ = pooled_batch(tester, chosen)
+    no_cache = ours.generate(**small, granularity=torch.tensor(chosen), max_new_tokens=4, use_cache=False)
+    assert torch.equal(auto.sequences[:, prompt:], no_cache[:, small["input_ids"].shape[1] :])
+
+
+def noise(height: int, width: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = build_tiny(max_pixels=112 * 112, granularity=LEVELS)
+    return model.eval(), processor
+
+
+def test_processor_expands_for_levels_and_matches_model(tiny):
+    model, processor = tiny
+    images = [noise(60, 90, 0), noise(57, 57, 1)]
+    text = ["<|image_pad|> one", "two <|image_pad|>"]
+    full = processor(images=images, text=text)
+    assert "image_granularity" not in full
+    merged = [(t, h // 2, w // 2) for t, h, w in full["image_grid_thw"].tolist()]
+    for granularity, levels in [(1, [1, 1]), ([2, 0], [2, 0])]:
+        out = processor(images=images, text=text, granularity=granularity)
+        assert out["image_granularity"].tolist() == levels
+        n_tokens = (out["input_ids"] == processor.image_token_id).sum(-1).tolist()
+        assert n_tokens == [int(np.prod(level_grid(*g, lv))) for g, lv in zip(merged, levels)]
+        expected, _ = get_rope_index(
+            out["input_ids"],
+            model.config,
+            out["image_grid_thw"],
+            None,
+            out["attention_mask"],
+            out["image_granularity"],
+        )
+        assert torch.equal(out["position_ids"], expected)
+        with torch.no_grad():
+            given = model(**out).logits  # processor position ids and image_granularity
+            computed = model(**{k: v for k, v in out.items() if k != "position_ids"}).logits
+        torch.testing.assert_close(given, computed, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="one per image"):
+        processor(images=images, text=text, granularity=[1])
+
+
+def test_pipeline_with_auto_granularity(tiny):
+    from transformers import pipeline
+
+    model, processor = tiny
+    processor.tokenizer.padding_side = "left"
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    message = [
+        {"role": "user", "content": [{"type": "image", "image": noise(80, 120, 3)}, {"type": "text", "text": "Hi?"}]}
+    ]
+    auto = pipe(text=message, max_new_tokens=4, generate_kwargs={"do_sample": False, "granularity": "auto"})
+    assert auto[0]["generated_text"][-1]["role"] == "assistant"
+    prompt = processor.apply_chat_template(message, add_generation_prompt=True)
+    inputs = processor(images=[noise(80, 120, 3)], text=[prompt])
+    out = model.generate(**inputs, granularity="auto", max_new_tokens=4, do_sample=False)
+    answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+    assert auto[0]["generated_text"][-1]["content"] == answer
+
+
+def example(images: list, question: str, answer: str) -> dict:
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    return {
+        "messages": [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+        "images": images,
+    }
+
+
+def packed_examples(question: str = "What colour is it?"):
+    return [
+        example([noise(60, 90, 0)], "Read the text.", "hello"),
+        example([], "Say hi.", "hi"),
+        example([noise(30, 120, 1), noise(100, 40, 2)], question, "red"),
+        example([noise(57, 57, 3)], "Which shape?", "circle"),
+    ]
+
+
+def test_router_decisions_are_per_sample_in_a_packed_batch(tiny):
+    model, processor = tiny
+    collator = PackingCollator(processor)
+    logits = []
+    for question in ("What colour is it?", "Count every letter on the left side please"):
+        batch = collator(packed_examples(question))
+        with torch.no_grad():
+            _, router_logits, _ = model.model.choose_granularity(
+                batch["input_ids"],
+                batch["pixel_values"],
+                batch["image_grid_thw"],
+                labels=batch["labels"],
+                cu_seq_lens_q=batch["cu_seq_lens_q"],
+            )
+        logits.append(router_logits)
+    a, b = logits
+    assert a.shape == (4, LEVELS)  # images: 1 + 2 + 1
+    torch.testing.assert_close(a[[0, 3]], b[[0, 3]], atol=1e-5, rtol=0)  # other samples' images do not move
+    assert (a[1:3] - b[1:3]).abs().max() > 1e-4  # the changed sample's images do
+    # each sample alone gives the same logits as inside the packed row
+    alone = collator([packed_examples()[2]])
+    with torch.no_grad():
+        _, single, _ = model.model.choose_granularity(
+            alone["input_ids"], alone["pixel_values"], alone["image_grid_thw"], labels=alone["labels"]
+        )
+    torch.testing.assert_close(single, a[1:3], atol=1e-5, rtol=0)
+
+
+def test_router_ignores_the_answer_tokens(tiny):
+    model, processor = tiny
+    collator = PackingCollator(processor)
+    one, other = packed_examples(), packed_examples()
+    other[3]["messages"][1]["content"][0]["text"] = "a square, quite certainly"
+    logits = []
+    for examples in (one, other):
+        batch = collator(examples)
+        with torch.no_grad():
+            logits.append(
+                model.model.choose_granularity(
+                    batch["input_ids"],
+                    batch["pixel_values"],
+                    batch["image_grid_thw"],
+                    labels=batch["labels"],
+                    cu_seq_lens_q=batch["cu_seq_lens_q"],
+                )[1]
+            )
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["random", "all"])
+def test_packing_at_granularity_levels(tiny, mode):
+    model, processor = tiny
+    collator = PackingCollator(processor, granularity_training=mode, num_levels=LEVELS, seed=0)
+    batch = collator(packed_examples())
+    levels = batch["image_granularity"].tolist()
+    if mode == "all":
+        # 3 samples with images appear once per level, the text-only sample once
+        assert len(batch["cu_seq_lens_q"]) - 1 == 3 * LEVELS + 1
+        assert levels == [0, 1, 2, 0, 0, 1, 1, 2, 2, 0, 1, 2]
+    assert len(levels) == batch["image_grid_thw"].shape[0]
+    n_tokens = int((batch["input_ids"] == processor.image_token_id).sum())
+    merged = [(t, h // 2, w // 2) for t, h, w in batch["image_grid_thw"].tolist()]
+    assert n_tokens == sum(int(np.prod(level_grid(*g, lv))) for g, lv in zip(merged, levels))
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.image_granularity.tolist() == levels and torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match="needs num_levels"):
+        PackingCollator(processor, granularity_training="all")

@@ -1,0 +1,120 @@
+"""AVG-LLaVA training: stage 1 (multi-granularity SFT) and stage 2 (RGLF, router only) through `nativevl train`."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_colour_dataset
+from PIL import Image
+
+import nativevl
+from nativevl.conversion.export import build_tiny, save_folder
+from nativevl.training.packing import PackingCollator
+from nativevl.training.rglf import RGLFCollator, per_sample_answer_loss, rglf_loss
+from nativevl.training.train import build_trainer, parse
+
+
+RECIPES = Path(nativevl.__file__).parent / "training" / "recipes"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rglf")
+    save_folder(*build_tiny(max_pixels=112 * 112), root / "tiny")
+    data = write_colour_dataset(root / "data", 16)
+    return root, str(root / "tiny"), data
+
+
+def trainer_for(setup, recipe: str, out: str, *overrides: str):
+    root, model, data = setup
+    argv = [str(RECIPES / recipe), "--model_name_or_path", model, "--dataset_path", data]
+    argv += ["--output_dir", str(root / out), "--seed", "0", "--dataloader_num_workers", "0", *overrides]
+    training_args, args = parse(argv)
+    return build_trainer(training_args, args)
+
+
+def test_rglf_loss_by_hand():
+    losses = torch.tensor([[1.0, 0.2, 0.6]])  # level 1 best, then 2, then 0
+    aligned = torch.tensor([[0.0, 4.0, 2.0]])
+    reversed_ = torch.tensor([[4.0, 0.0, 2.0]])
+    assert rglf_loss(aligned, losses) < rglf_loss(reversed_, losses)
+    # equal probabilities: every ordered pair (i better than j) costs margin * gap; mean of 0.8, 0.4, 0.4
+    flat = torch.zeros(1, 3)
+    expected = (0.8 + 0.4 + 0.4) / 3 + 0.1 * torch.log(torch.tensor(3.0))
+    torch.testing.assert_close(rglf_loss(flat, losses), expected)
+    torch.testing.assert_close(rglf_loss(flat, losses, margin=0.0, ce_weight=0.0), torch.tensor(0.0))
+
+
+def test_per_sample_answer_loss_equals_each_sample_alone():
+    model, processor = build_tiny(max_pixels=112 * 112, granularity=3)
+    examples = [
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
+                {"role": "assistant", "content": [{"type": "text", "text": a}]},
+            ],
+            "images": [Image.new("RGB", (40 + 9 * i, 60), (200, 30 * i, 20))],
+        }
+        for i, (q, a) in enumerate([("Colour?", "red"), ("Which?", "orange, I think"), ("Hue?", "brown")])
+    ]
+    collator = PackingCollator(processor, granularity=2)
+    batch = collator(examples)
+    with torch.no_grad():
+        packed = per_sample_answer_loss(model(**batch).logits, batch["labels"], batch["cu_seq_lens_q"])
+        alone = torch.stack([model(**collator([ex])).loss for ex in examples])
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+    levels = RGLFCollator(processor, 3)(examples)["levels"]
+    assert [b["image_granularity"].tolist() for b in levels] == [[0] * 3, [1] * 3, [2] * 3]
+
+
+def test_rglf_learns_the_feedback_ranking(setup):
+    trainer = trainer_for(setup, "tiny_rglf.yaml", "rglf-synthetic", "--max_steps", "40", "--save_strategy", "no")
+    feedback = torch.tensor([1.0, 0.2, 0.6])  # synthetic: level 1 always best, then level 2, then level 0
+
+    def level_losses(model, batches):
+        return feedback.expand(int(batches[0]["cu_seq_lens_q"].shape[0]) - 1, -1)
+
+    trainer.level_losses = level_losses
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    history = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert sum(history[-5:]) / 5 < 0.7 * sum(history[:5]) / 5, history
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(before[name], param.detach()) != (".granularity_router." in name), name
+    model, collator = trainer.model.eval(), trainer.data_collator
+    batch = collator([trainer.train_dataset[i] for i in range(8)])["levels"][0]
+    with torch.no_grad():
+        _, logits, _ = model.model.choose_granularity(
+            batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+            labels=batch["labels"], cu_seq_lens_q=batch["cu_seq_lens_q"],
+        )  # fmt: skip
+    order = logits.argsort(-1, descending=True)
+    assert (order == torch.tensor([1, 2, 0])).all(), order  # the router ranks levels as the feedback did
+
+
+def test_stage1_and_rglf_through_nativevl_train(setup):
+    root, _, _ = setup
+    stage1 = trainer_for(
+        setup,
+        "tiny_stage2.yaml",
+        "avg-stage1",
+        "--max_steps", "2", "--save_strategy", "no", "--granularity", "3", "--granularity_training", "all",
+    )  # fmt: skip
+    router_before = {n: p.detach().clone() for n, p in stage1.model.named_parameters() if "granularity_router" in n}
+    stage1.train()
+    assert all(torch.equal(p, dict(stage1.model.named_parameters())[n]) for n, p in router_before.items())
+    losses = [entry["loss"] for entry in stage1.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+    stage1.save_model(str(root / "avg-stage1" / "final"))
+    stage1.processing_class.save_pretrained(str(root / "avg-stage1" / "final"))
+    rglf = trainer_for(
+        (root, str(root / "avg-stage1" / "final"), setup[2]),
+        "tiny_rglf.yaml",
+        "avg-rglf",
+        "--max_steps", "2", "--save_strategy", "no",
+    )  # fmt: skip
+    assert rglf.model.config.granularity == 3
+    rglf.train()
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in rglf.state.log_history if "loss" in e)
+    with pytest.raises(ValueError, match="needs granularity levels"):
+        trainer_for(setup, "tiny_stage2.yaml", "bad", "--granularity_training", "random")

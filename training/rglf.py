@@ -1,0 +1,162 @@
+"""Stage 2 of AVG-LLaVA (arXiv 2410.02745): RGLF, Ranking Granularity to align LMM Feedback.
+
+Everything but the granularity router is frozen. For each batch the model itself scores every granularity level:
+the batch is packed once per level (every image forced to that level) and each sample's average answer loss is
+computed without gradient. The router (`NativeVLModel.router_logits`, one decision per image, instruction tokens
+of its own sample only) is then trained to rank the levels as the feedback does:
+
+    rank = mean over ordered pairs (i, j) of one image with loss_i < loss_j of
+           max(0, margin * (loss_j - loss_i) - (p_i - p_j))          (p = softmax of the router logits)
+    loss = rank_weight * rank + ce_weight * cross_entropy(logits, argmin_l loss_l)
+
+Pairs at every rank gap count (not only neighbours), each with a margin proportional to its loss gap; the release
+uses margin 1.0, rank weight 1.0, CE weight 0.1 and lr 1e-3 (`recipes/rglf.yaml`). An image in a sample with
+several images takes its sample's level losses (all images of the sample are forced to the same level).
+
+    nativevl train training/recipes/tiny_rglf.yaml --model_name_or_path runs/tiny \\
+        --dataset_path data/train.jsonl --output_dir runs/rglf --max_steps 20
+"""
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from nativevl.training.packing import IGNORE_INDEX, PackingCollator
+
+
+def rglf_loss(
+    logits: torch.Tensor,
+    level_losses: torch.Tensor,
+    margin: float = 1.0,
+    rank_weight: float = 1.0,
+    ce_weight: float = 0.1,
+) -> torch.Tensor:
+    """logits: (images, L) router logits; level_losses: (images, L) the model's answer loss at each level.
+    Returns the scalar RGLF loss (see the module docstring)."""
+    probs = logits.float().softmax(-1)  # (images, L)
+    level_losses = level_losses.to(probs)
+    gap = level_losses[:, None, :] - level_losses[:, :, None]  # (images, i, j): loss_j - loss_i
+    better = gap > 0  # level i beats level j
+    hinge = F.relu(margin * gap - (probs[:, :, None] - probs[:, None, :]))  # (images, i, j)
+    rank = (hinge * better).sum() / better.sum().clamp(min=1)
+    ce = F.cross_entropy(logits.float(), level_losses.argmin(-1))
+    return rank_weight * rank + ce_weight * ce
+
+
+def per_sample_answer_loss(logits: torch.Tensor, labels: torch.LongTensor, cu_seq_lens: torch.Tensor) -> torch.Tensor:
+    """logits: (rows, seq, V); labels: (rows, seq) unshifted, -100 ignored; cu_seq_lens: (segments + 1,) over the
+    flattened rows. Returns each segment's mean answer-token loss (segments,); segments without labels get 0."""
+    rows, seq, vocab = logits.shape
+    token_loss = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1), reduction="none"
+    ).view(rows, seq - 1)  # (rows, seq-1): loss of predicting token p+1
+    target = torch.arange(seq, device=logits.device)[1:].expand(rows, -1) + seq * torch.arange(
+        rows, device=logits.device
+    ).unsqueeze(1)  # (rows, seq-1): flattened index of the predicted token
+    segment = torch.searchsorted(cu_seq_lens.to(logits.device, torch.long), target.reshape(-1), right=True) - 1
+    counted = (labels[:, 1:] != IGNORE_INDEX).reshape(-1).float()
+    n = cu_seq_lens.shape[0] - 1
+    total = torch.zeros(n, device=logits.device).index_add_(0, segment, token_loss.reshape(-1) * counted)
+    count = torch.zeros(n, device=logits.device).index_add_(0, segment, counted)
+    return total / count.clamp(min=1)
+
+
+class RGLFCollator:
+    """Packs a batch once per level: `{"levels": [batch at level 0, ..., batch at level L-1]}`.
+
+    Each level's batch is one row (samples in order, so segment s is sample s) from `PackingCollator` with every
+    image forced to that level. Samples without images carry no feedback for the router and are dropped.
+    """
+
+    def __init__(self, processor, num_levels: int) -> None:
+        self.packing = PackingCollator(processor, max_tokens=None)
+        self.num_levels = num_levels
+
+    def __call__(self, examples: list[dict]) -> dict:
+        key = self.packing.images_key
+        with_images = [example for example in examples if example.get(key)]
+        if not with_images:
+            raise ValueError(f"RGLF needs samples with images; none of the {len(examples)} in this batch has any")
+        batches = []
+        for level in range(self.num_levels):
+            self.packing.granularity = level
+            batches.append(self.packing(with_images))
+        self.packing.granularity = None
+        return {"levels": batches}
+
+
+class RGLFTrainer(Trainer):
+    """`transformers.Trainer` that trains only the granularity router with the RGLF loss.
+
+    Args (besides Trainer's): margin, rank_weight, ce_weight of `rglf_loss`. Batches come from `RGLFCollator`.
+    """
+
+    def __init__(self, *args, margin: float = 1.0, rank_weight: float = 1.0, ce_weight: float = 0.1, **kwargs):
+        self.margin, self.rank_weight, self.ce_weight = margin, rank_weight, ce_weight
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def freeze_all_but_router(model) -> int:
+        """Freezes every parameter outside `model.model.granularity_router`; returns the trainable count."""
+        if getattr(model.model, "granularity_router", None) is None:
+            raise ValueError("RGLF needs a model with a granularity router: set config.granularity (--granularity L)")
+        trainable = 0
+        for name, param in model.named_parameters():
+            param.requires_grad_(".granularity_router." in f".{name}")
+            trainable += param.numel() if param.requires_grad else 0
+        return trainable
+
+    def level_losses(self, model, batches: list[dict]) -> torch.Tensor:
+        """The model's feedback: each sample's average answer loss at each level, (samples, L), no gradient."""
+        columns = []
+        with torch.no_grad():
+            for batch in batches:
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                logits = model(**inputs).logits
+                columns.append(per_sample_answer_loss(logits, batch["labels"], batch["cu_seq_lens_q"]))
+        return torch.stack(columns, dim=-1)  # (samples, L)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batches = inputs["levels"]
+        core = self.accelerator.unwrap_model(model).model
+        sample_losses = self.level_losses(model, batches)  # (samples, L)
+        base = batches[0]  # level 0: the full grids the router sees at inference
+        with torch.no_grad():
+            features = core.get_image_features(base["pixel_values"], base["image_grid_thw"])
+        logits = core.router_logits(
+            base["input_ids"],
+            features,
+            base["image_grid_thw"],
+            labels=base["labels"],
+            cu_seq_lens_q=base["cu_seq_lens_q"],
+            image_granularity=base["image_granularity"],
+        )  # (images, L)
+        image_sample = image_segments(base, core.config)  # (images,): the sample of each image
+        loss = rglf_loss(logits, sample_losses[image_sample], self.margin, self.rank_weight, self.ce_weight)
+        return (loss, {"router_logits": logits}) if return_outputs else loss
+
+
+def image_segments(batch: dict, config) -> torch.LongTensor:
+    """The `cu_seq_lens_q` segment of each image of a packed batch at level 0: (images,) long."""
+    merge = config.vision_config.spatial_merge_size
+    counts = [t * h * w // merge**2 for t, h, w in batch["image_grid_thw"].tolist()]
+    where = (batch["input_ids"].reshape(-1) == config.image_token_id).nonzero().squeeze(-1)
+    firsts = where[torch.tensor([0] + counts[:-1], dtype=torch.long).cumsum(0).to(where.device)]
+    return torch.searchsorted(batch["cu_seq_lens_q"].to(where.device, torch.long), firsts, right=True) - 1
+
+
+def build_rglf_trainer(training_args, model, processor, train_dataset, eval_dataset, args) -> RGLFTrainer:
+    """An `RGLFTrainer` for `nativevl train` with `stage: rglf` (router only; margin and weights from `args`)."""
+    RGLFTrainer.freeze_all_but_router(model)
+    training_args.remove_unused_columns = False
+    return RGLFTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        data_collator=RGLFCollator(processor, model.config.granularity),
+        margin=args.rglf_margin,
+        rank_weight=args.rglf_rank_weight,
+        ce_weight=args.rglf_ce_weight,
+    )
