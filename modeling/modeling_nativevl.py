@@ -180,14 +180,19 @@ class NativeVLVisionAttention(nn.Module):
                 end = start + length * count
                 # (count*L, H, d) -> (count, L, H, d) -> (count, H, L, d), views
                 qs, ks, vs = (t[start:end].view(count, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-                if impl == "eager":
-                    weights = torch.matmul(qs * self.scaling, ks.transpose(-1, -2))  # (count, H, L, L)
-                    weights = weights.softmax(dim=-1, dtype=torch.float32).to(qs.dtype)
-                    o = torch.matmul(weights, vs)  # (count, H, L, d)
-                else:
-                    o = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling)  # (count, H, L, d)
+                o = self._segment_attention(qs, ks, vs, eager=impl == "eager")  # (count, H, L, d)
                 out[start:end].view(count, length, *out.shape[1:]).copy_(o.transpose(1, 2))
+                del o  # the next segment's scores are allocated without this one's output alive
         return self.proj(out.reshape(n, -1))  # (N, D)
+
+    def _segment_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eager: bool) -> torch.Tensor:
+        """q, k, v: (count, H, L, d). Returns (count, H, L, d). A function of its own so that the (L, L) scores of
+        one segment are freed before the next segment's are allocated."""
+        if not eager:
+            return F.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+        weights = torch.matmul(q * self.scaling, k.transpose(-1, -2))  # (count, H, L, L)
+        weights = weights.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(weights, v)
 
 
 class NativeVLVisionMLP(nn.Module):
@@ -235,19 +240,25 @@ class NativeVLPatchMerger(nn.Module):
         return self.mlp(self.ln_q(x).view(-1, self.merged_dim))  # (N/4, 4*embed_dim) -> (N/4, hidden_size)
 
 
+SEGMENT_BATCH_PATCHES = 2048  # equal-length segments are batched up to the scores of one segment this long
+
+
 def vision_segments(grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]], int]:
     """Attention segments of a packed vision sequence: one per image, one per temporal patch of a video.
 
     Returns cu_seqlens (num_segments + 1,) int32, the runs of consecutive equal-length segments as
-    (start, length, count), and the longest segment.
+    (start, length, count), and the longest segment. A run is batched into one attention call only while its
+    count x length^2 scores stay within those of the longest segment (or of a 2048-patch one, if larger), so
+    batching video frames or tiles never raises the peak memory of the per-segment path.
     """
     lengths = []
     for t, h, w in grid_thw.tolist():
         lengths.extend([h * w] * t)
+    budget = max(max(lengths, default=0), SEGMENT_BATCH_PATCHES) ** 2
     runs: list[tuple[int, int, int]] = []
     start = 0
     for length in lengths:
-        if runs and runs[-1][1] == length:
+        if runs and runs[-1][1] == length and (runs[-1][2] + 1) * length**2 <= budget:
             runs[-1] = (runs[-1][0], length, runs[-1][2] + 1)
         else:
             runs.append((start, length, 1))

@@ -261,3 +261,14 @@ def test_1d_scheme_with_mlp_projector_forward_and_generate(tester):
     assert generated.shape == (3, batch["input_ids"].shape[1] + 6)
     no_cache = model.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(generated, no_cache)
+
+
+def test_vision_segments_batch_equal_runs_without_raising_peak_scores():
+    from nativevl.modeling.modeling_nativevl import vision_segments
+
+    cu_seqlens, runs, longest = vision_segments(torch.tensor([[8, 16, 16], [1, 4, 4], [1, 4, 4], [1, 6, 4]]))
+    assert cu_seqlens.tolist() == [0, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2064, 2080, 2104]
+    assert runs == [(0, 256, 8), (2048, 16, 2), (2080, 24, 1)] and longest == 256  # video frames share a call
+    # two large equal images are not batched: their joint scores would double the peak of the largest one
+    _, runs, _ = vision_segments(torch.tensor([[1, 34, 142], [1, 142, 34]]))
+    assert runs == [(0, 4828, 1), (4828, 4828, 1)]
