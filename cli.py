@@ -1,4 +1,4 @@
-"""The `nativevl` command line: `nativevl demo | convert | train | eval | export`."""
+"""The `nativevl` command line: `nativevl demo | convert | train | eval | synth-rc | export`."""
 
 import argparse
 import importlib
