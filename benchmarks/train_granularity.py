@@ -1,0 +1,133 @@
+"""Trains a tiny AVG-LLaVA model (arXiv 2410.02745) on the synthetic RC/SC benchmark for `bench_granularity.py`.
+
+1. Generates, with `nativevl.evaluation.synth_rc` at 1/8 linear scale (as `nativevl demo` does), a stage-1 training
+   set, a separate RGLF set (the router is trained on feedback from items the model was not fitted on) and a
+   held-out test set (`<out>/data/test/data.jsonl`).
+2. Stage 1, multi-granularity instruction tuning: a fresh `build_tiny(granularity=L)` model trained through the
+   `nativevl train` path (`tiny_stage3` recipe, every part at lr 1e-3 constant, `--granularity_training all|random`)
+   until its time budget is spent; the router stays frozen in this stage.
+3. Stage 2, RGLF: `tiny_rglf` recipe from the stage-1 folder, router only, for its own time budget.
+4. Prints which level the model's own feedback (lowest answer loss) prefers on RGLF items, per kind (RC/SC).
+
+    python benchmarks/train_granularity.py --out /tmp/gran --stage1-minutes 12 --rglf-minutes 4
+    python benchmarks/bench_granularity.py --model /tmp/gran/rglf/final --data /tmp/gran/data/test/data.jsonl
+"""
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from nativevl.conversion.export import build_tiny, save_folder
+from nativevl.demo import SCALE, TimeBudget, write_training_set
+from nativevl.evaluation.synth_rc import generate_benchmark
+from nativevl.training.train import build_trainer, export_final, parse
+
+
+RECIPES = Path(__file__).resolve().parent.parent / "training" / "recipes"
+COMMON = ["--max_steps", "100000", "--save_strategy", "no", "--dataloader_num_workers", "0", "--disable_tqdm", "true"]
+
+
+def run_stage(argv: list[str], seconds: float) -> tuple[object, Path, dict]:
+    """One `nativevl train` run stopped after `seconds`; returns the trainer, the exported folder and stats."""
+    training_args, args = parse(argv)
+    trainer = build_trainer(training_args, args)
+    trainer.add_callback(TimeBudget(seconds))
+    result = trainer.train()
+    final = Path(export_final(trainer, args, training_args.output_dir))
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    stats = {
+        "steps": trainer.state.global_step,
+        "seconds": round(result.metrics["train_runtime"], 1),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "mean_last_10_losses": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+    }
+    return trainer, final, stats
+
+
+@torch.no_grad()
+def feedback_summary(trainer, jsonl: Path, limit: int, batch_size: int = 16) -> dict:
+    """Per kind: how often each level has the lowest answer loss (the RGLF target) and the mean loss per level."""
+    from nativevl.training.train import load_examples
+
+    examples = load_examples(str(jsonl))
+    # spread over all cells (the file runs cell by cell, rc and sc alternating): take (rc, sc) pairs at a stride
+    stride = max(1, len(examples) // limit) * 2
+    examples = examples.select(sorted({i + j for i in range(0, len(examples) - 1, stride) for j in (0, 1)})[:limit])
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    best, totals, counts = {}, {}, Counter()
+    for start in range(0, len(examples), batch_size):
+        chunk = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
+        losses = trainer.level_losses(model, trainer.data_collator(chunk)["levels"])  # (samples, L)
+        for example, row in zip(chunk, losses.tolist(), strict=True):
+            kind = example["id"].rsplit("-", 1)[-1]
+            counts[kind] += 1
+            best.setdefault(kind, Counter())[min(range(len(row)), key=row.__getitem__)] += 1
+            totals[kind] = [a + b for a, b in zip(totals.get(kind, [0.0] * len(row)), row, strict=True)]
+    return {
+        kind: {
+            "items": counts[kind],
+            "best_level_counts": dict(sorted(best[kind].items())),
+            "mean_loss_per_level": [round(t / counts[kind], 3) for t in totals[kind]],
+        }
+        for kind in sorted(counts)
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="gran-run", help="output folder (data, stage1, rglf, summary.json)")
+    parser.add_argument("--levels", type=int, default=3, help="granularity levels L")
+    parser.add_argument("--granularity-training", choices=["all", "random"], default="all")
+    parser.add_argument("--stage1-minutes", type=float, default=12.0)
+    parser.add_argument("--rglf-minutes", type=float, default=4.0)
+    parser.add_argument("--train-per-cell", type=int, default=40, help="stage-1 items per cell and kind")
+    parser.add_argument("--rglf-per-cell", type=int, default=20, help="RGLF items per cell and kind")
+    parser.add_argument("--test-per-cell", type=int, default=4, help="held-out items per cell and kind")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out, seed = Path(args.out), args.seed
+    torch.manual_seed(seed)
+    start = time.monotonic()
+
+    print(f"generating data in {out / 'data'} ...", flush=True)
+    train_jsonl = write_training_set(out / "data" / "train", args.train_per_cell, seed)
+    rglf_jsonl = write_training_set(out / "data" / "rglf", args.rglf_per_cell, seed + 2)
+    test_jsonl = generate_benchmark(out / "data" / "test", per_cell=args.test_per_cell, seed=seed + 1, scale=SCALE)
+    print(f"held-out set: {test_jsonl}", flush=True)
+
+    save_folder(*build_tiny(seed=seed, max_pixels=448 * 448, granularity=args.levels), out / "init", overwrite=True)
+    batch = ["--per_device_train_batch_size", str(args.batch_size), "--seed", str(seed)]
+    stage1 = [str(RECIPES / "tiny_stage3.yaml"), "--model_name_or_path", str(out / "init")]
+    stage1 += ["--dataset_path", str(train_jsonl), "--output_dir", str(out / "stage1"), *COMMON, *batch]
+    stage1 += ["--granularity_training", args.granularity_training]
+    stage1 += ["--learning_rate", "1e-3", "--vision_tower_lr", "1e-3", "--merger_lr", "1e-3", "--warmup_steps", "30"]
+    stage1 += ["--lr_scheduler_type", "constant_with_warmup", "--logging_steps", "50"]
+    print(f"stage 1 ({args.granularity_training} levels) for {args.stage1_minutes} min ...", flush=True)
+    _, stage1_final, stage1_stats = run_stage(stage1, args.stage1_minutes * 60)
+    print(f"stage 1: {stage1_stats}; model: {stage1_final}", flush=True)
+
+    rglf = [str(RECIPES / "tiny_rglf.yaml"), "--model_name_or_path", str(stage1_final)]
+    rglf += ["--granularity", str(args.levels), "--dataset_path", str(rglf_jsonl), "--output_dir", str(out / "rglf")]
+    rglf += [*COMMON, *batch, "--logging_steps", "10"]
+    print(f"stage 2 (RGLF, router only) for {args.rglf_minutes} min ...", flush=True)
+    trainer, final, rglf_stats = run_stage(rglf, args.rglf_minutes * 60)
+    print(f"RGLF: {rglf_stats}; model: {final}", flush=True)
+
+    feedback = feedback_summary(trainer, rglf_jsonl, limit=320, batch_size=args.batch_size)
+    print(f"model feedback on RGLF items (level with the lowest answer loss): {json.dumps(feedback)}", flush=True)
+    summary = {"stage1": stage1_stats, "rglf": rglf_stats, "feedback": feedback, "model": str(final)}
+    summary |= {"test_data": str(test_jsonl), "minutes": round((time.monotonic() - start) / 60, 2)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"done in {summary['minutes']} min; summary: {out / 'summary.json'}", flush=True)
+    print(f"next: python benchmarks/bench_granularity.py --model {final} --data {test_jsonl}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
