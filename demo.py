@@ -77,6 +77,14 @@ def train(out: Path, train_jsonl: Path, seconds: float, seed: int) -> tuple[Path
         "16",
     ]
     argv += ["--dataloader_num_workers", "0", "--disable_tqdm", "true"]
+    trainer, final, stats = train_for(argv, seconds)
+    stats["fill_rate"] = trainer.data_collator.fill_rate
+    return final, stats
+
+
+def train_for(argv: list[str], seconds: float):
+    """One `nativevl train` run (recipe + overrides in `argv`) stopped after `seconds` of training; exports the
+    final folder. Returns the trainer, the folder and stats (steps, seconds, first / last / mean of last 10 loss)."""
     training_args, args = parse(argv)
     trainer = build_trainer(training_args, args)
     trainer.add_callback(TimeBudget(seconds))
@@ -88,9 +96,9 @@ def train(out: Path, train_jsonl: Path, seconds: float, seed: int) -> tuple[Path
         "seconds": round(result.metrics["train_runtime"], 1),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
-        "fill_rate": trainer.data_collator.fill_rate,
+        "mean_last_10_losses": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
     }
-    return final, stats
+    return trainer, final, stats
 
 
 def ask_pipeline(final: Path, seed: int) -> dict:

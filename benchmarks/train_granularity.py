@@ -22,34 +22,14 @@ from pathlib import Path
 import torch
 
 from nativevl.conversion.export import build_tiny, save_folder
-from nativevl.demo import SCALE, TimeBudget, write_training_set
+from nativevl.demo import SCALE, train_for, write_training_set
 from nativevl.evaluation.synth_rc import generate_benchmark
-from nativevl.training.train import build_trainer, export_final, parse
 
 
 RECIPES = Path(__file__).resolve().parent.parent / "training" / "recipes"
 COMMON = ["--max_steps", "100000", "--save_strategy", "no", "--dataloader_num_workers", "0", "--disable_tqdm", "true"]
 
 
-def run_stage(argv: list[str], seconds: float) -> tuple[object, Path, dict]:
-    """One `nativevl train` run stopped after `seconds`; returns the trainer, the exported folder and stats."""
-    training_args, args = parse(argv)
-    trainer = build_trainer(training_args, args)
-    trainer.add_callback(TimeBudget(seconds))
-    result = trainer.train()
-    final = Path(export_final(trainer, args, training_args.output_dir))
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    stats = {
-        "steps": trainer.state.global_step,
-        "seconds": round(result.metrics["train_runtime"], 1),
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-        "mean_last_10_losses": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-    }
-    return trainer, final, stats
-
-
-@torch.no_grad()
 def feedback_summary(trainer, jsonl: Path, limit: int, batch_size: int = 16) -> dict:
     """Per kind: how often each level has the lowest answer loss (the RGLF target) and the mean loss per level."""
     from nativevl.training.train import load_examples
@@ -109,14 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     stage1 += ["--learning_rate", "1e-3", "--vision_tower_lr", "1e-3", "--merger_lr", "1e-3", "--warmup_steps", "30"]
     stage1 += ["--lr_scheduler_type", "constant_with_warmup", "--logging_steps", "50"]
     print(f"stage 1 ({args.granularity_training} levels) for {args.stage1_minutes} min ...", flush=True)
-    _, stage1_final, stage1_stats = run_stage(stage1, args.stage1_minutes * 60)
+    _, stage1_final, stage1_stats = train_for(stage1, args.stage1_minutes * 60)
     print(f"stage 1: {stage1_stats}; model: {stage1_final}", flush=True)
 
     rglf = [str(RECIPES / "tiny_rglf.yaml"), "--model_name_or_path", str(stage1_final)]
     rglf += ["--granularity", str(args.levels), "--dataset_path", str(rglf_jsonl), "--output_dir", str(out / "rglf")]
     rglf += [*COMMON, *batch, "--logging_steps", "10"]
     print(f"stage 2 (RGLF, router only) for {args.rglf_minutes} min ...", flush=True)
-    trainer, final, rglf_stats = run_stage(rglf, args.rglf_minutes * 60)
+    trainer, final, rglf_stats = train_for(rglf, args.rglf_minutes * 60)
     print(f"RGLF: {rglf_stats}; model: {final}", flush=True)
 
     feedback = feedback_summary(trainer, rglf_jsonl, limit=320, batch_size=args.batch_size)

@@ -139,3 +139,18 @@ def write_colour_dataset(folder, n: int, seed: int = 0) -> str:
             ]
             f.write(json.dumps({"id": i, "messages": messages, "images": [f"images/{i}.png"]}) + "\n")
     return str(folder / "train.jsonl")
+
+
+def recipe_trainer(root, model: str, data: str, recipe: str, out: str, *overrides: str):
+    """`build_trainer` for a recipe of training/recipes with the tiny model and data of a test; returns the trainer
+    and nativevl's parsed arguments. Deterministic: seed 0, no data-loader workers."""
+    from pathlib import Path
+
+    import nativevl
+    from nativevl.training.train import build_trainer, parse
+
+    recipes = Path(nativevl.__file__).parent / "training" / "recipes"
+    argv = [str(recipes / recipe), "--model_name_or_path", model, "--dataset_path", data]
+    argv += ["--output_dir", str(Path(root) / out), "--seed", "0", "--dataloader_num_workers", "0", *overrides]
+    training_args, args = parse(argv)
+    return build_trainer(training_args, args), args

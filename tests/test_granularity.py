@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TinyVLTester
 from PIL import Image
+from test_packing import example
 
 from nativevl import NativeVLForConditionalGeneration
 from nativevl.conversion.export import build_tiny
@@ -278,17 +279,6 @@ def test_pipeline_with_auto_granularity(tiny):
     out = model.generate(**inputs, granularity="auto", max_new_tokens=4, do_sample=False)
     answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
     assert auto[0]["generated_text"][-1]["content"] == answer
-
-
-def example(images: list, question: str, answer: str) -> dict:
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
-    return {
-        "messages": [
-            {"role": "user", "content": content},
-            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-        ],
-        "images": images,
-    }
 
 
 def packed_examples(question: str = "What colour is it?"):

@@ -1,20 +1,13 @@
 """AVG-LLaVA training: stage 1 (multi-granularity SFT) and stage 2 (RGLF, router only) through `nativevl train`."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import write_colour_dataset
+from conftest import recipe_trainer, write_colour_dataset
 from PIL import Image
 
-import nativevl
 from nativevl.conversion.export import build_tiny, save_folder
 from nativevl.training.packing import PackingCollator
 from nativevl.training.rglf import RGLFCollator, per_sample_answer_loss, rglf_loss
-from nativevl.training.train import build_trainer, parse
-
-
-RECIPES = Path(nativevl.__file__).parent / "training" / "recipes"
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +19,7 @@ def setup(tmp_path_factory):
 
 
 def trainer_for(setup, recipe: str, out: str, *overrides: str):
-    root, model, data = setup
-    argv = [str(RECIPES / recipe), "--model_name_or_path", model, "--dataset_path", data]
-    argv += ["--output_dir", str(root / out), "--seed", "0", "--dataloader_num_workers", "0", *overrides]
-    training_args, args = parse(argv)
-    return build_trainer(training_args, args)
+    return recipe_trainer(*setup, recipe, out, *overrides)[0]
 
 
 def test_rglf_loss_by_hand():

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_colour_dataset
+from conftest import recipe_trainer, write_colour_dataset
 from safetensors.torch import load_file
 
 import nativevl
 from nativevl.conversion.export import build_tiny, save_folder
-from nativevl.training.train import build_trainer, main, parse
+from nativevl.training.train import main
 
 
 RECIPES = Path(nativevl.__file__).parent / "training" / "recipes"
@@ -28,11 +28,7 @@ def setup(tmp_path_factory):
 
 
 def trainer_for(setup, recipe: str, out: str, *overrides: str):
-    root, model, data = setup
-    argv = [str(RECIPES / recipe), "--model_name_or_path", model, "--dataset_path", data]
-    argv += ["--output_dir", str(root / out), "--seed", "0", "--dataloader_num_workers", "0", *overrides]
-    training_args, args = parse(argv)
-    return build_trainer(training_args, args), args
+    return recipe_trainer(*setup, recipe, out, *overrides)
 
 
 def losses(trainer) -> list[float]:
