@@ -129,3 +129,31 @@ def test_two_process_ddp_run(setup, tmp_path):
     states = [load_file(out / f"state_rank{r}.safetensors") for r in range(2)]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_checkpoints_are_complete_or_absent(setup, monkeypatch):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    root = setup[0]
+    trainer, _ = trainer_for(setup, "tiny_stage2.yaml", "atomic", "--max_steps", "4", "--save_steps", "2")
+    original, calls = type(trainer)._save_rng_state, []
+
+    def fails_second_time(self, output_dir):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return original(self, output_dir)
+
+    monkeypatch.setattr(type(trainer), "_save_rng_state", fails_second_time)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    out = root / "atomic"
+    saved = sorted(p.name for p in out.iterdir() if p.name != "README.md")  # TRL writes a card beside them
+    assert saved == ["checkpoint-2"]  # step 4 died mid-save: no trace of it, no staging folder
+    assert get_last_checkpoint(str(out)) == str(out / "checkpoint-2")
+    assert (out / "checkpoint-2" / "trainer_state.json").exists()
+    monkeypatch.undo()
+    rotated, _ = trainer_for(setup, "tiny_stage2.yaml", "rotated", "--max_steps", "6", "--save_steps", "2")
+    rotated.args.save_total_limit = 1
+    rotated.train()
+    assert sorted(p.name for p in (root / "rotated").iterdir() if p.name != "README.md") == ["checkpoint-6"]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from nativevl.training.checkpoints import AtomicCheckpointMixin
 from nativevl.training.packing import IGNORE_INDEX, PackingCollator
 
 
@@ -85,7 +86,7 @@ class RGLFCollator:
         return {"levels": batches}
 
 
-class RGLFTrainer(Trainer):
+class RGLFTrainer(AtomicCheckpointMixin, Trainer):
     """`transformers.Trainer` that trains only the granularity router with the RGLF loss.
 
     Args (besides Trainer's): margin, rank_weight, ce_weight of `rglf_loss`. Batches come from `RGLFCollator`.

@@ -39,6 +39,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from nativevl.conversion.export import save_folder
 from nativevl.modeling import NativeVLForConditionalGeneration
 from nativevl.processing import NativeVLProcessor
+from nativevl.training.checkpoints import AtomicCheckpointMixin
 from nativevl.training.packing import PackingCollator
 
 
@@ -167,8 +168,8 @@ def load_examples(path: str):
     return dataset.map(absolute)
 
 
-class NativeVLTrainer(SFTTrainer):
-    """`SFTTrainer` with per-part learning rates; everything else is TRL's."""
+class NativeVLTrainer(AtomicCheckpointMixin, SFTTrainer):
+    """`SFTTrainer` with per-part learning rates and checkpoints written atomically; everything else is TRL's."""
 
     def __init__(self, *args, part_lrs: dict[str, float | None] | None = None, **kwargs):
         self.part_lrs = part_lrs or {}
