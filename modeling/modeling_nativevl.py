@@ -639,6 +639,14 @@ def pooled_grid_thw(
     return torch.tensor(rows, dtype=torch.long, device=image_grid_thw.device).view(-1, 3)
 
 
+def split_by_image(
+    features: torch.Tensor, image_grid_thw: torch.LongTensor, merge_size: int
+) -> tuple[tuple[torch.Tensor, ...], list[tuple[int, int, int]]]:
+    """Level-0 tokens (sum t*h*w/m^2, D) of all images split per image, with each image's merged grid (t, h/m, w/m)."""
+    grids = [(t, h // merge_size, w // merge_size) for t, h, w in image_grid_thw.tolist()]
+    return features.split([t * h * w for t, h, w in grids]), grids
+
+
 def image_token_counts(image_grid_thw: torch.LongTensor, image_granularity: torch.LongTensor | None, merge_size: int):
     """Placeholder tokens of each image (list of int) at its level (level 0 when `image_granularity` is None)."""
     grids = pooled_grid_thw(image_grid_thw, image_granularity, merge_size)
@@ -812,8 +820,7 @@ class NativeVLModel(NativeVLPreTrainedModel):
         if levels is None or not bool((levels != 0).any()):
             return features
         merge = self.config.vision_config.spatial_merge_size
-        grids = [(t, h // merge, w // merge) for t, h, w in image_grid_thw.tolist()]
-        parts = features.split([t * h * w for t, h, w in grids])
+        parts, grids = split_by_image(features, image_grid_thw, merge)
         return torch.cat([pool_grid(p, g, int(lv))[0] for p, g, lv in zip(parts, grids, levels.tolist(), strict=True)])
 
     def router_logits(
@@ -857,8 +864,7 @@ class NativeVLModel(NativeVLPreTrainedModel):
         if where.shape[0] != sum(counts):
             raise ValueError(f"found {where.shape[0]} image tokens in the input but the images need {sum(counts)}")
         firsts = where[torch.tensor([0] + counts[:-1], dtype=torch.long).cumsum(0).to(where.device)]
-        grids = [(t, h // merge, w // merge) for t, h, w in image_grid_thw.tolist()]
-        parts = image_features.split([t * h * w for t, h, w in grids])
+        parts, grids = split_by_image(image_features, image_grid_thw, merge)
         tokens, slots = [], []
         for feats, grid, first in zip(parts, grids, firsts.tolist(), strict=True):
             levels = [pool_grid(feats, grid, level)[0] for level in range(levels_n)]
