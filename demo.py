@@ -47,9 +47,10 @@ class TimeBudget(TrainerCallback):
         return control
 
 
-def write_training_set(folder: Path, per_cell: int, seed: int) -> Path:
-    """The synthetic benchmark generator's items as TRL conversational examples (`train.jsonl`)."""
-    data = generate_benchmark(folder, per_cell=per_cell, seed=seed, scale=SCALE)
+def write_training_set(folder: Path, per_cell: int, seed: int, scale: float = SCALE, **benchmark) -> Path:
+    """The synthetic benchmark generator's items as TRL conversational examples (`train.jsonl`); `benchmark`:
+    further keyword arguments of `generate_benchmark` (e.g. `rc_contents`, `text_size`)."""
+    data = generate_benchmark(folder, per_cell=per_cell, seed=seed, scale=scale, **benchmark)
     out = folder / "train.jsonl"
     with open(out, "w") as f:
         for record in load_records(data):

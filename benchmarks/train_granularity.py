@@ -1,16 +1,21 @@
 """Trains a tiny AVG-LLaVA model (arXiv 2410.02745) on the synthetic RC/SC benchmark for `bench_granularity.py`.
 
-1. Generates, with `nativevl.evaluation.synth_rc` at 1/8 linear scale (as `nativevl demo` does), a stage-1 training
-   set, a separate RGLF set (the router is trained on feedback from items the model was not fitted on) and a
-   held-out test set (`<out>/data/test/data.jsonl`).
+1. Generates, with `nativevl.evaluation.synth_rc` at 1/8 linear scale (as `nativevl demo` does; `--scale`), a
+   stage-1 training set, a separate RGLF set (the router is trained on feedback from items the model was not
+   fitted on) and a held-out test set (`<out>/data/test/data.jsonl`). `--rc-contents digit`, `--rc-placement
+   corner` and `--text-size` make the reading task easier; `--vision-depth` / `--vision-embed-dim` size the ViT.
 2. Stage 1, multi-granularity instruction tuning: a fresh `build_tiny(granularity=L)` model trained through the
    `nativevl train` path (`tiny_stage3` recipe, every part at lr 1e-3 constant, `--granularity_training all|random`)
    until its time budget is spent; the router stays frozen in this stage.
-3. Stage 2, RGLF: `tiny_rglf` recipe from the stage-1 folder, router only, for its own time budget.
+3. Stage 2, RGLF: `tiny_rglf` recipe from the stage-1 folder, router only, for its own time budget
+   (`--rglf-token-cost`: the token cost of the feedback, 0 as released).
 4. Prints which level the model's own feedback (lowest answer loss) prefers on RGLF items, per kind (RC/SC).
 
     python benchmarks/train_granularity.py --out /tmp/gran --stage1-minutes 12 --rglf-minutes 4
     python benchmarks/bench_granularity.py --model /tmp/gran/rglf/final --data /tmp/gran/data/test/data.jsonl
+
+The tiny CPU model does not learn to read in these budgets, not even one digit at a fixed corner (see
+`probe_reading.py` and benchmarks/RESULTS.md): the RC/SC contrast needs a larger run (GPU).
 """
 
 import argparse
@@ -23,7 +28,7 @@ import torch
 
 from nativevl.conversion.export import build_tiny, save_folder
 from nativevl.demo import SCALE, train_for, write_training_set
-from nativevl.evaluation.synth_rc import generate_benchmark
+from nativevl.evaluation.synth_rc import DEFAULT_RC_CONTENTS, RC_CONTENTS, RC_PLACEMENTS, generate_benchmark
 
 
 RECIPES = Path(__file__).resolve().parent.parent / "training" / "recipes"
@@ -68,6 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-per-cell", type=int, default=40, help="stage-1 items per cell and kind")
     parser.add_argument("--rglf-per-cell", type=int, default=20, help="RGLF items per cell and kind")
     parser.add_argument("--test-per-cell", type=int, default=4, help="held-out items per cell and kind")
+    parser.add_argument(
+        "--rc-contents", nargs="+", choices=RC_CONTENTS, default=list(DEFAULT_RC_CONTENTS), help="RC content types"
+    )
+    parser.add_argument("--text-size", type=float, default=None, help="RC font size in px (default: the scale's)")
+    parser.add_argument("--rc-placement", choices=RC_PLACEMENTS, default="random", help="where RC text is drawn")
+    parser.add_argument("--scale", type=float, default=SCALE, help="linear scale of the synthetic images")
+    parser.add_argument(
+        "--snap", action="store_true", help="image sides multiples of 28 px and min_pixels 28x28: no resampling"
+    )
+    parser.add_argument("--vision-depth", type=int, default=2, help="ViT blocks of the tiny model")
+    parser.add_argument("--vision-embed-dim", type=int, default=64, help="ViT width of the tiny model")
+    parser.add_argument("--rglf-token-cost", type=float, default=0.0, help="RGLF token cost (0: the release)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -76,13 +93,22 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
 
     print(f"generating data in {out / 'data'} ...", flush=True)
-    train_jsonl = write_training_set(out / "data" / "train", args.train_per_cell, seed)
-    rglf_jsonl = write_training_set(out / "data" / "rglf", args.rglf_per_cell, seed + 2)
-    test_jsonl = generate_benchmark(out / "data" / "test", per_cell=args.test_per_cell, seed=seed + 1, scale=SCALE)
+    items = {"rc_contents": args.rc_contents, "rc_placement": args.rc_placement, "text_size": args.text_size}
+    items |= {"scale": args.scale, "snap": 28 if args.snap else None}
+    train_jsonl = write_training_set(out / "data" / "train", args.train_per_cell, seed, **items)
+    rglf_jsonl = write_training_set(out / "data" / "rglf", args.rglf_per_cell, seed + 2, **items)
+    test_jsonl = generate_benchmark(out / "data" / "test", per_cell=args.test_per_cell, seed=seed + 1, **items)
     print(f"held-out set: {test_jsonl}", flush=True)
 
-    save_folder(*build_tiny(seed=seed, max_pixels=448 * 448, granularity=args.levels), out / "init", overwrite=True)
+    vision = {"depth": args.vision_depth, "embed_dim": args.vision_embed_dim}
+    model, processor = build_tiny(seed=seed, max_pixels=448 * 448, granularity=args.levels, vision=vision)
+    if args.snap:  # no upscaling of 28 px sides either
+        processor.image_processor.min_pixels = 28 * 28
+    print(f"model: {model.num_parameters()} parameters ({args.levels} levels)", flush=True)
+    save_folder(model, processor, out / "init", overwrite=True)
     batch = ["--per_device_train_batch_size", str(args.batch_size), "--seed", str(seed)]
+    if args.snap:  # the recipes cap images at 224x224: keep every snapped image as it is
+        batch += ["--min_pixels", str(28 * 28), "--max_pixels", str(448 * 448)]
     stage1 = [str(RECIPES / "tiny_stage3.yaml"), "--model_name_or_path", str(out / "init")]
     stage1 += ["--dataset_path", str(train_jsonl), "--output_dir", str(out / "stage1"), *COMMON, *batch]
     stage1 += ["--granularity_training", args.granularity_training]
@@ -94,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rglf = [str(RECIPES / "tiny_rglf.yaml"), "--model_name_or_path", str(stage1_final)]
     rglf += ["--granularity", str(args.levels), "--dataset_path", str(rglf_jsonl), "--output_dir", str(out / "rglf")]
-    rglf += [*COMMON, *batch, "--logging_steps", "10"]
+    rglf += [*COMMON, *batch, "--logging_steps", "10", "--rglf_token_cost", str(args.rglf_token_cost)]
     print(f"stage 2 (RGLF, router only) for {args.rglf_minutes} min ...", flush=True)
     trainer, final, rglf_stats = train_for(rglf, args.rglf_minutes * 60)
     print(f"RGLF: {rglf_stats}; model: {final}", flush=True)

@@ -79,12 +79,14 @@ def build_tiny(
     projector_type: str = "merger",
     max_pixels: int = 448 * 448,
     granularity: int | None = None,
+    vision: dict | None = None,
+    **text,
 ) -> tuple[NativeVLForConditionalGeneration, NativeVLProcessor]:
     """A randomly initialised tiny model and its processor (byte-level tokenizer with Qwen2-VL's special tokens);
-    `granularity` levels add the AVG-LLaVA router."""
+    `granularity` levels add the AVG-LLaVA router; `vision` and `text` override config fields (`tiny_config`)."""
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
-    config = tiny_config(tokenizer, position_scheme, projector_type, granularity=granularity)
+    config = tiny_config(tokenizer, position_scheme, projector_type, vision=vision, granularity=granularity, **text)
     model = NativeVLForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

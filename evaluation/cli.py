@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def synth_main(argv: list[str] | None = None) -> int:
-    """`nativevl synth-rc OUT_DIR --per-cell N --seed S [--scale F] [--kinds rc,sc]`: writes a synthetic benchmark
+    """`nativevl synth-rc OUT_DIR --per-cell N --seed S [--scale F] [--kinds rc,sc] [--rc-contents digit]`: writes a synthetic benchmark
     balanced over the 35 RC-Bench cells (`nativevl.evaluation.synth_rc.generate_benchmark`)."""
-    from nativevl.evaluation.synth_rc import KINDS, generate_benchmark
+    from nativevl.evaluation.synth_rc import DEFAULT_RC_CONTENTS, KINDS, RC_CONTENTS, generate_benchmark
 
     parser = argparse.ArgumentParser(
         prog="nativevl synth-rc",
@@ -168,6 +168,12 @@ def synth_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of rc,sc")
     parser.add_argument("--max-area", type=float, help="cap of area bin G in 384x384 units (default 32)")
     parser.add_argument("--text-size", type=float, help="font size of rc text in px (default: 20 x scale, >= 10)")
+    parser.add_argument(
+        "--rc-contents",
+        default=",".join(DEFAULT_RC_CONTENTS),
+        help=f"comma-separated rc content types, a subset of {','.join(RC_CONTENTS)}",
+    )
+    parser.add_argument("--rc-placement", default="random", help="rc text anywhere (random) or top-left (corner)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
@@ -175,8 +181,9 @@ def synth_main(argv: list[str] | None = None) -> int:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     try:
         path = generate_benchmark(
-            args.out_dir, args.per_cell, args.seed, kinds, args.max_area, args.scale, args.text_size
-        )
+            args.out_dir, args.per_cell, args.seed, kinds, args.max_area, args.scale, args.text_size,
+            [c.strip() for c in args.rc_contents.split(",") if c.strip()], args.rc_placement,
+        )  # fmt: skip
     except ValueError as err:
         print(f"nativevl synth-rc: error: {err}", file=sys.stderr)
         return 2

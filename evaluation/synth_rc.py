@@ -59,6 +59,7 @@ _WORDS = (
     "DARK ROAD NEW PORT SUN CITY HIGH STREET LAKE VIEW STONE BRIDGE"
 ).split()
 _RC_QUESTIONS = {
+    "digit": "What is the digit written in the image?",
     "number": "What is the number written in the image?",
     "date": "What date is written in the image?",
     "code": "What is the code written in the image?",
@@ -107,9 +108,16 @@ def sample_cell_size(area: str, aspect: str, rng: random.Random, max_area: float
     raise AssertionError(f"no size found for cell ({area}, {aspect}) in 100 draws")
 
 
-def _rc_text(rng: random.Random) -> tuple[str, str]:
-    """(content type, text) of a random RC item."""
-    kind = rng.choice(tuple(_RC_QUESTIONS))
+RC_CONTENTS = tuple(_RC_QUESTIONS)
+DEFAULT_RC_CONTENTS = ("number", "date", "code", "phrase")  # "digit" (one character) only when asked for
+RC_PLACEMENTS = ("random", "corner")
+
+
+def _rc_text(rng: random.Random, contents: Sequence[str] = DEFAULT_RC_CONTENTS) -> tuple[str, str]:
+    """(content type, text) of a random RC item whose content type is one of `contents`."""
+    kind = rng.choice(tuple(contents))
+    if kind == "digit":  # "7"
+        return kind, str(rng.randint(0, 9))
     if kind == "number":  # "48213" or "731.05"
         integer = rng.randint(10, 999_999)
         return kind, str(integer) if rng.random() < 0.7 else f"{integer // 100}.{rng.randint(0, 99):02d}"
@@ -145,12 +153,14 @@ def _ink_width(font: ImageFont.FreeTypeFont, text: str) -> int:
     return x1 - x0
 
 
-def _make_rc(width: int, height: int, rng: random.Random, text_size: float) -> tuple[Image.Image, dict]:
+def _make_rc(
+    width: int, height: int, rng: random.Random, text_size: float, contents: Sequence[str], placement: str
+) -> tuple[Image.Image, dict]:
     font, cap = _font(text_size), cap_height(text_size)
     if cap + 2 * TEXT_MARGIN > height:
         raise ValueError(f"a {width}x{height} image cannot hold text {cap} px tall (text_size={text_size})")
     # Up to 8 random texts, then ever shorter numbers for the narrowest images.
-    candidates = [_rc_text(rng) for _ in range(8)]
+    candidates = [_rc_text(rng, contents) for _ in range(8)]
     candidates += [("number", str(rng.randint(10**k, 10 ** (k + 1) - 1))) for k in (2, 1, 0)]
     fitting = [(c, t) for c, t in candidates if _ink_width(font, t) + 2 * TEXT_MARGIN <= width]
     if not fitting:
@@ -162,6 +172,8 @@ def _make_rc(width: int, height: int, rng: random.Random, text_size: float) -> t
     _clutter(draw, width, height, rng, n=min(40, 3 + width * height // 100_000))
     x = rng.randint(TEXT_MARGIN, width - TEXT_MARGIN - (x1 - x0))
     y = rng.randint(TEXT_MARGIN, height - TEXT_MARGIN - cap)
+    if placement == "corner":  # like a date stamp: always at the top-left, TEXT_MARGIN px from both borders
+        x = y = TEXT_MARGIN
     draw.text((x - x0, y - y0), text, font=font, fill=tuple(rng.randint(0, 70) for _ in range(3)))
     record = {"question": _RC_QUESTIONS[content], "answers": [text], "content": content}
     return image, record | {"text_box": [x, y, x + x1 - x0, y + y1 - y0]}
@@ -194,19 +206,33 @@ def _make_sc(width: int, height: int, rng: random.Random) -> tuple[Image.Image, 
 
 
 def make_item(
-    kind: str, width: int, height: int, rng: random.Random, text_size: float = DEFAULT_TEXT_SIZE
+    kind: str,
+    width: int,
+    height: int,
+    rng: random.Random,
+    text_size: float = DEFAULT_TEXT_SIZE,
+    rc_contents: Sequence[str] = DEFAULT_RC_CONTENTS,
+    rc_placement: str = "random",
 ) -> tuple[Image.Image, dict]:
     """One synthetic item of `kind` ("rc" or "sc") as a `width` x `height` RGB image and its record.
 
     The record holds `question`, `answers` (one string), `metric` ("exact_match": every answer has at most 3
     words), `kind`, `content` (number/date/code/phrase or color/shape) and, for "rc", `text_box` = [x0, y0, x1, y1]
-    in px: rows exactly those of the ink (height `cap_height(text_size)`), columns from the font metrics (may
+    in px (`rc_contents`: the RC content types to draw from; `rc_placement` "random" anywhere, or "corner": at the
+    top-left, TEXT_MARGIN px in, like a date stamp): rows exactly those of the ink (height `cap_height(text_size)`), columns from the font metrics (may
     include 1-3 px of side bearing). Deterministic given the state of `rng`; usable to build training sets."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if width < 1 or height < 1:
         raise ValueError(f"image size must be positive, got width={width} height={height}")
-    image, record = _make_rc(width, height, rng, text_size) if kind == "rc" else _make_sc(width, height, rng)
+    if not rc_contents or any(c not in RC_CONTENTS for c in rc_contents):
+        raise ValueError(f"rc_contents must be a non-empty subset of {RC_CONTENTS}, got {list(rc_contents)}")
+    if rc_placement not in RC_PLACEMENTS:
+        raise ValueError(f"rc_placement must be one of {RC_PLACEMENTS}, got {rc_placement!r}")
+    if kind == "rc":
+        image, record = _make_rc(width, height, rng, text_size, rc_contents, rc_placement)
+    else:
+        image, record = _make_sc(width, height, rng)
     return image, {"metric": "exact_match", "kind": kind} | record
 
 
@@ -218,6 +244,9 @@ def generate_benchmark(
     max_area: float | None = None,
     scale: float = 1.0,
     text_size: float | None = None,
+    rc_contents: Sequence[str] = DEFAULT_RC_CONTENTS,
+    rc_placement: str = "random",
+    snap: int | None = None,
 ) -> Path:
     """Writes `per_cell` items of each kind for each of the 35 cells to `out_dir`: PNGs under `images/` and
     `data.jsonl` (fields id, image (relative to the jsonl), question, answers, metric, kind, width, height,
@@ -225,10 +254,17 @@ def generate_benchmark(
 
     Every item draws from its own `random.Random` seeded by (seed, cell, index, kind), so the output is
     deterministic and one item does not depend on the others; the rc and sc items of a (cell, index) share a size.
-    `text_size` defaults to `default_text_size(scale)`.
+    `text_size` defaults to `default_text_size(scale)`; `rc_contents` picks the RC content types (default number,
+    date, code, phrase; "digit", one character, is the easiest reading task, for models too small to read strings)
+    and `rc_placement` ("random" or "corner") the RC text's place, as in `make_item`. `snap` rounds both sides of
+    every image to a multiple of `snap` px (at least `snap`) after scaling, so a processor whose resize factor is
+    `snap` (28 for nativevl) and whose min_pixels is at most snap^2 feeds the pixels unresampled; the binning
+    stays on the nominal size.
     """
     if per_cell < 1 or scale <= 0:
         raise ValueError(f"per_cell must be >= 1 and scale > 0, got per_cell={per_cell} scale={scale}")
+    if snap is not None and snap < 1:
+        raise ValueError(f"snap must be a positive number of px, got {snap}")
     if bad := [k for k in kinds if k not in KINDS]:
         raise ValueError(f"unknown kinds {bad}; expected a subset of {KINDS}")
     text_size = default_text_size(scale) if text_size is None else text_size
@@ -241,8 +277,12 @@ def generate_benchmark(
                 key = f"nativevl-synth-rc/{seed}/{area}/{aspect}/{index}"
                 nominal_w, nominal_h = sample_cell_size(area, aspect, random.Random(key), max_area)
                 width, height = max(1, round(nominal_w * scale)), max(1, round(nominal_h * scale))
+                if snap:
+                    width, height = max(snap, round(width / snap) * snap), max(snap, round(height / snap) * snap)
                 for kind in kinds:
-                    image, record = make_item(kind, width, height, random.Random(f"{key}/{kind}"), text_size)
+                    image, record = make_item(
+                        kind, width, height, random.Random(f"{key}/{kind}"), text_size, rc_contents, rc_placement
+                    )
                     item_id = f"{area}-{aspect}-{index:03d}-{kind}"
                     image.save(out_dir / "images" / f"{item_id}.png", compress_level=1)
                     row = {"id": item_id, "image": f"images/{item_id}.png"}

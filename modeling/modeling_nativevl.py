@@ -271,17 +271,19 @@ def vision_segments(grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[tuple[in
 class NativeVLModelOutputWithPast(BaseModelOutputWithPast):
     """`BaseModelOutputWithPast` plus `rope_deltas` (batch, 1): largest position + 1 minus sequence length;
     `image_granularity` (num_images,) long: the level each image was fed at; `visual_tokens` (num_images,) long:
-    the LLM tokens each image used (both None without images)."""
+    the LLM tokens each image used (both None without images); `attention_mask` (batch, seq): the mask the LLM
+    ran with when `granularity="auto"` zeroed surplus placeholders (None otherwise)."""
 
     rope_deltas: torch.LongTensor | None = None
     image_granularity: torch.LongTensor | None = None
     visual_tokens: torch.LongTensor | None = None
+    attention_mask: torch.LongTensor | None = None
 
 
 @dataclass
 class NativeVLCausalLMOutputWithPast(ModelOutput):
     """Causal LM output of `NativeVLForConditionalGeneration`: logits (batch, seq, vocab), optional loss;
-    `image_granularity`, `visual_tokens` (num_images,) as in `NativeVLModelOutputWithPast`."""
+    `image_granularity`, `visual_tokens` (num_images,) and `attention_mask` as in `NativeVLModelOutputWithPast`."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
@@ -291,6 +293,7 @@ class NativeVLCausalLMOutputWithPast(ModelOutput):
     rope_deltas: torch.LongTensor | None = None
     image_granularity: torch.LongTensor | None = None
     visual_tokens: torch.LongTensor | None = None
+    attention_mask: torch.LongTensor | None = None
 
 
 # What `save_pretrained` writes into config.json's `auto_map` so the folder loads with `trust_remote_code=True`.
@@ -693,7 +696,7 @@ class NativeVLGranularityRouter(nn.Module):
         return self.norm(votes.to(self.norm.weight.dtype))  # (images, L)
 
 
-def compact_image_placeholders(
+def drop_surplus_placeholders(
     input_ids: torch.LongTensor,
     attention_mask: torch.Tensor | None,
     image_grid_thw: torch.LongTensor,
@@ -701,16 +704,11 @@ def compact_image_placeholders(
     to_levels: torch.LongTensor,
     image_token_id: int,
     merge_size: int,
-    pad_token_id: int,
-) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """Drops each image's surplus placeholders so a prompt expanded for `from_levels` fits `to_levels`.
-
-    input_ids, attention_mask: (batch, seq), left or right padded (the side is kept; unpadded counts as left).
-    Returns the re-padded input_ids and attention_mask (batch, seq'), seq' <= seq. Placeholders are identical
-    tokens, so each image keeps the first n(to_level) of its run.
-    """
+) -> torch.Tensor:
+    """The attention mask (batch, seq) long of a prompt expanded for `from_levels` with each image's surplus
+    placeholders zeroed so it fits `to_levels`: each image keeps the first n(to_level) tokens of its run (the
+    placeholders are identical tokens). `attention_mask` None: no padding."""
     mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    right = bool((~mask[:, -1]).any()) and not bool((~mask[:, 0]).any())
     before = image_token_counts(image_grid_thw, from_levels, merge_size)
     after = image_token_counts(image_grid_thw, to_levels, merge_size)
     where = ((input_ids == image_token_id) & mask).nonzero()  # (n, 2) in row-major = placeholder order
@@ -723,6 +721,30 @@ def compact_image_placeholders(
         drop = where[start + n_after : start + n_before]
         keep[drop[:, 0], drop[:, 1]] = False
         start += n_before
+    return keep.long()
+
+
+def compact_image_placeholders(
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    image_grid_thw: torch.LongTensor,
+    from_levels: torch.LongTensor | None,
+    to_levels: torch.LongTensor,
+    image_token_id: int,
+    merge_size: int,
+    pad_token_id: int,
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Removes each image's surplus placeholders so a prompt expanded for `from_levels` fits `to_levels`.
+
+    input_ids, attention_mask: (batch, seq), left or right padded (the side is kept; unpadded counts as left).
+    Returns the re-padded input_ids and attention_mask (batch, seq'), seq' <= seq; each image keeps the first
+    n(to_level) tokens of its run (`drop_surplus_placeholders`).
+    """
+    mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    right = bool((~mask[:, -1]).any()) and not bool((~mask[:, 0]).any())
+    keep = drop_surplus_placeholders(
+        input_ids, mask, image_grid_thw, from_levels, to_levels, image_token_id, merge_size
+    ).bool()
     rows = [input_ids[b][keep[b]] for b in range(input_ids.shape[0])]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
@@ -731,6 +753,16 @@ def compact_image_placeholders(
         span = slice(0, len(row)) if right else slice(width - len(row), width)
         ids[b, span], new_mask[b, span] = row, 1
     return ids, new_mask
+
+
+def next_kept_labels(labels: torch.LongTensor, kept: torch.Tensor) -> torch.LongTensor:
+    """Shifted labels (batch, seq) for a sequence with holes: position p gets the label of the next position q > p
+    with `kept[q]`; holes and the last kept position get -100. kept: (batch, seq), nonzero where attended."""
+    shifted = torch.full_like(labels, -100)
+    for b in range(labels.shape[0]):
+        where = kept[b].nonzero().squeeze(-1)
+        shifted[b, where[:-1]] = labels[b, where[1:]]
+    return shifted
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -797,8 +829,7 @@ class NativeVLModel(NativeVLPreTrainedModel):
             return None
         if isinstance(granularity, str):
             raise ValueError(
-                f"granularity={granularity!r}: forward takes None, an int level or per-image levels; the router "
-                "(granularity='auto') runs in generate(), or call choose_granularity() and pass its levels"
+                f"granularity must be None, 'auto', an int level or per-image levels, got {granularity!r}"
             )
         n = image_grid_thw.shape[0]
         if isinstance(granularity, int):
@@ -980,8 +1011,9 @@ class NativeVLModel(NativeVLPreTrainedModel):
         video_grid_thw: torch.LongTensor | None = None,
         mm_token_type_ids: torch.IntTensor | None = None,
         rope_deltas: torch.LongTensor | None = None,
-        granularity: int | torch.LongTensor | None = None,
+        granularity: str | int | torch.LongTensor | None = None,
         image_granularity: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> NativeVLModelOutputWithPast:
         """input_ids: (batch, seq). pixel_values: (num_patches, 1176) for all images of the batch, image_grid_thw
@@ -992,11 +1024,27 @@ class NativeVLModel(NativeVLPreTrainedModel):
         granularity: None (full grids), an int level for every image, or (num_images,) long levels; each image's
         tokens are average-pooled to its level before they fill its placeholders, whose count must be the pooled
         count. `image_granularity` (as the processor and `PackingCollator` return it) is used when `granularity`
-        is None. The router (`"auto"`) runs in `generate`, which shortens the prompt to the chosen levels."""
+        is None, and says what the placeholders were expanded for when it is `"auto"`.
+
+        `granularity="auto"` (padded or single rows; `input_ids` needed): the router picks each image's level from
+        its level-0 tokens and its sample's instruction (`labels` != -100 marks answer tokens it must not see).
+        The sequence keeps its length: each image's surplus placeholders are masked out of attention (zeros in
+        the returned `attention_mask`) and position ids are recomputed over the kept tokens, so every kept
+        position gets the logits of the prompt shortened to the chosen levels (what `generate` feeds). Given
+        `position_ids` are ignored then (they describe the full grids). Packed rows take explicit levels."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if rope_deltas is not None:
             self.rope_deltas = rope_deltas
+        routed_mask = image_embeds = None
+        if isinstance(granularity, str) and granularity == "auto" and pixel_values is not None:
+            input_ids, routed_mask, granularity, image_embeds = self._route(
+                input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, image_granularity, labels,
+                **kwargs,
+            )  # fmt: skip
+            attention_mask, position_ids = routed_mask, None
+        elif isinstance(granularity, str) and granularity == "auto":
+            granularity = None  # nothing to route (text only, or a decoding step after the prefill)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         levels = self.resolve_granularity(
@@ -1004,7 +1052,8 @@ class NativeVLModel(NativeVLPreTrainedModel):
         )
         visual_tokens = None
         if pixel_values is not None:
-            image_embeds = self.get_image_features(pixel_values, image_grid_thw)
+            if image_embeds is None:
+                image_embeds = self.get_image_features(pixel_values, image_grid_thw)
             image_embeds = self.pool_image_features(image_embeds, image_grid_thw, levels)
             merge = self.config.vision_config.spatial_merge_size
             counts = image_token_counts(image_grid_thw, levels, merge)
@@ -1041,7 +1090,39 @@ class NativeVLModel(NativeVLPreTrainedModel):
             rope_deltas=self.rope_deltas,
             image_granularity=levels if pixel_values is not None else None,
             visual_tokens=visual_tokens,
+            attention_mask=routed_mask,
         )
+
+    def _route(
+        self, input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, image_granularity, labels, **kw
+    ) -> tuple[torch.LongTensor, torch.LongTensor, torch.LongTensor, torch.Tensor]:
+        """`forward(granularity="auto")`: input_ids with the surplus placeholders replaced by padding (so only
+        the kept ones are filled and positioned), the attention mask with them zeroed (batch, seq), the router's
+        levels (num_images,) and the level-0 image features (sum t*h*w/4, D) (with gradient when enabled; the
+        router itself runs without)."""
+        if input_ids is None:
+            raise ValueError("granularity='auto' needs input_ids: the router reads the instruction tokens")
+        if self.granularity_router is None:
+            raise ValueError("granularity='auto' needs a granularity router: this model's config.granularity is None")
+        if attention_mask is None and (kw.get("cu_seq_lens_q") is not None or position_ids is not None):
+            raise ValueError(
+                "granularity='auto' takes padded or single rows (attention_mask or no position_ids); for packed rows "
+                "call choose_granularity(..., cu_seq_lens_q=...) and pack the samples at the levels it returns"
+            )
+        from_levels = self.resolve_granularity(image_granularity, image_grid_thw)
+        features = self.get_image_features(pixel_values, image_grid_thw)
+        with torch.no_grad():
+            levels = self.router_logits(
+                input_ids, features, image_grid_thw, attention_mask, labels, image_granularity=from_levels
+            ).argmax(-1)
+        merge, image_id = self.config.vision_config.spatial_merge_size, self.config.image_token_id
+        mask = drop_surplus_placeholders(
+            input_ids, attention_mask, image_grid_thw, from_levels, levels, image_id, merge
+        )
+        pad = self.config.text_config.pad_token_id
+        dropped = (input_ids == image_id) & ~mask.bool()
+        input_ids = input_ids.masked_fill(dropped, pad if pad is not None and pad != image_id else 0)
+        return input_ids, mask, levels, features
 
 
 class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin):
@@ -1087,13 +1168,13 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
         mm_token_type_ids: torch.IntTensor | None = None,
         rope_deltas: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        granularity: int | torch.LongTensor | None = None,
+        granularity: str | int | torch.LongTensor | None = None,
         image_granularity: torch.LongTensor | None = None,
         **kwargs,
     ) -> NativeVLCausalLMOutputWithPast:
         """Arguments as `NativeVLModel.forward`; labels (batch, seq) with -100 on ignored tokens (shifted inside).
         Returns logits (batch, seq, vocab) (the last `logits_to_keep` positions when nonzero) and the mean loss,
-        plus the level and the visual tokens of each image."""
+        plus the level and the visual tokens of each image (`granularity="auto"`: see `NativeVLModel.forward`)."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1108,11 +1189,16 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
             rope_deltas=rope_deltas,
             granularity=granularity,
             image_granularity=image_granularity,
+            labels=labels if isinstance(granularity, str) else None,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
         loss = None
+        if labels is not None and outputs.attention_mask is not None:
+            # granularity="auto" masked surplus placeholders out: each kept token predicts the next KEPT token,
+            # as in the shortened prompt
+            kwargs["shift_labels"] = next_kept_labels(labels, outputs.attention_mask.to(labels.device))
         if labels is not None:
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
@@ -1126,6 +1212,7 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
             rope_deltas=outputs.rope_deltas,
             image_granularity=outputs.image_granularity,
             visual_tokens=outputs.visual_tokens,
+            attention_mask=outputs.attention_mask,
         )
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):

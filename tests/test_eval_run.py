@@ -244,6 +244,12 @@ def test_synth_main(tmp_path, capsys):
     assert len(load_benchmark(tmp_path / "s" / "data.jsonl")) == 35
     assert synth_main([str(tmp_path / "t"), "--per-cell", "1", "--scale", "0.01"]) == 2
     assert "cannot hold" in capsys.readouterr().err
+    argv = [str(tmp_path / "d"), "--per-cell", "1", "--scale", "0.125", "--kinds", "rc", "--rc-contents", "digit"]
+    assert synth_main([*argv, "--rc-placement", "corner"]) == 0
+    records = load_benchmark(tmp_path / "d" / "data.jsonl")
+    assert {r["content"] for r in records} == {"digit"} and {tuple(r["text_box"][:2]) for r in records} == {(2, 2)}
+    assert synth_main([*argv, "--rc-placement", "middle"]) == 2
+    assert "rc_placement must be one of" in capsys.readouterr().err
 
 
 def test_batched_generation_matches_one_by_one(bench, tmp_path):

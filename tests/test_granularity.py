@@ -152,8 +152,8 @@ def test_level_zero_and_none_agree_and_mismatch_names_both_numbers(model):
         ours(**batch, granularity=1)
     with pytest.raises(ValueError, match=r"granularity levels \[0, 3, 0\] must lie in 0..2"):
         ours(**batch, granularity=torch.tensor([0, 3, 0]))
-    with pytest.raises(ValueError, match="runs in generate"):
-        ours(**batch, granularity="auto")
+    with pytest.raises(ValueError, match="granularity must be None, 'auto', an int level or per-image levels"):
+        ours(**batch, granularity="best")
 
 
 def test_router_logits_shape_and_gradient(model):
@@ -222,6 +222,78 @@ def test_generate_auto_equals_forced_levels_on_compacted_prompt(model):
     small, _ = pooled_batch(tester, chosen)
     no_cache = ours.generate(**small, granularity=torch.tensor(chosen), max_new_tokens=4, use_cache=False)
     assert torch.equal(auto.sequences[:, prompt:], no_cache[:, small["input_ids"].shape[1] :])
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_forward_auto_masks_surplus_placeholders_and_matches_the_compacted_prompt(model, padding_side):
+    tester, ours = model
+    levels = [2, 0, 1]
+    full, _ = pooled_batch(tester, [0, 0, 0], padding_side)
+    small, _ = pooled_batch(tester, levels, padding_side)
+
+    def text_labels(batch):  # every text token but the first of each row (left padding would predict it)
+        first = batch["attention_mask"].cumsum(-1) == 1
+        ignored = (batch["input_ids"] == tester.image_token_id) | (batch["attention_mask"] == 0) | first
+        return batch["input_ids"].masked_fill(ignored, -100)
+
+    labels = text_labels(full)
+    try:
+        fixed_router(ours, levels)
+        with torch.no_grad():
+            auto = ours(**full, granularity="auto", labels=labels)
+    finally:
+        del ours.model.router_logits
+    with torch.no_grad():
+        forced = ours(**small, granularity=torch.tensor(levels), labels=text_labels(small))
+    assert auto.logits.shape[:2] == full["input_ids"].shape  # the sequence keeps its length
+    assert auto.image_granularity.tolist() == levels and auto.visual_tokens.tolist() == [6, 3, 2]
+    kept = auto.attention_mask.bool()
+    assert kept.sum(-1).tolist() == small["attention_mask"].sum(-1).tolist()
+    assert (full["input_ids"][full["attention_mask"].bool() & ~kept] == tester.image_token_id).all()
+    # every kept position has the logits of the shortened prompt; the loss over the text is the same
+    torch.testing.assert_close(auto.logits[kept], forced.logits[small["attention_mask"].bool()], atol=1e-5, rtol=0)
+    torch.testing.assert_close(auto.loss, forced.loss, atol=1e-5, rtol=0)
+
+
+def test_forward_auto_with_a_kv_cache_matches_no_cache(model):
+    tester, ours = model
+    full, _ = pooled_batch(tester, [0, 0, 0])
+    next_tokens = torch.tensor([[7], [9]])
+    try:
+        fixed_router(ours, [2, 0, 1])
+        with torch.no_grad():
+            prefill = ours(**full, granularity="auto", use_cache=True)
+            mask = torch.cat([prefill.attention_mask, torch.ones_like(next_tokens)], dim=1)
+            step = ours(input_ids=next_tokens, attention_mask=mask, past_key_values=prefill.past_key_values)
+            longer = {**full, "input_ids": torch.cat([full["input_ids"], next_tokens], dim=1)}
+            longer["attention_mask"] = torch.cat([full["attention_mask"], torch.ones_like(next_tokens)], dim=1)
+            no_cache = ours(**longer, granularity="auto")
+    finally:
+        del ours.model.router_logits
+    torch.testing.assert_close(step.logits[:, -1], no_cache.logits[:, -1], atol=1e-5, rtol=0)
+
+
+def test_forward_auto_uses_the_router_and_refuses_packed_rows(model):
+    tester, ours = model
+    full, _ = pooled_batch(tester, [0, 0, 0])
+    with torch.no_grad():
+        auto = ours(**full, granularity="auto")
+        levels, _, _ = ours.model.choose_granularity(
+            full["input_ids"], full["pixel_values"], full["image_grid_thw"], full["attention_mask"]
+        )
+        small, _ = pooled_batch(tester, levels.tolist())
+        forced = ours(**small, granularity=levels)
+    assert torch.equal(auto.image_granularity, levels)
+    torch.testing.assert_close(
+        auto.logits[auto.attention_mask.bool()], forced.logits[small["attention_mask"].bool()], atol=1e-5, rtol=0
+    )
+    text_only = tester.batch([[5, 6, 7]])
+    with torch.no_grad():  # nothing to route: the plain forward
+        assert torch.equal(ours(**text_only, granularity="auto").logits, ours(**text_only).logits)
+    packed = {k: v for k, v in full.items() if k != "attention_mask"}
+    packed["position_ids"] = torch.arange(full["input_ids"].shape[1]).expand_as(full["input_ids"])
+    with pytest.raises(ValueError, match="packed rows"):
+        ours(**packed, granularity="auto")
 
 
 def noise(height: int, width: int, seed: int) -> Image.Image:

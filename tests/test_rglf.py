@@ -7,7 +7,7 @@ from PIL import Image
 
 from nativevl.conversion.export import build_tiny, save_folder
 from nativevl.training.packing import PackingCollator
-from nativevl.training.rglf import RGLFCollator, per_sample_answer_loss, rglf_loss
+from nativevl.training.rglf import RGLFCollator, per_sample_answer_loss, rglf_loss, token_fractions
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,36 @@ def test_rglf_learns_the_feedback_ranking(setup):
         )  # fmt: skip
     order = logits.argsort(-1, descending=True)
     assert (order == torch.tensor([1, 2, 0])).all(), order  # the router ranks levels as the feedback did
+
+
+def test_token_fractions_by_hand():
+    config = build_tiny(granularity=3)[0].config
+    grids = torch.tensor([[1, 6, 10], [1, 2, 2]])  # merged 3x5: 15, 9 (3x3), 6 (2x3) tokens; merged 1x1: 1, 1, 1
+    expected = torch.tensor([[1.0, 9 / 15, 6 / 15], [1.0, 1.0, 1.0]])
+    torch.testing.assert_close(token_fractions(grids, config), expected)
+
+
+def test_token_cost_turns_equal_feedback_into_a_preference_for_fewer_tokens(setup):
+    trainer = trainer_for(
+        setup, "tiny_rglf.yaml", "rglf-cost", "--max_steps", "40", "--save_strategy", "no",
+        "--rglf_token_cost", "0.05",
+    )  # fmt: skip
+    assert trainer.token_cost == 0.05
+
+    def level_losses(model, batches):  # every level answers equally well
+        return torch.full((int(batches[0]["cu_seq_lens_q"].shape[0]) - 1, 3), 0.5)
+
+    trainer.level_losses = level_losses
+    trainer.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])["levels"][0]
+    with torch.no_grad():
+        levels, _, _ = trainer.model.eval().model.choose_granularity(
+            batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+            labels=batch["labels"], cu_seq_lens_q=batch["cu_seq_lens_q"],
+        )  # fmt: skip
+    assert (levels == 2).all(), levels  # the cheapest of the equally good levels
+    with pytest.raises(ValueError, match="rglf_token_cost must be >= 0, got -1.0"):
+        trainer_for(setup, "tiny_rglf.yaml", "rglf-bad", "--rglf_token_cost", "-1")
 
 
 def test_stage1_and_rglf_through_nativevl_train(setup):

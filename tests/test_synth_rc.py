@@ -122,3 +122,37 @@ def test_small_scale_generation_is_fast(tmp_path):
     path = generate_benchmark(tmp_path, per_cell=1, seed=0, kinds=("rc",), scale=SCALE)
     assert len(path.read_text().splitlines()) == 35
     assert json.loads(path.read_text().splitlines()[0])["image"] == "images/A-BH-000-rc.png"
+
+
+def test_rc_contents_and_placement():
+    rng = random.Random(2)
+    for _ in range(20):
+        image, record = make_item("rc", 120, 80, rng, 13, rc_contents=("digit",), rc_placement="corner")
+        assert record["content"] == "digit" and record["answers"][0] in "0123456789"
+        assert record["question"] == "What is the digit written in the image?"
+        x0, y0, x1, y1 = record["text_box"]
+        assert (x0, y0) == (2, 2) and y1 - y0 == cap_height(13)
+        ink = np.asarray(image.convert("L")) < 100  # the dark text is the only dark ink
+        rows, cols = ink.nonzero()
+        assert rows.min() == 2 and rows.max() == y1 - 1 and x0 <= cols.min() and cols.max() < x1
+    contents = {make_item("rc", 400, 80, rng, rc_contents=("date", "code"))[1]["content"] for _ in range(30)}
+    assert contents == {"date", "code"}
+    with pytest.raises(ValueError, match=r"rc_contents must be a non-empty subset of .*got \['digits'\]"):
+        make_item("rc", 100, 50, rng, rc_contents=("digits",))
+    with pytest.raises(ValueError, match="rc_placement must be one of"):
+        make_item("rc", 100, 50, rng, rc_placement="centre")
+
+
+def test_snap_keeps_images_unresampled(tmp_path):
+    from nativevl.processing import NativeVLImageProcessor
+
+    path = generate_benchmark(tmp_path, per_cell=1, seed=1, kinds=("rc",), scale=SCALE, snap=28)
+    records = load_benchmark(path)
+    assert all(r["width"] % 28 == 0 and r["height"] % 28 == 0 and min(r["width"], r["height"]) >= 28 for r in records)
+    assert [(r["area_bin"], r["aspect_bin"]) for r in records] == [(r["id"][0], r["id"][2:4]) for r in records]
+    processor = NativeVLImageProcessor(min_pixels=28 * 28, max_pixels=448 * 448)
+    images = [Image.open(r["image_path"]) for r in records]
+    grids = processor(images, return_tensors="pt")["image_grid_thw"].tolist()
+    assert [(h * 14, w * 14) for _, h, w in grids] == [(r["height"], r["width"]) for r in records]
+    with pytest.raises(ValueError, match="snap must be a positive number of px, got 0"):
+        generate_benchmark(tmp_path / "x", per_cell=1, snap=0)

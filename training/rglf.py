@@ -13,6 +13,12 @@ Pairs at every rank gap count (not only neighbours), each with a margin proporti
 uses margin 1.0, rank weight 1.0, CE weight 0.1 and lr 1e-3 (`recipes/rglf.yaml`). An image in a sample with
 several images takes its sample's level losses (all images of the sample are forced to the same level).
 
+`token_cost` (nativevl's addition, 0 in the release recipe) ranks the levels by answer loss plus token_cost times
+the image's visual tokens at that level over its level-0 tokens. Where every level answers equally well (an easy
+question), the release's feedback is decided by noise of the order of 1e-3 nats, so the router learns no
+preference there; a cost of a few hundredths makes the cheapest of the equally good levels win, while a level that
+lowers the answer loss by more than the difference in cost still ranks first.
+
     nativevl train training/recipes/tiny_rglf.yaml --model_name_or_path runs/tiny \\
         --dataset_path data/train.jsonl --output_dir runs/rglf --max_steps 20
 """
@@ -21,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from nativevl.modeling.modeling_nativevl import image_token_counts
 from nativevl.training.checkpoints import AtomicCheckpointMixin
 from nativevl.training.packing import IGNORE_INDEX, PackingCollator
 
@@ -89,11 +96,22 @@ class RGLFCollator:
 class RGLFTrainer(AtomicCheckpointMixin, Trainer):
     """`transformers.Trainer` that trains only the granularity router with the RGLF loss.
 
-    Args (besides Trainer's): margin, rank_weight, ce_weight of `rglf_loss`. Batches come from `RGLFCollator`.
+    Args (besides Trainer's): margin, rank_weight, ce_weight of `rglf_loss`; token_cost (see the module
+    docstring). Batches come from `RGLFCollator`.
     """
 
-    def __init__(self, *args, margin: float = 1.0, rank_weight: float = 1.0, ce_weight: float = 0.1, **kwargs):
-        self.margin, self.rank_weight, self.ce_weight = margin, rank_weight, ce_weight
+    def __init__(
+        self,
+        *args,
+        margin: float = 1.0,
+        rank_weight: float = 1.0,
+        ce_weight: float = 0.1,
+        token_cost: float = 0.0,
+        **kwargs,
+    ):
+        if token_cost < 0:
+            raise ValueError(f"rglf_token_cost must be >= 0, got {token_cost}")
+        self.margin, self.rank_weight, self.ce_weight, self.token_cost = margin, rank_weight, ce_weight, token_cost
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -133,8 +151,22 @@ class RGLFTrainer(AtomicCheckpointMixin, Trainer):
             image_granularity=base["image_granularity"],
         )  # (images, L)
         image_sample = image_segments(base, core.config)  # (images,): the sample of each image
-        loss = rglf_loss(logits, sample_losses[image_sample], self.margin, self.rank_weight, self.ce_weight)
+        feedback = sample_losses[image_sample]  # (images, L)
+        if self.token_cost:
+            feedback = feedback + self.token_cost * token_fractions(base["image_grid_thw"], core.config).to(feedback)
+        loss = rglf_loss(logits, feedback, self.margin, self.rank_weight, self.ce_weight)
         return (loss, {"router_logits": logits}) if return_outputs else loss
+
+
+def token_fractions(image_grid_thw: torch.LongTensor, config) -> torch.Tensor:
+    """(images, L): each image's visual tokens at each level over its level-0 tokens (1.0 at level 0)."""
+    merge, n = config.vision_config.spatial_merge_size, image_grid_thw.shape[0]
+    counts = [
+        image_token_counts(image_grid_thw, torch.full((n,), level, dtype=torch.long), merge)
+        for level in range(config.granularity)
+    ]
+    counts = torch.tensor(counts, dtype=torch.float).T  # (images, L)
+    return counts / counts[:, :1]
 
 
 def image_segments(batch: dict, config) -> torch.LongTensor:
@@ -160,4 +192,5 @@ def build_rglf_trainer(training_args, model, processor, train_dataset, eval_data
         margin=args.rglf_margin,
         rank_weight=args.rglf_rank_weight,
         ce_weight=args.rglf_ce_weight,
+        token_cost=args.rglf_token_cost,
     )

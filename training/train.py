@@ -91,6 +91,10 @@ class NativeVLArguments:
     rglf_margin: float = field(default=1.0, metadata={"help": "RGLF ranking margin per unit of loss gap"})
     rglf_rank_weight: float = field(default=1.0, metadata={"help": "weight of the RGLF ranking loss"})
     rglf_ce_weight: float = field(default=0.1, metadata={"help": "weight of the CE towards the best level"})
+    rglf_token_cost: float = field(
+        default=0.0,
+        metadata={"help": "RGLF feedback = answer loss + this x (level's visual tokens / level 0's); 0: the release"},
+    )
 
 
 def part_of(name: str) -> str:
