@@ -7,6 +7,7 @@ router + LLM prefill on the compacted prompt) against the full grid's (vision to
 
     python benchmarks/bench_granularity.py --model runs/avg2/final --data rc_demo/data.jsonl --limit 200
     python benchmarks/bench_granularity.py --smoke      # fresh tiny model, random router, 70 tiny items: seconds
+    python benchmarks/bench_granularity.py --prefill-at-scale 448 --batch-size 2   # timing only, random 2B model
 
 A model straight out of `--smoke` is untrained: its accuracy is 0 and its router's choices are arbitrary; the
 run only shows that every path works and what the token and time accounting look like.
@@ -50,8 +51,9 @@ def answer(model, processor, images, questions, setting, max_new_tokens: int):
 
 
 @torch.inference_mode()
-def prefill_seconds(model, processor, images, questions, repeats: int = 3) -> tuple[float, float]:
-    """Best-of-`repeats` seconds of one prefill: full grid, and router path (choice + compacted prefill)."""
+def prefill_seconds(model, processor, images, questions, repeats: int = 3, force: int | None = None):
+    """Best-of-`repeats` seconds of one prefill: full grid, and router path (choice + compacted prefill); `force`
+    replaces the router's choice by that level for every image (the router still runs)."""
     batch = processor(images=[[im] for im in images], text=prompts(processor, questions), padding_side="left")
     core, merge = model.model, model.config.vision_config.spatial_merge_size
     full, routed = [], []
@@ -63,6 +65,8 @@ def prefill_seconds(model, processor, images, questions, repeats: int = 3) -> tu
         levels, _, features = core.choose_granularity(
             batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"], batch["attention_mask"]
         )
+        if force is not None:
+            levels = torch.full_like(levels, force)
         ids, mask = compact_image_placeholders(
             batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"], None, levels,
             model.config.image_token_id, merge, processor.tokenizer.pad_token_id,
@@ -79,6 +83,41 @@ def prefill_seconds(model, processor, images, questions, repeats: int = 3) -> tu
     return min(full), min(routed)
 
 
+def prefill_at_scale(size: int, batch_size: int, repeats: int) -> None:
+    """Prefill time of the router path against the full grid for a random model of Qwen2-VL-2B's shape (ViT 32 x
+    1280, LLM 28 x 1536, 3 levels, the config's default router), `batch_size` noise images of `size` x `size` px,
+    with every image forced to each level in turn: what the router's choice saves once the LLM is large."""
+    import numpy as np
+    from PIL import Image
+
+    from nativevl.conversion.export import tiny_config
+    from nativevl.modeling import NativeVLConfig, NativeVLForConditionalGeneration
+    from nativevl.processing import NativeVLImageProcessor, NativeVLProcessor
+    from nativevl.processing.tiny_tokenizer import build_tiny_tokenizer
+
+    vision = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4}
+    text = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12}
+    text |= {"num_key_value_heads": 2, "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24]}}
+    tokenizer = build_tiny_tokenizer()  # a small vocabulary: the embedding table does not change the prefill much
+    config = tiny_config(tokenizer, vision=vision, granularity=3, **text)
+    for field in ("router_top_k", "router_num_heads", "router_intermediate_size"):  # the default router
+        setattr(config, field, getattr(NativeVLConfig, field))
+    torch.manual_seed(0)
+    model = NativeVLForConditionalGeneration(config).eval()
+    processor = NativeVLProcessor(NativeVLImageProcessor(max_pixels=size * size), tokenizer)
+    rng = np.random.RandomState(0)
+    images = [Image.fromarray(rng.randint(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(batch_size)]
+    questions = ["What is the number written in the image?"] * batch_size
+    merge = model.config.vision_config.spatial_merge_size
+    grids = processor.image_processor(images, return_tensors="pt")["image_grid_thw"]
+    print(f"random model, {model.num_parameters() / 1e9:.2f}B parameters; {batch_size} images of {size}x{size} px")
+    print(f"{'level':>5} {'tokens/image':>12} {'full s':>7} {'router s':>8} {'router/full':>11}")
+    for level in range(model.config.granularity):
+        tokens = image_token_counts(grids, torch.full((batch_size,), level), merge)[0]
+        full, routed = prefill_seconds(model, processor, images, questions, repeats, force=level)
+        print(f"{level:>5} {tokens:>12} {full:7.2f} {routed:8.2f} {routed / full:11.2f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="nativevl folder whose config sets granularity")
@@ -87,7 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="first N items")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument(
+        "--prefill-at-scale", type=int, metavar="PX", help="only time the prefill at Qwen2-VL-2B's shape on PX images"
+    )
     args = parser.parse_args(argv)
+    if args.prefill_at_scale:
+        prefill_at_scale(args.prefill_at_scale, args.batch_size, repeats=2)
+        return 0
     if args.smoke:
         from nativevl.conversion.export import build_tiny
 
