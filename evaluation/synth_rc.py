@@ -217,10 +217,11 @@ def make_item(
     """One synthetic item of `kind` ("rc" or "sc") as a `width` x `height` RGB image and its record.
 
     The record holds `question`, `answers` (one string), `metric` ("exact_match": every answer has at most 3
-    words), `kind`, `content` (number/date/code/phrase or color/shape) and, for "rc", `text_box` = [x0, y0, x1, y1]
-    in px (`rc_contents`: the RC content types to draw from; `rc_placement` "random" anywhere, or "corner": at the
-    top-left, TEXT_MARGIN px in, like a date stamp): rows exactly those of the ink (height `cap_height(text_size)`), columns from the font metrics (may
-    include 1-3 px of side bearing). Deterministic given the state of `rng`; usable to build training sets."""
+    words), `kind`, `content` (digit/number/date/code/phrase or color/shape) and, for "rc", `text_box` = [x0, y0,
+    x1, y1] in px: rows exactly those of the ink (height `cap_height(text_size)`), columns from the font metrics
+    (may include 1-3 px of side bearing). `rc_contents`: the RC content types to draw from; `rc_placement`:
+    "random" (anywhere) or "corner" (top-left, TEXT_MARGIN px in, like a date stamp). Deterministic given the
+    state of `rng`; usable to build training sets."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if width < 1 or height < 1:
