@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from nativevl.conversion.export import build_tiny
+from nativevl.modeling.modeling_nativevl import split_by_image
 
 
 def draw_digits(n: int, size: int, text_size: int, jitter: int, rng: random.Random) -> tuple[list, torch.Tensor]:
@@ -52,8 +53,8 @@ class ViTProbe(torch.nn.Module):
     def forward(self, images: list) -> torch.Tensor:
         batch = self.processor.image_processor(images, return_tensors="pt")
         tokens = self.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
-        counts = [t * h * w // 4 for t, h, w in batch["image_grid_thw"].tolist()]
-        return self.probe(torch.stack([x.mean(0) for x in tokens.split(counts)]))
+        parts, _ = split_by_image(tokens, batch["image_grid_thw"], self.visual.spatial_merge_size)
+        return self.probe(torch.stack([x.mean(0) for x in parts]))
 
 
 class CNN(torch.nn.Module):

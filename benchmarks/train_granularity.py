@@ -102,12 +102,10 @@ def main(argv: list[str] | None = None) -> int:
 
     vision = {"depth": args.vision_depth, "embed_dim": args.vision_embed_dim}
     model, processor = build_tiny(seed=seed, max_pixels=448 * 448, granularity=args.levels, vision=vision)
-    if args.snap:  # no upscaling of 28 px sides either
-        processor.image_processor.min_pixels = 28 * 28
     print(f"model: {model.num_parameters()} parameters ({args.levels} levels)", flush=True)
     save_folder(model, processor, out / "init", overwrite=True)
     batch = ["--per_device_train_batch_size", str(args.batch_size), "--seed", str(seed)]
-    if args.snap:  # the recipes cap images at 224x224: keep every snapped image as it is
+    if args.snap:  # no upscaling of 28 px sides, and no 224x224 cap (the recipes'): every snapped image as it is
         batch += ["--min_pixels", str(28 * 28), "--max_pixels", str(448 * 448)]
     stage1 = [str(RECIPES / "tiny_stage3.yaml"), "--model_name_or_path", str(out / "init")]
     stage1 += ["--dataset_path", str(train_jsonl), "--output_dir", str(out / "stage1"), *COMMON, *batch]
