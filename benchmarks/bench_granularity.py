@@ -16,6 +16,7 @@ run only shows that every path works and what the token and time accounting look
 import argparse
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -33,7 +34,8 @@ def prompts(processor, questions: list[str]) -> list[str]:
 
 @torch.inference_mode()
 def answer(model, processor, images, questions, setting, max_new_tokens: int):
-    """Greedy answers and visual tokens per item for `setting`: "full", an int level, or "router"."""
+    """Greedy answers, visual tokens and level (None for "full") per item for `setting`: "full", an int level, or
+    "router"."""
     level = setting if isinstance(setting, int) else None
     batch = processor(
         images=[[im] for im in images], text=prompts(processor, questions), padding_side="left", granularity=level
@@ -43,11 +45,13 @@ def answer(model, processor, images, questions, setting, max_new_tokens: int):
         out = model.generate(**batch, granularity="auto", **kwargs)
         merge = model.config.vision_config.spatial_merge_size
         tokens = image_token_counts(batch["image_grid_thw"], out.image_granularity, merge)
+        levels = out.image_granularity.tolist()
     else:
         out = model.generate(**batch, **kwargs)
         tokens = (batch["input_ids"] == processor.image_token_id).sum(-1).tolist()
+        levels = [level] * len(images)
     new = out.sequences[:, batch["input_ids"].shape[1] :]
-    return [a.strip() for a in processor.batch_decode(new, skip_special_tokens=True)], tokens
+    return [a.strip() for a in processor.batch_decode(new, skip_special_tokens=True)], tokens, levels
 
 
 @torch.inference_mode()
@@ -153,16 +157,22 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(data).parent
     settings = ["full", *range(model.config.granularity), "router"]
     results = {s: {"rc": [], "sc": []} for s in settings}  # kind -> [(score, tokens)]
+    by_content = {}  # content -> {"full": [scores], "router": [scores], "levels": Counter of the router's levels}
     full_time = routed_time = 0.0
     for start in range(0, len(records), args.batch_size):
         chunk = records[start : start + args.batch_size]
         images = [load_image(r, root) for r in chunk]
         questions = [r["question"] for r in chunk]
         for setting in settings:
-            answers, tokens = answer(model, processor, images, questions, setting, args.max_new_tokens)
-            for record, prediction, n in zip(chunk, answers, tokens, strict=True):
+            answers, tokens, levels = answer(model, processor, images, questions, setting, args.max_new_tokens)
+            for record, prediction, n, level in zip(chunk, answers, tokens, levels, strict=True):
                 score = score_sample(prediction, record["answers"], record.get("metric"))
                 results[setting][record["kind"]].append((score, n))
+                if setting in ("full", "router"):
+                    row = by_content.setdefault(record["content"], {"full": [], "router": [], "levels": Counter()})
+                    row[setting].append(score)
+                    if setting == "router":
+                        row["levels"][level] += 1
         seconds = prefill_seconds(model, processor, images, questions)
         full_time, routed_time = full_time + seconds[0], routed_time + seconds[1]
         print(f"{start + len(chunk)}/{len(records)} items", flush=True)
@@ -178,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:>8} | {mean(rc, 1):9.1f} {mean(sc, 1):7.1f} {mean(rc + sc, 1):7.1f} | "
             f"{100 * mean(rc, 0):7.1f} {100 * mean(sc, 0):6.1f} {100 * mean(rc + sc, 0):6.1f}"
         )
+    print(f"\n{'content':>8} | {'items':>5} | {'acc full':>8} {'router':>6} | router's levels (level: items)")
+    for content, row in sorted(by_content.items()):
+        full, routed = (100 * sum(row[k]) / len(row[k]) for k in ("full", "router"))
+        levels = ", ".join(f"{level}: {n}" for level, n in sorted(row["levels"].items()))
+        print(f"{content:>8} | {len(row['full']):5} | {full:8.1f} {routed:6.1f} | {levels}")
     full_tokens = mean(results["full"]["rc"] + results["full"]["sc"], 1)
     router_tokens = mean(results["router"]["rc"] + results["router"]["sc"], 1)
     print(f"\nrouter uses {100 * (1 - router_tokens / full_tokens):.1f}% fewer visual tokens than the full grid")

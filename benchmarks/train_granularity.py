@@ -3,7 +3,9 @@
 1. Generates, with `nativevl.evaluation.synth_rc` at 1/8 linear scale (as `nativevl demo` does; `--scale`), a
    stage-1 training set, a separate RGLF set (the router is trained on feedback from items the model was not
    fitted on) and a held-out test set (`<out>/data/test/data.jsonl`). `--rc-contents digit`, `--rc-placement
-   corner` and `--text-size` make the reading task easier; `--vision-depth` / `--vision-embed-dim` size the ViT.
+   corner` and `--text-size` make the reading task easier; `--rc-contents tile` replaces reading by the colour of
+   a one-token square (a detail that pooling mixes with its neighbours); `--vision-depth` / `--vision-embed-dim`
+   size the ViT.
 2. Stage 1, multi-granularity instruction tuning: a fresh `build_tiny(granularity=L)` model trained through the
    `nativevl train` path (`tiny_stage3` recipe, every part at lr 1e-3 constant, `--granularity_training all|random`)
    until its time budget is spent; the router stays frozen in this stage.
@@ -11,11 +13,14 @@
    (`--rglf-token-cost`: the token cost of the feedback, 0 as released).
 4. Prints which level the model's own feedback (lowest answer loss) prefers on RGLF items, per kind (RC/SC).
 
-    python benchmarks/train_granularity.py --out /tmp/gran --stage1-minutes 12 --rglf-minutes 4
-    python benchmarks/bench_granularity.py --model /tmp/gran/rglf/final --data /tmp/gran/data/test/data.jsonl
+`--rglf-only --rglf-dir NAME` repeats stage 2 alone from a finished run's stage-1 model and data (e.g. to compare
+token costs), into `<out>/NAME`.
+
+    python benchmarks/train_granularity.py --out /tmp/tile --rc-contents tile --snap --rglf-token-cost 0.05
+    python benchmarks/bench_granularity.py --model /tmp/tile/rglf/final --data /tmp/tile/data/test/data.jsonl
 
 The tiny CPU model does not learn to read in these budgets, not even one digit at a fixed corner (see
-`probe_reading.py` and benchmarks/RESULTS.md): the RC/SC contrast needs a larger run (GPU).
+`probe_reading.py` and benchmarks/RESULTS.md); it learns "tile" items, whose accuracy falls with pooling.
 """
 
 import argparse
@@ -63,6 +68,31 @@ def feedback_summary(trainer, jsonl: Path, limit: int, batch_size: int = 16) -> 
     }
 
 
+def run_stage1(args: argparse.Namespace, out: Path, batch: list[str]) -> tuple[Path, dict]:
+    """Writes the three data sets under `<out>/data`, then trains stage 1 from a fresh tiny model."""
+    print(f"generating data in {out / 'data'} ...", flush=True)
+    items = {"rc_contents": args.rc_contents, "rc_placement": args.rc_placement, "text_size": args.text_size}
+    items |= {"scale": args.scale, "snap": 28 if args.snap else None}
+    train_jsonl = write_training_set(out / "data" / "train", args.train_per_cell, args.seed, **items)
+    write_training_set(out / "data" / "rglf", args.rglf_per_cell, args.seed + 2, **items)
+    test_jsonl = generate_benchmark(out / "data" / "test", per_cell=args.test_per_cell, seed=args.seed + 1, **items)
+    print(f"held-out set: {test_jsonl}", flush=True)
+
+    vision = {"depth": args.vision_depth, "embed_dim": args.vision_embed_dim}
+    model, processor = build_tiny(seed=args.seed, max_pixels=448 * 448, granularity=args.levels, vision=vision)
+    print(f"model: {model.num_parameters()} parameters ({args.levels} levels)", flush=True)
+    save_folder(model, processor, out / "init", overwrite=True)
+    stage1 = [str(RECIPES / "tiny_stage3.yaml"), "--model_name_or_path", str(out / "init")]
+    stage1 += ["--dataset_path", str(train_jsonl), "--output_dir", str(out / "stage1"), *COMMON, *batch]
+    stage1 += ["--granularity_training", args.granularity_training]
+    stage1 += ["--learning_rate", "1e-3", "--vision_tower_lr", "1e-3", "--merger_lr", "1e-3", "--warmup_steps", "30"]
+    stage1 += ["--lr_scheduler_type", "constant_with_warmup", "--logging_steps", "50"]
+    print(f"stage 1 ({args.granularity_training} levels) for {args.stage1_minutes} min ...", flush=True)
+    _, stage1_final, stage1_stats = train_for(stage1, args.stage1_minutes * 60)
+    print(f"stage 1: {stage1_stats}; model: {stage1_final}", flush=True)
+    return stage1_final, stage1_stats
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gran-run", help="output folder (data, stage1, rglf, summary.json)")
@@ -85,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vision-depth", type=int, default=2, help="ViT blocks of the tiny model")
     parser.add_argument("--vision-embed-dim", type=int, default=64, help="ViT width of the tiny model")
     parser.add_argument("--rglf-token-cost", type=float, default=0.0, help="RGLF token cost (0: the release)")
+    parser.add_argument(
+        "--rglf-only", action="store_true", help="reuse <out>/data and <out>/stage1/final: run stage 2 only"
+    )
+    parser.add_argument("--rglf-dir", default="rglf", help="stage-2 folder name under --out (to compare costs)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -92,32 +126,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(seed)
     start = time.monotonic()
 
-    print(f"generating data in {out / 'data'} ...", flush=True)
-    items = {"rc_contents": args.rc_contents, "rc_placement": args.rc_placement, "text_size": args.text_size}
-    items |= {"scale": args.scale, "snap": 28 if args.snap else None}
-    train_jsonl = write_training_set(out / "data" / "train", args.train_per_cell, seed, **items)
-    rglf_jsonl = write_training_set(out / "data" / "rglf", args.rglf_per_cell, seed + 2, **items)
-    test_jsonl = generate_benchmark(out / "data" / "test", per_cell=args.test_per_cell, seed=seed + 1, **items)
-    print(f"held-out set: {test_jsonl}", flush=True)
-
-    vision = {"depth": args.vision_depth, "embed_dim": args.vision_embed_dim}
-    model, processor = build_tiny(seed=seed, max_pixels=448 * 448, granularity=args.levels, vision=vision)
-    print(f"model: {model.num_parameters()} parameters ({args.levels} levels)", flush=True)
-    save_folder(model, processor, out / "init", overwrite=True)
     batch = ["--per_device_train_batch_size", str(args.batch_size), "--seed", str(seed)]
     if args.snap:  # no upscaling of 28 px sides, and no 224x224 cap (the recipes'): every snapped image as it is
         batch += ["--min_pixels", str(28 * 28), "--max_pixels", str(448 * 448)]
-    stage1 = [str(RECIPES / "tiny_stage3.yaml"), "--model_name_or_path", str(out / "init")]
-    stage1 += ["--dataset_path", str(train_jsonl), "--output_dir", str(out / "stage1"), *COMMON, *batch]
-    stage1 += ["--granularity_training", args.granularity_training]
-    stage1 += ["--learning_rate", "1e-3", "--vision_tower_lr", "1e-3", "--merger_lr", "1e-3", "--warmup_steps", "30"]
-    stage1 += ["--lr_scheduler_type", "constant_with_warmup", "--logging_steps", "50"]
-    print(f"stage 1 ({args.granularity_training} levels) for {args.stage1_minutes} min ...", flush=True)
-    _, stage1_final, stage1_stats = train_for(stage1, args.stage1_minutes * 60)
-    print(f"stage 1: {stage1_stats}; model: {stage1_final}", flush=True)
+    rglf_jsonl, test_jsonl = out / "data" / "rglf" / "train.jsonl", out / "data" / "test" / "data.jsonl"
+    stage1_final = out / "stage1" / "final"
+    if args.rglf_only:
+        if missing := [str(p) for p in (rglf_jsonl, test_jsonl, stage1_final) if not p.exists()]:
+            parser.error(f"--rglf-only needs a finished run in {out}; missing: {', '.join(missing)}")
+        stage1_stats = json.loads((out / "summary.json").read_text())["stage1"]
+    else:
+        stage1_final, stage1_stats = run_stage1(args, out, batch)
 
-    rglf = [str(RECIPES / "tiny_rglf.yaml"), "--model_name_or_path", str(stage1_final)]
-    rglf += ["--granularity", str(args.levels), "--dataset_path", str(rglf_jsonl), "--output_dir", str(out / "rglf")]
+    rglf = [str(RECIPES / "tiny_rglf.yaml"), "--model_name_or_path", str(stage1_final), "--granularity"]
+    rglf += [str(args.levels), "--dataset_path", str(rglf_jsonl), "--output_dir", str(out / args.rglf_dir)]
     rglf += [*COMMON, *batch, "--logging_steps", "10", "--rglf_token_cost", str(args.rglf_token_cost)]
     print(f"stage 2 (RGLF, router only) for {args.rglf_minutes} min ...", flush=True)
     trainer, final, rglf_stats = train_for(rglf, args.rglf_minutes * 60)
@@ -127,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model feedback on RGLF items (level with the lowest answer loss): {json.dumps(feedback)}", flush=True)
     summary = {"stage1": stage1_stats, "rglf": rglf_stats, "feedback": feedback, "model": str(final)}
     summary |= {"test_data": str(test_jsonl), "minutes": round((time.monotonic() - start) / 60, 2)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"done in {summary['minutes']} min; summary: {out / 'summary.json'}", flush=True)
+    path = out / ("summary.json" if args.rglf_dir == "rglf" else f"summary-{args.rglf_dir}.json")
+    path.write_text(json.dumps(summary, indent=2))
+    print(f"done in {summary['minutes']} min; summary: {path}", flush=True)
     print(f"next: python benchmarks/bench_granularity.py --model {final} --data {test_jsonl}", flush=True)
     return 0
 

@@ -7,6 +7,9 @@ generator builds a benchmark with the same 7 area x 5 aspect grid (`nativevl.eva
 - "rc": a number, date, code or short phrase in dark capitals at a FIXED font size (`text_size`, default 20 px;
   capitals and digits are then 14 px tall) at a random place on a light, mildly cluttered background. Reading it
   needs resolution: the more an image is downscaled, the smaller the text.
+  With `rc_contents` containing "tile" (not by default), an RC item may instead be a mosaic of 28 px squares
+  asking for the top-left square's colour: a detail one merged token wide that pooling (or downscaling) mixes
+  with differently coloured neighbours, and the easiest resolution-critical task for models too small to read.
 - "sc": content that survives downscaling: the dominant background colour (from `PALETTE`) or which large shape
   (`SHAPES`) is drawn.
 
@@ -59,6 +62,7 @@ _WORDS = (
     "DARK ROAD NEW PORT SUN CITY HIGH STREET LAKE VIEW STONE BRIDGE"
 ).split()
 _RC_QUESTIONS = {
+    "tile": "What colour is the tile in the top-left corner? Answer with one word.",
     "digit": "What is the digit written in the image?",
     "number": "What is the number written in the image?",
     "date": "What date is written in the image?",
@@ -109,7 +113,8 @@ def sample_cell_size(area: str, aspect: str, rng: random.Random, max_area: float
 
 
 RC_CONTENTS = tuple(_RC_QUESTIONS)
-DEFAULT_RC_CONTENTS = ("number", "date", "code", "phrase")  # "digit" (one character) only when asked for
+DEFAULT_RC_CONTENTS = ("number", "date", "code", "phrase")  # "tile" and "digit" (one character) when asked for
+TILE = 28  # px side of a "tile" item's squares: one merged token (patch 14 x merge 2) of an unresampled image
 RC_PLACEMENTS = ("random", "corner")
 
 
@@ -153,9 +158,32 @@ def _ink_width(font: ImageFont.FreeTypeFont, text: str) -> int:
     return x1 - x0
 
 
+def _make_tile(width: int, height: int, rng: random.Random) -> tuple[Image.Image, dict]:
+    """A mosaic of TILE-px squares in random PALETTE colours (jittered), starting at the top-left pixel; the answer
+    is the top-left square's colour, and its right, lower and diagonal neighbours never share it. Squares at the
+    right and bottom borders (all of them in an image under TILE px) are cut off."""
+    names = tuple(PALETTE)
+    image = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(image)
+    answer = rng.choice(names)
+    for row in range(math.ceil(height / TILE)):
+        for col in range(math.ceil(width / TILE)):
+            if (row, col) == (0, 0):
+                name = answer
+            else:
+                name = rng.choice([n for n in names if n != answer] if row <= 1 and col <= 1 else names)
+            fill = tuple(min(255, max(0, c + rng.randint(-12, 12))) for c in PALETTE[name])
+            draw.rectangle((col * TILE, row * TILE, col * TILE + TILE - 1, row * TILE + TILE - 1), fill=fill)
+    return image, {"question": _RC_QUESTIONS["tile"], "answers": [answer], "content": "tile"}
+
+
 def _make_rc(
     width: int, height: int, rng: random.Random, text_size: float, contents: Sequence[str], placement: str
 ) -> tuple[Image.Image, dict]:
+    if "tile" in contents:  # (drawn first only then, so text-only benchmarks keep their random sequence)
+        if rng.choice(tuple(contents)) == "tile":
+            return _make_tile(width, height, rng)
+        contents = [c for c in contents if c != "tile"]
     font, cap = _font(text_size), cap_height(text_size)
     if cap + 2 * TEXT_MARGIN > height:
         raise ValueError(f"a {width}x{height} image cannot hold text {cap} px tall (text_size={text_size})")
@@ -217,7 +245,7 @@ def make_item(
     """One synthetic item of `kind` ("rc" or "sc") as a `width` x `height` RGB image and its record.
 
     The record holds `question`, `answers` (one string), `metric` ("exact_match": every answer has at most 3
-    words), `kind`, `content` (digit/number/date/code/phrase or color/shape) and, for "rc", `text_box` = [x0, y0,
+    words), `kind`, `content` (tile/digit/number/date/code/phrase or color/shape) and, for text, `text_box` = [x0, y0,
     x1, y1] in px: rows exactly those of the ink (height `cap_height(text_size)`), columns from the font metrics
     (may include 1-3 px of side bearing). `rc_contents`: the RC content types to draw from; `rc_placement`:
     "random" (anywhere) or "corner" (top-left, TEXT_MARGIN px in, like a date stamp). Deterministic given the
@@ -256,8 +284,8 @@ def generate_benchmark(
     Every item draws from its own `random.Random` seeded by (seed, cell, index, kind), so the output is
     deterministic and one item does not depend on the others; the rc and sc items of a (cell, index) share a size.
     `text_size` defaults to `default_text_size(scale)`; `rc_contents` picks the RC content types (default number,
-    date, code, phrase; "digit", one character, is the easiest reading task, for models too small to read strings)
-    and `rc_placement` ("random" or "corner") the RC text's place, as in `make_item`. `snap` rounds both sides of
+    date, code, phrase; "digit", one character, is the easiest reading task, for models too small to read strings;
+    "tile", a mosaic square's colour, needs no reading at all, for models too small to read a digit) and `rc_placement` ("random" or "corner") the RC text's place, as in `make_item`. `snap` rounds both sides of
     every image to a multiple of `snap` px (at least `snap`) after scaling, so a processor whose resize factor is
     `snap` (28 for nativevl) and whose min_pixels is at most snap^2 feeds the pixels unresampled; the binning
     stays on the nominal size.

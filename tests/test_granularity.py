@@ -430,3 +430,22 @@ def test_packing_at_granularity_levels(tiny, mode):
     assert out.image_granularity.tolist() == levels and torch.isfinite(out.loss)
     with pytest.raises(ValueError, match="needs num_levels"):
         PackingCollator(processor, granularity_training="all")
+
+
+def test_bench_granularity_smoke_reports_every_setting(capsys):
+    import re
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_granularity.py"
+    main = runpy.run_path(str(script))["main"]
+    assert main(["--smoke", "--limit", "8", "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[0].strip(): line for line in out.splitlines() if line.count("|") == 2}
+    assert {"full", "level 0", "level 1", "level 2", "router"} <= rows.keys()
+    full, *levels = (float(rows[k].split("|")[1].split()[2]) for k in ("full", "level 0", "level 1", "level 2"))
+    assert full == levels[0] > levels[1] > levels[2]  # the "all" column of visual tokens per item
+    per_content = [line for line in out.splitlines() if line.count("|") == 3 and "content" not in line]
+    routed = sum(int(n) for line in per_content for n in re.findall(r"\d+: (\d+)", line.split("|")[3]))
+    assert routed == sum(int(line.split("|")[1]) for line in per_content) == 8
+    assert re.search(r"router uses -?\d+\.\d% fewer visual tokens", out) and "prefill time router / full" in out

@@ -156,3 +156,33 @@ def test_snap_keeps_images_unresampled(tmp_path):
     assert [(h * 14, w * 14) for _, h, w in grids] == [(r["height"], r["width"]) for r in records]
     with pytest.raises(ValueError, match="snap must be a positive number of px, got 0"):
         generate_benchmark(tmp_path / "x", per_cell=1, snap=0)
+
+
+def test_tile_items_ask_for_the_top_left_square():
+    rng = random.Random(3)
+    names = list(PALETTE)
+    for _ in range(20):
+        image, record = make_item("rc", 28 * 5 + 9, 28 * 3, rng, rc_contents=("tile",))
+        assert record["content"] == "tile" and record["answers"][0] in PALETTE and "text_box" not in record
+        assert record["question"] == "What colour is the tile in the top-left corner? Answer with one word."
+        pixels = np.asarray(image).astype(int)
+        colours = {}
+        for row, col in ((0, 0), (0, 1), (1, 0), (1, 1)):  # nearest palette colour (jitter <= 12 per channel)
+            square = pixels[row * 28 : (row + 1) * 28, col * 28 : (col + 1) * 28].reshape(-1, 3)
+            assert (square == square[0]).all(), "a square has one colour"
+            colours[row, col] = min(names, key=lambda n: np.abs(square[0] - PALETTE[n]).sum())
+        assert colours.pop((0, 0)) == record["answers"][0] and record["answers"][0] not in colours.values()
+    tiny, record = make_item("rc", 10, 6, rng, rc_contents=("tile",))  # under one square: cut off, still answerable
+    assert tiny.size == (10, 6) and tuple(np.asarray(tiny)[0, 0]) != (0, 0, 0)
+    contents = {make_item("rc", 200, 60, rng, rc_contents=("tile", "number"))[1]["content"] for _ in range(30)}
+    assert contents == {"tile", "number"}
+
+
+def test_tile_option_leaves_text_items_unchanged():
+    # "tile" is drawn first only when asked for, so text-only items are those generated before it existed
+    records = [make_item("rc", 300, 80, random.Random(s), rc_contents=("number", "date"))[1] for s in (5, 6, 7)]
+    assert [(r["answers"][0], r["text_box"]) for r in records] == [
+        ("27 DEC 1995", [81, 24, 201, 38]),
+        ("5086.04", [37, 40, 114, 54]),
+        ("1969-07-21", [94, 21, 202, 35]),
+    ]
