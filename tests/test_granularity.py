@@ -1,6 +1,10 @@
 """Adaptive visual granularity (AVG-LLaVA, arXiv 2410.02745): scaler, M-RoPE of pooled grids, forced levels,
 router per sample, `generate(granularity="auto")`, processor and packing at chosen levels."""
 
+import re
+import runpy
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -433,10 +437,6 @@ def test_packing_at_granularity_levels(tiny, mode):
 
 
 def test_bench_granularity_smoke_reports_every_setting(capsys):
-    import re
-    import runpy
-    from pathlib import Path
-
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_granularity.py"
     main = runpy.run_path(str(script))["main"]
     assert main(["--smoke", "--limit", "8", "--batch-size", "4"]) == 0
