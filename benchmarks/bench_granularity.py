@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from nativevl.evaluation.metrics import score_sample
 from nativevl.evaluation.run import load_image, load_records
@@ -75,14 +76,13 @@ def prefill_seconds(model, processor, images, questions, repeats: int = 3, force
             batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"], None, levels,
             model.config.image_token_id, merge, processor.tokenizer.pad_token_id,
         )  # fmt: skip
-        core._vision_cache = (batch["pixel_values"], batch["image_grid_thw"], features)
-        try:
-            model(
-                input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
-                image_grid_thw=batch["image_grid_thw"], granularity=levels, logits_to_keep=1,
-            )  # fmt: skip
-        finally:
-            core._vision_cache = None
+        image_out = core.pool_image_outputs(
+            BaseModelOutputWithPooling(pooler_output=features), batch["image_grid_thw"], levels
+        )  # the features the router saw, pooled: the vision tower runs once, as in generate(granularity="auto")
+        model(
+            input_ids=ids, attention_mask=mask, image_grid_thw=batch["image_grid_thw"],
+            mm_encoder_outputs={"image": image_out}, logits_to_keep=1,
+        )  # fmt: skip
         routed.append(time.perf_counter() - start)
     return min(full), min(routed)
 

@@ -14,9 +14,40 @@ This file is remote code: it is copied flat into a model folder and imports only
 library.
 """
 
+import transformers
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+# The transformers releases CI runs the test suite on (lowest and newest): the package's install range is
+# >= TESTED_TRANSFORMERS[0] and below the next minor release after TESTED_TRANSFORMERS[1] (setup.cfg, checked by a
+# test). A folder loaded under another release still loads, with one warning naming both.
+TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
+
+
+def _minor(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "5.24.0" or "5.25.0.dev0"."""
+    major, minor = (version.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def warn_if_untested_transformers(written_with: str | None = None) -> bool:
+    """Warns once when the running transformers is outside the tested range; returns whether it is."""
+    running = transformers.__version__
+    low, high = (_minor(v) for v in TESTED_TRANSFORMERS)
+    if low <= _minor(running) <= high:
+        return False
+    logger.warning_once(
+        f"nativevl was tested with transformers {TESTED_TRANSFORMERS[0]} to {TESTED_TRANSFORMERS[1]}; this is "
+        f"transformers {running}"
+        + (f" (the folder was written with {written_with})" if written_with else "")
+        + ": outputs may differ or fail"
+    )
+    return True
 
 
 PROJECTOR_TYPES = ("merger", "merger_mlp")
@@ -94,6 +125,18 @@ class NativeVLConfig(PreTrainedConfig):
     router_num_heads: int = 8  # heads of the router's encoder layer; must divide text_config.hidden_size
     router_intermediate_size: int = 2048  # FFN width of the router's encoder layer
     router_dropout: float = 0.0  # dropout inside the router's encoder layer
+
+    def __post_init__(self, **kwargs):
+        # Defaults give a consistent model: without a vision_config the merger maps straight to the LLM width.
+        if self.vision_config is None:
+            text = self.text_config
+            width = text.get("hidden_size") if isinstance(text, dict) else getattr(text, "hidden_size", None)
+            self.vision_config = {"hidden_size": width or NativeVLTextConfig().hidden_size}
+        super().__post_init__(**kwargs)
+        # As Qwen2VLConfig: configs saved before transformers 5 kept `tie_word_embeddings` inside text_config.
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+        warn_if_untested_transformers(getattr(self, "transformers_version", None))
 
     def validate_architecture(self):
         """Checks the choices that shape the model; called by `__post_init__` through strict validation."""

@@ -14,8 +14,19 @@ caches, gradient checkpointing), generation, loss.
 
 This file is remote code: it is copied flat into a model folder and imports only torch, transformers and its
 sibling `configuration_nativevl.py`.
+
+transformers internals it relies on (tests/test_conformance.py checks each by name on every tested release):
+- `models.qwen2_vl.modeling_qwen2_vl.Qwen2VLTextModel`, reused as the decoder; the name of its KV-cache argument
+  (`cache` from 5.24, `past_key_values` before: `CACHE_NAME`), also the field of `BaseModelOutputWithPast`.
+- `utils.output_capturing.capture_outputs` with `_can_record_outputs` (vision hidden states and attentions).
+- `GenerationMixin._prepare_position_ids_for_generation` (overridden for M-RoPE) and `generate`'s
+  `mm_encoder_outputs` (the vision tower runs once before the prefill, through `get_image_features`).
+- `PreTrainedModel._can_set_attn_implementation` (overridden), `AttentionInterface` /
+  `masking_utils.ALL_MASK_ATTENTION_FUNCTIONS` / `sdpa_mask` / `integrations.sdpa_attention.sdpa_attention_forward`
+  (the `nativevl_varlen` attention), `modeling_utils.slice_logits_to_keep`.
 """
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +37,12 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
-from transformers.utils import is_flash_attn_2_available
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, is_flash_attn_2_available
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_nativevl import NativeVLConfig, NativeVLTextConfig, NativeVLVisionConfig
 
@@ -158,15 +171,23 @@ class NativeVLVisionAttention(nn.Module):
         segment_runs: list[tuple[int, int, int]],
         max_seqlen: int,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """hidden_states: (N, D). cu_seqlens: (num_segments + 1,) int32 boundaries. segment_runs: (start, length,
-        count) for runs of `count` consecutive segments of equal `length`. Returns (N, D)."""
+        count) for runs of `count` consecutive segments of equal `length`. Returns (N, D) and, when
+        `output_attentions` (eager only: the fused kernels never form the weights), one (count, H, L, L) float tensor
+        of softmax weights per run of equal-length segments, None otherwise."""
         n = hidden_states.shape[0]
         qkv = self.qkv(hidden_states).view(n, 3, self.num_heads, self.head_dim)  # (N, 3, H, d)
         q, k = apply_rotary(qkv[:, :2], *position_embeddings).to(qkv.dtype).unbind(1)  # (N, H, d) each
         v = qkv[:, 2]  # (N, H, d)
 
         impl = self.config._attn_implementation or "sdpa"
+        if output_attentions and impl != "eager":
+            raise ValueError(
+                f"output_attentions needs attn_implementation='eager' in the vision tower, got {impl!r}: the fused "
+                "kernels never form the attention weights"
+            )
         varlen_ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and impl != "eager"
         if varlen_ok and flash_attn_varlen_func is not None:
             out = flash_attn_varlen_func(
@@ -176,23 +197,29 @@ class NativeVLVisionAttention(nn.Module):
             out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=self.scaling)  # (N, H, d)
         else:
             out = torch.empty_like(v)  # (N, H, d)
+            kept = [] if output_attentions else None
             for start, length, count in segment_runs:
                 end = start + length * count
                 # (count*L, H, d) -> (count, L, H, d) -> (count, H, L, d), views
                 qs, ks, vs = (t[start:end].view(count, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-                o = self._segment_attention(qs, ks, vs, eager=impl == "eager")  # (count, H, L, d)
+                o, weights = self._segment_attention(qs, ks, vs, eager=impl == "eager")  # (count, H, L, d)
                 out[start:end].view(count, length, *out.shape[1:]).copy_(o.transpose(1, 2))
-                del o  # the next segment's scores are allocated without this one's output alive
-        return self.proj(out.reshape(n, -1))  # (N, D)
+                if kept is not None:
+                    kept.append(weights)
+                del o, weights  # the next segment's scores are allocated without this one's alive
+            return self.proj(out.reshape(n, -1)), None if kept is None else tuple(kept)  # (N, D)
+        return self.proj(out.reshape(n, -1)), None  # (N, D)
 
-    def _segment_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eager: bool) -> torch.Tensor:
-        """q, k, v: (count, H, L, d). Returns (count, H, L, d). A function of its own so that the (L, L) scores of
-        one segment are freed before the next segment's are allocated."""
+    def _segment_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eager: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """q, k, v: (count, H, L, d). Returns (count, H, L, d) and the eager softmax weights (count, H, L, L) (None
+        under sdpa). A function of its own so that one segment's scores are freed before the next one's exist."""
         if not eager:
-            return F.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+            return F.scaled_dot_product_attention(q, k, v, scale=self.scaling), None
         weights = torch.matmul(q * self.scaling, k.transpose(-1, -2))  # (count, H, L, L)
         weights = weights.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(weights, v)
+        return torch.matmul(weights, v), weights
 
 
 class NativeVLVisionMLP(nn.Module):
@@ -217,10 +244,13 @@ class NativeVLVisionBlock(GradientCheckpointingLayer):
         self.attn = NativeVLVisionAttention(config)
         self.mlp = NativeVLVisionMLP(config)
 
-    def forward(self, hidden_states, cu_seqlens, segment_runs, max_seqlen, position_embeddings) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(
-            self.norm1(hidden_states), cu_seqlens, segment_runs, max_seqlen, position_embeddings
-        )
+    def forward(
+        self, hidden_states, cu_seqlens, segment_runs, max_seqlen, position_embeddings, output_attentions=False
+    ) -> torch.Tensor:
+        attn_out, _ = self.attn(
+            self.norm1(hidden_states), cu_seqlens, segment_runs, max_seqlen, position_embeddings, output_attentions
+        )  # the weights reach `attentions` through transformers' output-capturing hook on the attention module
+        hidden_states = hidden_states + attn_out
         return hidden_states + self.mlp(self.norm2(hidden_states))
 
 
@@ -267,33 +297,50 @@ def vision_segments(grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[tuple[in
     return cu_seqlens, runs, max(lengths, default=0)
 
 
+# The name of the KV cache in forward arguments and model outputs: `cache` from transformers 5.24 on,
+# `past_key_values` before. Both names are accepted by the forwards here; outputs carry the release's own field.
+CACHE_NAME = "cache" if "cache" in inspect.signature(Qwen2VLTextModel.forward).parameters else "past_key_values"
+
+
+@dataclass
+class NativeVLVisionModelOutput(BaseModelOutputWithPooling):
+    """`BaseModelOutputWithPooling` of the vision tower / `get_image_features`: `last_hidden_state` (num_patches,
+    embed_dim); `pooler_output` (num_patches / 4, width) from the tower, or a tuple with one (tokens_i, LLM width)
+    tensor per grid from `get_image_features` (pooled to each grid's granularity level when one was given);
+    `hidden_states` / `attentions` when requested (attentions: per layer a tuple of (count, heads, L, L) weights,
+    one per run of equal-length segments, eager only); `image_granularity` (num_grids,) long levels or None."""
+
+    image_granularity: torch.LongTensor | None = None
+
+
 @dataclass
 class NativeVLModelOutputWithPast(BaseModelOutputWithPast):
-    """`BaseModelOutputWithPast` plus `rope_deltas` (batch, 1): largest position + 1 minus sequence length;
-    `image_granularity` (num_images,) long: the level each image was fed at; `visual_tokens` (num_images,) long:
-    the LLM tokens each image used (both None without images); `attention_mask` (batch, seq): the mask the LLM
-    ran with when `granularity="auto"` zeroed surplus placeholders (None otherwise)."""
+    """`BaseModelOutputWithPast` (transformers' own, so the cache field is the release's) plus:
+    `rope_deltas` (batch, 1): largest position + 1 minus sequence length; `image_granularity` (num_grids,) long: the
+    level each image grid was fed at; `visual_tokens` (num_grids,) long: the LLM tokens each grid used (both None
+    without images); `attention_mask` (batch, seq): the mask the LLM ran with when `granularity="auto"` zeroed
+    surplus placeholders (None otherwise); `image_outputs` / `video_outputs`: the vision tower's outputs
+    (`NativeVLVisionModelOutput`, with its hidden states and attentions when requested)."""
 
     rope_deltas: torch.LongTensor | None = None
     image_granularity: torch.LongTensor | None = None
     visual_tokens: torch.LongTensor | None = None
     attention_mask: torch.LongTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
+    video_outputs: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
-class NativeVLCausalLMOutputWithPast(ModelOutput):
-    """Causal LM output of `NativeVLForConditionalGeneration`: logits (batch, seq, vocab), optional loss;
-    `image_granularity`, `visual_tokens` (num_images,) and `attention_mask` as in `NativeVLModelOutputWithPast`."""
+class NativeVLCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` (transformers' own) of `NativeVLForConditionalGeneration`: logits (batch, seq,
+    vocab), optional loss, plus the fields `NativeVLModelOutputWithPast` adds."""
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     rope_deltas: torch.LongTensor | None = None
     image_granularity: torch.LongTensor | None = None
     visual_tokens: torch.LongTensor | None = None
     attention_mask: torch.LongTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
+    video_outputs: BaseModelOutputWithPooling | None = None
 
 
 # What `save_pretrained` writes into config.json's `auto_map` so the folder loads with `trust_remote_code=True`.
@@ -311,11 +358,13 @@ class NativeVLPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "video", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["NativeVLVisionBlock", "Qwen2VLDecoderLayer"]
-    _skip_keys_device_placement = "past_key_values"
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # Placeholders are counted, images split per grid and M-RoPE ids built on the host (data-dependent shapes), as
+    # in transformers' Qwen2-VL the vision part is not traced; the decoder alone compiles (tested).
     _can_compile_fullgraph = False
 
     @classmethod
@@ -345,6 +394,8 @@ class NativeVLVisionModel(NativeVLPreTrainedModel):
     input_modalities = ("image", "video")
     _no_split_modules = ["NativeVLVisionBlock"]
     _input_embed_layer = "patch_embed"
+    # transformers' output capturing: block outputs become `hidden_states`, eager weights `attentions`
+    _can_record_outputs = {"hidden_states": NativeVLVisionBlock, "attentions": NativeVLVisionAttention}
 
     def __init__(self, config: NativeVLVisionConfig) -> None:
         super().__init__(config)
@@ -357,25 +408,45 @@ class NativeVLVisionModel(NativeVLPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+    @capture_outputs
+    def forward(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> NativeVLVisionModelOutput:
         """pixel_values: (num_patches, C*T*P*P) in merge-block-major order; grid_thw: (num_grids, 3) long.
 
-        Returns `last_hidden_state` (num_patches, embed_dim) and `pooler_output` (num_patches / 4, hidden_size).
+        Returns `last_hidden_state` (num_patches, embed_dim) and `pooler_output` (num_patches / 4, hidden_size);
+        `hidden_states` (depth + 1 of (num_patches, embed_dim)) and `attentions` with `output_hidden_states` /
+        `output_attentions` (the latter needs eager attention).
         """
-        expected = int(grid_thw.prod(-1).sum())
-        if pixel_values.shape[0] != expected:
-            raise ValueError(
-                f"pixel_values has {pixel_values.shape[0]} patch rows but grid_thw {grid_thw.tolist()} "
-                f"describes {expected}"
-            )
+        check_grids(pixel_values, grid_thw, self.spatial_merge_size, "grid_thw")
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
         cu_seqlens, segment_runs, max_seqlen = vision_segments(grid_thw)
         cu_seqlens = cu_seqlens.to(pixel_values.device)
         hidden_states = self.patch_embed(pixel_values)  # (N, embed_dim)
         positions = vision_patch_positions(grid_thw, self.spatial_merge_size)  # (N, 2)
         position_embeddings = self.rotary_pos_emb(positions, hidden_states.device)  # 2 x (N, head_dim)
         for block in self.blocks:
-            hidden_states = block(hidden_states, cu_seqlens, segment_runs, max_seqlen, position_embeddings)
-        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=self.merger(hidden_states))
+            hidden_states = block(
+                hidden_states, cu_seqlens, segment_runs, max_seqlen, position_embeddings, bool(output_attentions)
+            )
+        return NativeVLVisionModelOutput(last_hidden_state=hidden_states, pooler_output=self.merger(hidden_states))
+
+
+def check_grids(pixel_values: torch.Tensor, grid_thw: torch.Tensor | None, merge_size: int, name: str) -> None:
+    """Raises ValueError, naming the values, unless `grid_thw` (num_grids, 3) describes the rows of
+    `pixel_values` (num_patches, C*T*P*P) with sides divisible by `merge_size`."""
+    if grid_thw is None:
+        raise ValueError(f"pixel values of {pixel_values.shape[0]} patch rows need {name} (num_grids, 3), got None")
+    if grid_thw.dim() != 2 or grid_thw.shape[-1] != 3:
+        raise ValueError(f"{name} must be (num_grids, 3) [t, h, w], got shape {tuple(grid_thw.shape)}")
+    expected = int(grid_thw.prod(-1).sum())
+    if pixel_values.shape[0] != expected:
+        raise ValueError(
+            f"pixel_values has {pixel_values.shape[0]} patch rows but {name} {grid_thw.tolist()} describes {expected}"
+        )
+    bad = [g for g in grid_thw.tolist() if g[1] % merge_size or g[2] % merge_size or min(g) < 1]
+    if bad:
+        raise ValueError(f"{name} rows {bad} must be positive with h and w divisible by the merge size {merge_size}")
 
 
 class NativeVLProjector(nn.Module):
@@ -479,23 +550,20 @@ register_attention()
 
 
 def mrope_positions_for_sequence(
-    input_ids: torch.Tensor,
-    image_token_id: int,
-    video_token_id: int,
+    kinds: torch.Tensor,
     image_grids: list[list[int]],
     video_grids: list[list[int]],
     merge_size: int,
 ) -> torch.Tensor:
     """M-RoPE ids of one unpadded sequence. Consumes grids from the front of `image_grids` / `video_grids`.
 
-    input_ids: (seq,) long. Returns (3, seq) long: rows (temporal, height, width). A text token gets its running
-    position on all three rows; the tokens of a grid (t, h, w) get start + (frame, row, col) over the merged
-    (t, h/m, w/m) grid; the next token resumes at the largest id so far + 1 (Qwen2-VL's rule).
+    kinds: (seq,) long, 0 text, 1 image placeholder, 2 video placeholder (transformers' `mm_token_type_ids`).
+    Returns (3, seq) long: rows (temporal, height, width). A text token gets its running position on all three
+    rows; the tokens of a grid (t, h, w) get start + (frame, row, col) over the merged (t, h/m, w/m) grid; the next
+    token resumes at the largest id so far + 1 (Qwen2-VL's rule).
     """
-    seq_len = input_ids.shape[0]
-    kinds = torch.zeros(seq_len, dtype=torch.long)
-    kinds[input_ids.cpu() == image_token_id] = 1
-    kinds[input_ids.cpu() == video_token_id] = 2
+    kinds = kinds.cpu().long()
+    seq_len = kinds.shape[0]
     positions = torch.empty(3, seq_len, dtype=torch.long)
     cursor, next_pos = 0, 0
     while cursor < seq_len:
@@ -529,6 +597,26 @@ def mrope_positions_for_sequence(
     return positions
 
 
+def placeholder_kinds(
+    input_ids: torch.LongTensor,
+    config: NativeVLConfig,
+    image_grid_thw: torch.LongTensor | None,
+    video_grid_thw: torch.LongTensor | None,
+    mm_token_type_ids: torch.Tensor | None = None,
+) -> torch.LongTensor:
+    """(batch, seq) long: 0 text, 1 image, 2 video. `mm_token_type_ids` when given; else a token is an image (video)
+    placeholder when it holds the image (video) token id AND the batch has image (video) grids, so text-only
+    inputs holding those ids are text, as in transformers' Qwen2-VL."""
+    if mm_token_type_ids is not None:
+        return mm_token_type_ids.long()
+    kinds = torch.zeros_like(input_ids, dtype=torch.long)
+    if image_grid_thw is not None and image_grid_thw.numel():
+        kinds[input_ids == config.image_token_id] = 1
+    if video_grid_thw is not None and video_grid_thw.numel():
+        kinds[input_ids == config.video_token_id] = 2
+    return kinds
+
+
 def get_rope_index(
     input_ids: torch.LongTensor,
     config: NativeVLConfig,
@@ -536,32 +624,32 @@ def get_rope_index(
     video_grid_thw: torch.LongTensor | None = None,
     attention_mask: torch.Tensor | None = None,
     image_granularity: torch.LongTensor | None = None,
+    mm_token_type_ids: torch.Tensor | None = None,
 ) -> tuple[torch.LongTensor, torch.LongTensor]:
     """M-RoPE position ids of a (possibly padded) batch, computed from the placeholder tokens alone.
 
     input_ids: (batch, seq). image_grid_thw / video_grid_thw: (num, 3) in the order the placeholders appear,
     sample after sample. attention_mask: (batch, seq), 0 on padding (left or right). image_granularity:
     (num_images,) long levels; an image of level l is placed as its pooled grid `level_grid(...)` (its own
-    (row, col) ids, `level_grid`'s count of placeholders); None: level 0 everywhere. Returns position_ids
-    (3, batch, seq) long (padding gets 1, as in Qwen2-VL) and rope_deltas (batch, 1): largest id + 1 - length, so
+    (row, col) ids, `level_grid`'s count of placeholders); None: level 0 everywhere. mm_token_type_ids: (batch,
+    seq), 0 text / 1 image / 2 video; None: derived by `placeholder_kinds`. Returns position_ids (3, batch, seq)
+    long (padding gets 0, as in transformers' Qwen2-VL) and rope_deltas (batch, 1): largest id + 1 - length, so
     that the token at cache position p of sample b decodes at p + rope_deltas[b].
     """
     merge = config.vision_config.spatial_merge_size
+    kinds = placeholder_kinds(input_ids, config, image_grid_thw, video_grid_thw, mm_token_type_ids)
     if image_grid_thw is not None:
         image_grid_thw = pooled_grid_thw(image_grid_thw, image_granularity, merge)
     image_grids = image_grid_thw.tolist() if image_grid_thw is not None else []
     video_grids = video_grid_thw.tolist() if video_grid_thw is not None else []
     batch, seq_len = input_ids.shape
-    position_ids = torch.ones(3, batch, seq_len, dtype=torch.long)
+    position_ids = torch.zeros(3, batch, seq_len, dtype=torch.long)
     deltas = []
     for b in range(batch):
         keep = attention_mask[b].bool().cpu() if attention_mask is not None else torch.ones(seq_len, dtype=torch.bool)
-        ids = input_ids[b].cpu()[keep]
-        pos = mrope_positions_for_sequence(
-            ids, config.image_token_id, config.video_token_id, image_grids, video_grids, merge
-        )
+        pos = mrope_positions_for_sequence(kinds[b].cpu()[keep], image_grids, video_grids, merge)
         position_ids[:, b, keep] = pos
-        deltas.append((int(pos.max()) + 1 if pos.numel() else 0) - ids.shape[0])
+        deltas.append((int(pos.max()) + 1 if pos.numel() else 0) - pos.shape[1])
     if image_grids or video_grids:
         raise ValueError(
             f"{len(image_grids)} image grid(s) and {len(video_grids)} video grid(s) have no placeholder tokens left"
@@ -570,12 +658,37 @@ def get_rope_index(
     return position_ids.to(device), torch.tensor(deltas, dtype=torch.long, device=device).unsqueeze(1)
 
 
+def channels_first_position_ids(position_ids: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """Position ids in the decoder's layout: (batch, seq) or (rows, batch, seq). The processor's batch-first M-RoPE
+    ids (batch, seq, 3) (a layout every padding collator pads along the sequence) are moved to (3, batch, seq).
+    A shape that reads both ways ((3, 3, 3) for 3 sequences of 3 tokens) is taken as (rows, batch, seq)."""
+    if position_ids.dim() != 3 or tuple(position_ids.shape[1:]) == (batch, seq_len):
+        return position_ids
+    if tuple(position_ids.shape[:2]) == (batch, seq_len) and position_ids.shape[2] in (3, 4):
+        return position_ids.permute(2, 0, 1)  # (batch, seq, rows) -> (rows, batch, seq)
+    raise ValueError(
+        f"position_ids of shape {tuple(position_ids.shape)} fit neither (rows, batch, seq) nor (batch, seq, rows) "
+        f"for batch {batch} and sequence length {seq_len}"
+    )
+
+
+def rope_deltas_from_positions(position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.LongTensor:
+    """rope_deltas (batch, 1) of given M-RoPE ids (3 or 4, batch, seq): largest id over the attended tokens + 1
+    minus their count, so cached decoding continues where the given ids end."""
+    rows = position_ids[-3:]  # (3, batch, seq): the M-RoPE rows (a leading plain row of packed ids is skipped)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return (rows.amax(dim=(0, 2)) + 1 - rows.shape[-1]).unsqueeze(1)
+    mask = attention_mask.to(rows.device).bool()
+    largest = rows.masked_fill(~mask.unsqueeze(0), -1).amax(dim=(0, 2))  # (batch,)
+    return (largest + 1 - mask.sum(-1)).unsqueeze(1)
+
+
 def text_positions(
     batch: int, seq_len: int, past_length: int, attention_mask: torch.Tensor | None, device: torch.device
 ) -> torch.LongTensor:
     """Plain positions (batch, seq_len) of the newest `seq_len` tokens: count of attended tokens before each one
     (so left padding is skipped), or past_length + arange without a mask."""
-    if attention_mask is not None and attention_mask.dim() == 2:
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (batch, past + seq)
         return positions[:, -seq_len:].to(device)
     return torch.arange(past_length, past_length + seq_len, device=device).expand(batch, seq_len)
@@ -783,8 +896,9 @@ class NativeVLModel(NativeVLPreTrainedModel):
         self.multi_modal_projector = NativeVLProjector(config) if config.projector_type == "merger_mlp" else None
         self.language_model = NativeVLTextModel._from_config(config.text_config)
         self.granularity_router = NativeVLGranularityRouter(config) if config.granularity is not None else None
-        self.rope_deltas = None  # (batch, 1), set at prefill, used to place decoded tokens
-        self._vision_cache = None  # (pixel_values, image_grid_thw, features) reused by generate(granularity="auto")
+        self.rope_deltas = (
+            None  # (batch, 1), set at every prefill from the ids it ran with, used to place decoded tokens
+        )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -793,17 +907,88 @@ class NativeVLModel(NativeVLPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> torch.Tensor:
-        """pixel_values: (num_patches, 1176); image_grid_thw: (num_grids, 3). Returns (num_patches / 4, LLM width)."""
-        cache = self._vision_cache
-        if cache is not None and cache[0] is pixel_values and torch.equal(cache[1].cpu(), image_grid_thw.cpu()):
-            return cache[2]
-        features = self.visual(pixel_values.type(self.visual.dtype), grid_thw=image_grid_thw).pooler_output
+    def _encode(self, pixel_values: torch.Tensor, grid_thw: torch.LongTensor, **kwargs) -> NativeVLVisionModelOutput:
+        """Vision tower + projector: `pooler_output` (sum t*h*w/4, LLM width), level 0, all grids concatenated."""
+        capture = {k: v for k, v in kwargs.items() if k in ("output_hidden_states", "output_attentions")}
+        outputs = self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid_thw, **capture)
         if self.multi_modal_projector is not None:
-            features = self.multi_modal_projector(features)
-        return features
+            outputs.pooler_output = self.multi_modal_projector(outputs.pooler_output)
+        return outputs
 
-    get_video_features = get_image_features
+    def pool_image_outputs(
+        self, outputs: NativeVLVisionModelOutput, image_grid_thw: torch.LongTensor, levels: torch.LongTensor | None
+    ) -> NativeVLVisionModelOutput:
+        """Splits `outputs.pooler_output` (sum t*h*w/4, D), level-0 tokens of all grids, into one tensor per grid,
+        each average-pooled to its level (`pool_grid`); records the levels in `image_granularity`."""
+        features = outputs.pooler_output
+        if not isinstance(features, torch.Tensor):
+            features = torch.cat(features)
+        merge = self.config.vision_config.spatial_merge_size
+        parts, grids = split_by_image(features, image_grid_thw, merge)
+        if levels is not None and bool((levels != 0).any()):
+            parts = [pool_grid(p, g, int(lv))[0] for p, g, lv in zip(parts, grids, levels.tolist(), strict=True)]
+        outputs.pooler_output = tuple(parts)
+        outputs.image_granularity = levels
+        return outputs
+
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.LongTensor | None = None,
+        image_granularity: torch.LongTensor | int | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | NativeVLVisionModelOutput:
+        """Qwen2-VL's contract: pixel_values (num_patches, 1176), image_grid_thw (num_grids, 3). Returns the vision
+        tower's output with `pooler_output` a tuple of one (tokens_i, LLM width) tensor per grid, pooled to
+        `image_granularity` (None: level 0; an int or one level per grid) when given; `hidden_states` /
+        `attentions` of the tower with `output_hidden_states` / `output_attentions`."""
+        merge = self.config.vision_config.spatial_merge_size
+        check_grids(pixel_values, image_grid_thw, merge, "image_grid_thw")
+        levels = self.resolve_granularity(image_granularity, image_grid_thw)
+        return self.pool_image_outputs(self._encode(pixel_values, image_grid_thw, **kwargs), image_grid_thw, levels)
+
+    @can_return_tuple
+    def get_video_features(
+        self,
+        pixel_values_videos: torch.Tensor,
+        video_grid_thw: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | NativeVLVisionModelOutput:
+        """As `get_image_features` for videos (never pooled): `pooler_output` one tensor per video."""
+        check_grids(
+            pixel_values_videos, video_grid_thw, self.config.vision_config.spatial_merge_size, "video_grid_thw"
+        )
+        return self.pool_image_outputs(
+            self._encode(pixel_values_videos, video_grid_thw, **kwargs), video_grid_thw, None
+        )
+
+    def get_rope_index(
+        self,
+        input_ids: torch.LongTensor,
+        mm_token_type_ids: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """transformers' `Qwen2VLModel.get_rope_index` contract: position ids (3, batch, seq) long (0 on padding)
+        and rope_deltas (batch, 1). `mm_token_type_ids` (batch, seq), 0 text / 1 image / 2 video, may be omitted
+        (placeholders are then found by token id, and only when grids of their kind are given). Extra keyword:
+        `image_granularity` (num_grids,) levels. Under `position_scheme="1d"` the three rows are the plain
+        positions the model uses and the deltas are 0."""
+        if self.config.position_scheme == "1d":
+            batch, seq_len = input_ids.shape
+            mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+            positions = text_positions(batch, seq_len, 0, mask, input_ids.device)
+            if mask is not None:
+                positions = positions.masked_fill(~mask.bool(), 0)
+            zeros = torch.zeros(batch, 1, dtype=torch.long, device=input_ids.device)
+            return positions.unsqueeze(0).expand(3, -1, -1).clone(), zeros
+        levels = self.resolve_granularity(kwargs.get("image_granularity"), image_grid_thw)
+        return get_rope_index(
+            input_ids, self.config, image_grid_thw, video_grid_thw, attention_mask, levels, mm_token_type_ids
+        )
 
     def _scatter(self, inputs_embeds, input_ids, token_id, features, name) -> torch.Tensor:
         """Writes `features` (n, D) into the `token_id` positions of inputs_embeds (batch, seq, D), in order."""
@@ -823,7 +1008,7 @@ class NativeVLModel(NativeVLPreTrainedModel):
         return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
 
     def resolve_granularity(self, granularity, image_grid_thw: torch.LongTensor | None) -> torch.LongTensor | None:
-        """Per-image levels (num_images,) long from None (None: full grid), an int (every image) or a sequence /
+        """Per-grid levels (num_grids,) long from None (None: full grid), an int (every grid) or a sequence /
         tensor (one level per image grid). Raises on levels outside 0..L-1 (when the config sets L) or below 0."""
         if granularity is None or image_grid_thw is None:
             return None
@@ -842,17 +1027,6 @@ class NativeVLModel(NativeVLPreTrainedModel):
         if levels.numel() and (int(levels.min()) < 0 or (top is not None and int(levels.max()) >= top)):
             raise ValueError(f"granularity levels {levels.tolist()} must lie in 0..{(top or 1) - 1 if top else 'inf'}")
         return levels.to(image_grid_thw.device)
-
-    def pool_image_features(
-        self, features: torch.Tensor, image_grid_thw: torch.LongTensor, levels: torch.LongTensor | None
-    ) -> torch.Tensor:
-        """features: (sum t*h*w/4, D) level-0 tokens of all images. Returns each image pooled to its level,
-        concatenated: (sum of pooled counts, D)."""
-        if levels is None or not bool((levels != 0).any()):
-            return features
-        merge = self.config.vision_config.spatial_merge_size
-        parts, grids = split_by_image(features, image_grid_thw, merge)
-        return torch.cat([pool_grid(p, g, int(lv))[0] for p, g, lv in zip(parts, grids, levels.tolist(), strict=True)])
 
     def router_logits(
         self,
@@ -885,7 +1059,7 @@ class NativeVLModel(NativeVLPreTrainedModel):
             segment = index // seq  # (batch*seq,)
         vision_ids = (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
         is_text = ~torch.isin(flat_ids, torch.tensor(vision_ids, device=flat_ids.device))
-        if attention_mask is not None and attention_mask.dim() == 2:
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             is_text &= attention_mask.reshape(-1).bool()
         if labels is not None:
             is_text &= labels.reshape(-1) == -100
@@ -929,7 +1103,7 @@ class NativeVLModel(NativeVLPreTrainedModel):
     ) -> tuple[torch.LongTensor, torch.Tensor, torch.Tensor]:
         """`granularity="auto"`: runs the vision tower and the router. Returns the argmax levels (num_images,)
         long, the router logits (num_images, L) and the level-0 image features (sum t*h*w/4, D)."""
-        features = self.get_image_features(pixel_values, image_grid_thw)
+        features = self._encode(pixel_values, image_grid_thw).pooler_output
         logits = self.router_logits(
             input_ids, features, image_grid_thw, attention_mask, labels, cu_seq_lens_q, image_granularity
         )
@@ -940,33 +1114,71 @@ class NativeVLModel(NativeVLPreTrainedModel):
         input_ids: torch.LongTensor | None,
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None,
+        cache: Cache | None,
         image_grid_thw: torch.LongTensor | None,
         video_grid_thw: torch.LongTensor | None,
         image_granularity: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
     ) -> torch.LongTensor:
         """Position ids when the caller gave none: (batch, seq) for the 1-D scheme, (3, batch, seq) for M-RoPE.
 
-        M-RoPE at prefill (empty cache) is computed from the placeholder tokens and remembers `rope_deltas`;
-        during cached decoding the new tokens are text, placed at their plain position + `rope_deltas`.
+        M-RoPE at prefill (empty cache) is computed from the placeholder tokens and sets `rope_deltas` (0 for a
+        prompt given as embeddings: it has no placeholders to read); during cached decoding the new tokens are
+        text, placed at their plain position + `rope_deltas`.
         """
         batch, seq_len = inputs_embeds.shape[:2]
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        mask_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        past_length = cache.get_seq_length() if cache is not None else 0
+        mask_2d = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
         if self.config.position_scheme == "1d":
             return text_positions(batch, seq_len, past_length, mask_2d, inputs_embeds.device)
         if past_length == 0 and input_ids is not None:
             position_ids, self.rope_deltas = get_rope_index(
-                input_ids, self.config, image_grid_thw, video_grid_thw, mask_2d, image_granularity
+                input_ids, self.config, image_grid_thw, video_grid_thw, mask_2d, image_granularity, mm_token_type_ids
             )
             return position_ids
         positions = text_positions(batch, seq_len, past_length, mask_2d, inputs_embeds.device)
-        if self.rope_deltas is not None:
+        if past_length == 0:
+            self.rope_deltas = torch.zeros(batch, 1, dtype=torch.long, device=positions.device)
+        elif self.rope_deltas is not None:
             deltas = self.rope_deltas.to(positions.device)
             positions = positions + deltas.repeat_interleave(batch // deltas.shape[0], dim=0)
         return positions.unsqueeze(0).expand(3, -1, -1)
 
-    def _packed_position_ids(self, position_ids, pixel_values, pixel_values_videos) -> tuple[torch.Tensor, bool]:
+    def given_position_ids(
+        self,
+        position_ids: torch.LongTensor,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        has_vision: bool,
+    ) -> tuple[torch.LongTensor, bool]:
+        """Checks and prepares caller-given position ids: the processor's batch-first (batch, seq, 3) layout is
+        moved to (3, batch, seq); ids that do not fit `config.position_scheme` raise (naming both); packed rows
+        are made safe (`_packed_position_ids`); at prefill `rope_deltas` is derived from these ids. Returns the ids
+        and whether the rows are packed (then the KV cache must stay off)."""
+        batch, seq_len = inputs_embeds.shape[:2]
+        position_ids = channels_first_position_ids(position_ids, batch, seq_len)
+        scheme = self.config.position_scheme
+        if scheme == "1d" and position_ids.dim() == 3 and not bool((position_ids[-3:] == position_ids[-1:]).all()):
+            raise ValueError(
+                f"position_ids carry distinct M-RoPE rows {tuple(position_ids.shape)} but this model's "
+                "config.position_scheme is '1d' (plain positions): use a processor with position_scheme='1d'"
+            )
+        packed = False
+        if attention_mask is None and cache is None:
+            position_ids, packed = self._packed_position_ids(position_ids, has_vision)
+        if scheme == "mrope" and position_ids.dim() == 2 and has_vision:
+            raise ValueError(
+                f"position_ids are plain {tuple(position_ids.shape)} but this model's config.position_scheme is "
+                "'mrope' and the inputs hold images or videos: pass the processor's M-RoPE ids (a processor with "
+                "position_scheme='mrope') or none, so the model computes them"
+            )
+        if scheme == "mrope" and (cache is None or cache.get_seq_length() == 0):
+            rows = position_ids if position_ids.dim() == 3 else position_ids.unsqueeze(0).expand(3, -1, -1)
+            self.rope_deltas = rope_deltas_from_positions(rows, attention_mask)
+        return position_ids, packed
+
+    def _packed_position_ids(self, position_ids, has_vision: bool) -> tuple[torch.Tensor, bool]:
         """Position ids of a batch without attention mask, made safe for packed rows (several samples per row).
 
         Packing shows as plain positions restarting inside a row. transformers builds the per-sample mask from the
@@ -988,7 +1200,6 @@ class NativeVLModel(NativeVLPreTrainedModel):
                 "(4, batch, seq) ids, plain per-sample positions first (as PackingCollator does)"
             )
         if position_ids.dim() == 2:
-            has_vision = pixel_values is not None or pixel_values_videos is not None
             if self.config.position_scheme == "mrope" and has_vision:
                 raise ValueError(
                     "packed rows with images under M-RoPE need (4, batch, seq) position ids (plain row, then "
@@ -997,6 +1208,7 @@ class NativeVLModel(NativeVLPreTrainedModel):
             position_ids = position_ids.unsqueeze(0).expand(4, -1, -1)
         return position_ids, True
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1011,15 +1223,20 @@ class NativeVLModel(NativeVLPreTrainedModel):
         video_grid_thw: torch.LongTensor | None = None,
         mm_token_type_ids: torch.IntTensor | None = None,
         rope_deltas: torch.LongTensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         granularity: str | int | torch.LongTensor | None = None,
         image_granularity: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
-        **kwargs,
-    ) -> NativeVLModelOutputWithPast:
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | NativeVLModelOutputWithPast:
         """input_ids: (batch, seq). pixel_values: (num_patches, 1176) for all images of the batch, image_grid_thw
-        (num_images, 3); videos likewise. position_ids: (batch, seq), (3, batch, seq) or (4, batch, seq) with plain
-        per-sample positions first (packed rows); computed from the placeholders when None. `mm_token_type_ids` is
-        accepted for API compatibility and not needed: placeholders are found by token id.
+        (num_images, 3); videos likewise (zero rows count as none). `mm_encoder_outputs`: {"image"|"video": output
+        of `get_image_features` / `get_video_features`} in place of pixels (what `generate` passes). position_ids:
+        (batch, seq), (3, batch, seq), the processor's (batch, seq, 3), or (4, batch, seq) with plain per-sample
+        positions first (packed rows); computed from the placeholders when None. `mm_token_type_ids` (batch, seq):
+        0 text / 1 image / 2 video; without it placeholders are found by token id. The KV cache is `cache` (5.24 on)
+        or `past_key_values` (earlier releases).
 
         granularity: None (full grids), an int level for every image, or (num_images,) long levels; each image's
         tokens are average-pooled to its level before they fill its placeholders, whose count must be the pooled
@@ -1032,88 +1249,121 @@ class NativeVLModel(NativeVLPreTrainedModel):
         the returned `attention_mask`) and position ids are recomputed over the kept tokens, so every kept
         position gets the logits of the prompt shortened to the chosen levels (what `generate` feeds). Given
         `position_ids` are ignored then (they describe the full grids). Packed rows take explicit levels."""
+        cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
+        shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape)
+        if 0 in shape[:2]:
+            raise ValueError(f"empty batch: the inputs have shape {shape}")
         if rope_deltas is not None:
             self.rope_deltas = rope_deltas
-        routed_mask = image_embeds = None
-        if isinstance(granularity, str) and granularity == "auto" and pixel_values is not None:
-            input_ids, routed_mask, granularity, image_embeds = self._route(
-                input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, image_granularity, labels,
-                **kwargs,
-            )  # fmt: skip
-            attention_mask, position_ids = routed_mask, None
-        elif isinstance(granularity, str) and granularity == "auto":
-            granularity = None  # nothing to route (text only, or a decoding step after the prefill)
+        pixel_values, image_grid_thw = drop_empty(pixel_values, image_grid_thw)
+        pixel_values_videos, video_grid_thw = drop_empty(pixel_values_videos, video_grid_thw)
+        encoded = {k: v for k, v in (mm_encoder_outputs or {}).items() if v is not None}
+        for name, pixels in (("image", pixel_values), ("video", pixel_values_videos)):
+            if pixels is not None and name in encoded:
+                raise ValueError(f"give the {name}s as pixel values or as mm_encoder_outputs['{name}'], not both")
+        capture = {k: kwargs[k] for k in ("output_hidden_states", "output_attentions") if k in kwargs}
+        routed_mask = None
+        if isinstance(granularity, str):
+            if granularity != "auto":
+                raise ValueError(
+                    f"granularity must be None, 'auto', an int level or per-image levels, got {granularity!r}"
+                )
+            if pixel_values is not None:  # else nothing to route (text only, or a decoding step after the prefill)
+                input_ids, routed_mask, encoded["image"] = self._route(
+                    input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, image_granularity,
+                    labels, kwargs.get("cu_seq_lens_q"), capture,
+                )  # fmt: skip
+                attention_mask, position_ids, pixel_values = routed_mask, None, None
+            granularity = None
+        if pixel_values is not None:
+            levels = granularity if granularity is not None else image_granularity
+            encoded["image"] = self.get_image_features(pixel_values, image_grid_thw, levels, **capture)
+        if pixel_values_videos is not None:
+            encoded["video"] = self.get_video_features(pixel_values_videos, video_grid_thw, **capture)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        levels = self.resolve_granularity(
-            granularity if granularity is not None else image_granularity, image_grid_thw
-        )
-        visual_tokens = None
-        if pixel_values is not None:
-            if image_embeds is None:
-                image_embeds = self.get_image_features(pixel_values, image_grid_thw)
-            image_embeds = self.pool_image_features(image_embeds, image_grid_thw, levels)
-            merge = self.config.vision_config.spatial_merge_size
-            counts = image_token_counts(image_grid_thw, levels, merge)
-            visual_tokens = torch.tensor(counts, dtype=torch.long, device=inputs_embeds.device)
-            if levels is None:
-                levels = torch.zeros_like(visual_tokens)
-            inputs_embeds = self._scatter(inputs_embeds, input_ids, self.config.image_token_id, image_embeds, "image")
-        if pixel_values_videos is not None:
-            video_embeds = self.get_video_features(pixel_values_videos, video_grid_thw)
-            inputs_embeds = self._scatter(inputs_embeds, input_ids, self.config.video_token_id, video_embeds, "video")
+        for name, token_id in (("image", self.config.image_token_id), ("video", self.config.video_token_id)):
+            if name in encoded:
+                features = torch.cat(tuple(encoded[name].pooler_output))  # (sum of tokens, D)
+                inputs_embeds = self._scatter(inputs_embeds, input_ids, token_id, features, name)
+        image_out = encoded.get("image")
+        levels = getattr(image_out, "image_granularity", None)
         if position_ids is None:
             position_ids = self.compute_position_ids(
-                input_ids, inputs_embeds, attention_mask, past_key_values, image_grid_thw, video_grid_thw, levels
+                input_ids, inputs_embeds, attention_mask, cache, image_grid_thw, video_grid_thw, levels,
+                mm_token_type_ids,
+            )  # fmt: skip
+        else:
+            position_ids, packed = self.given_position_ids(
+                position_ids, inputs_embeds, attention_mask, cache, bool(encoded)
             )
-        elif attention_mask is None and past_key_values is None:
-            position_ids, packed = self._packed_position_ids(position_ids, pixel_values, pixel_values_videos)
-            if packed:
-                # a cache would make transformers skip the per-sample mask: samples would see each other
-                use_cache = False
+            use_cache = False if packed else use_cache  # a cache would skip the per-sample mask: samples would mix
         outputs = self.language_model(
             input_ids=None,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{CACHE_NAME: cache},
             **kwargs,
         )
+        visual_tokens = None
+        if image_out is not None:
+            counts = [part.shape[0] for part in image_out.pooler_output]
+            visual_tokens = torch.tensor(counts, dtype=torch.long, device=inputs_embeds.device)
+            if levels is None:
+                levels = torch.zeros_like(visual_tokens)
         return NativeVLModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             rope_deltas=self.rope_deltas,
-            image_granularity=levels if pixel_values is not None else None,
+            image_granularity=levels,
             visual_tokens=visual_tokens,
             attention_mask=routed_mask,
+            image_outputs=image_out,
+            video_outputs=encoded.get("video"),
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
     def _route(
-        self, input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, image_granularity, labels, **kw
-    ) -> tuple[torch.LongTensor, torch.LongTensor, torch.LongTensor, torch.Tensor]:
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        pixel_values,
+        image_grid_thw,
+        image_granularity,
+        labels,
+        cu_seq_lens_q,
+        capture,
+    ) -> tuple[torch.LongTensor, torch.LongTensor, NativeVLVisionModelOutput]:
         """`forward(granularity="auto")`: input_ids with the surplus placeholders replaced by padding (so only
-        the kept ones are filled and positioned), the attention mask with them zeroed (batch, seq), the router's
-        levels (num_images,) and the level-0 image features (sum t*h*w/4, D) (with gradient when enabled; the
-        router itself runs without)."""
+        the kept ones are filled and positioned), the attention mask with them zeroed (batch, seq), and the image
+        outputs pooled to the router's levels (with gradient to the features when enabled; the router itself runs
+        without)."""
         if input_ids is None:
             raise ValueError("granularity='auto' needs input_ids: the router reads the instruction tokens")
         if self.granularity_router is None:
             raise ValueError("granularity='auto' needs a granularity router: this model's config.granularity is None")
-        if attention_mask is None and (kw.get("cu_seq_lens_q") is not None or position_ids is not None):
+        if attention_mask is None and (cu_seq_lens_q is not None or position_ids is not None):
             raise ValueError(
                 "granularity='auto' takes padded or single rows (attention_mask or no position_ids); for packed rows "
                 "call choose_granularity(..., cu_seq_lens_q=...) and pack the samples at the levels it returns"
             )
         from_levels = self.resolve_granularity(image_granularity, image_grid_thw)
-        features = self.get_image_features(pixel_values, image_grid_thw)
+        check_grids(pixel_values, image_grid_thw, self.config.vision_config.spatial_merge_size, "image_grid_thw")
+        image_out = self._encode(pixel_values, image_grid_thw, **capture)
         with torch.no_grad():
             levels = self.router_logits(
-                input_ids, features, image_grid_thw, attention_mask, labels, image_granularity=from_levels
+                input_ids,
+                image_out.pooler_output,
+                image_grid_thw,
+                attention_mask,
+                labels,
+                image_granularity=from_levels,
             ).argmax(-1)
         merge, image_id = self.config.vision_config.spatial_merge_size, self.config.image_token_id
         mask = drop_surplus_placeholders(
@@ -1122,13 +1372,22 @@ class NativeVLModel(NativeVLPreTrainedModel):
         pad = self.config.text_config.pad_token_id
         dropped = (input_ids == image_id) & ~mask.bool()
         input_ids = input_ids.masked_fill(dropped, pad if pad is not None and pad != image_id else 0)
-        return input_ids, mask, levels, features
+        return input_ids, mask, self.pool_image_outputs(image_out, image_grid_thw, levels)
+
+
+def drop_empty(pixels: torch.Tensor | None, grid_thw: torch.LongTensor | None):
+    """(None, None) for zero-row pixel values (what the processor returns for a text-only sample, so every sample
+    of a batch has the same keys); the inputs unchanged otherwise."""
+    if pixels is not None and pixels.shape[0] == 0 and (grid_thw is None or grid_thw.numel() == 0):
+        return None, None
+    return pixels, grid_thw
 
 
 class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin):
     """`NativeVLModel` + LM head; `generate` places decoded tokens after the images' M-RoPE ids."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
     accepts_loss_kwargs = True
 
     def __init__(self, config: NativeVLConfig) -> None:
@@ -1149,9 +1408,29 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values, image_grid_thw)
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | NativeVLVisionModelOutput:
+        """`NativeVLModel.get_image_features`."""
+        return self.model.get_image_features(pixel_values, image_grid_thw, **kwargs)
 
+    def get_video_features(
+        self,
+        pixel_values_videos: torch.Tensor,
+        video_grid_thw: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | NativeVLVisionModelOutput:
+        """`NativeVLModel.get_video_features`."""
+        return self.model.get_video_features(pixel_values_videos, video_grid_thw, **kwargs)
+
+    def get_rope_index(self, *args, **kwargs) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """`NativeVLModel.get_rope_index`."""
+        return self.model.get_rope_index(*args, **kwargs)
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1168,10 +1447,12 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
         mm_token_type_ids: torch.IntTensor | None = None,
         rope_deltas: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         granularity: str | int | torch.LongTensor | None = None,
         image_granularity: torch.LongTensor | None = None,
-        **kwargs,
-    ) -> NativeVLCausalLMOutputWithPast:
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | NativeVLCausalLMOutputWithPast:
         """Arguments as `NativeVLModel.forward`; labels (batch, seq) with -100 on ignored tokens (shifted inside).
         Returns logits (batch, seq, vocab) (the last `logits_to_keep` positions when nonzero) and the mean loss,
         plus the level and the visual tokens of each image (`granularity="auto"`: see `NativeVLModel.forward`)."""
@@ -1179,17 +1460,20 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             pixel_values=pixel_values,
             pixel_values_videos=pixel_values_videos,
             image_grid_thw=image_grid_thw,
             video_grid_thw=video_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
             rope_deltas=rope_deltas,
+            mm_encoder_outputs=mm_encoder_outputs,
             granularity=granularity,
             image_granularity=image_granularity,
             labels=labels if isinstance(granularity, str) else None,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -1206,13 +1490,15 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
         return NativeVLCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             rope_deltas=outputs.rope_deltas,
             image_granularity=outputs.image_granularity,
             visual_tokens=outputs.visual_tokens,
             attention_mask=outputs.attention_mask,
+            image_outputs=outputs.image_outputs,
+            video_outputs=outputs.video_outputs,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
@@ -1229,16 +1515,15 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
             self.model.rope_deltas = torch.zeros(text_ids.shape[0], 1, dtype=torch.long, device=text_ids.device)
             return text_ids.unsqueeze(0).expand(4, -1, -1)
         mask = model_kwargs.get("attention_mask")
-        granularity = model_kwargs.get("granularity")
-        if granularity is None:
-            granularity = model_kwargs.get("image_granularity")
+        grids = model_kwargs.get("image_grid_thw")
         mrope_ids, self.model.rope_deltas = get_rope_index(
             input_ids,
             self.config,
-            model_kwargs.get("image_grid_thw"),
+            grids,
             model_kwargs.get("video_grid_thw"),
             mask if mask is not None and mask.dim() == 2 else None,
-            self.model.resolve_granularity(granularity, model_kwargs.get("image_grid_thw")),
+            self.model.resolve_granularity(model_kwargs.get("image_granularity"), grids),
+            model_kwargs.get("mm_token_type_ids"),
         )
         return torch.cat([text_ids.unsqueeze(0).to(mrope_ids.device), mrope_ids], dim=0)  # (4, batch, seq)
 
@@ -1246,32 +1531,46 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
         """`GenerationMixin.generate` plus `granularity`: None (full grids), an int level or per-image levels
         (the prompt's placeholders must already match, e.g. from `processor(..., granularity=...)`), or `"auto"`.
 
+        The processor's batch-first M-RoPE ids (batch, seq, 3) are accepted as `position_ids`; zero-row pixel
+        values (text-only samples) count as none. The vision tower runs once, before the prefill, through
+        transformers' `mm_encoder_outputs`.
+
         `"auto"` (prompt expanded for level 0, as the processor does by default): the vision tower and the router
         run once on the prompt and pick each image's level; the prompt is compacted (each image keeps the
         placeholders of its level, rows re-padded on the same side, attention mask rebuilt), its position ids are
-        computed for the pooled grids, and the standard `generate` runs on it with those levels (the image
-        features are reused, not recomputed). The returned sequences are the ORIGINAL prompt ids followed by the
-        generated tokens, so slicing off `input_ids.shape[1]` (as `pipeline` does) stays correct; with
-        `return_dict_in_generate=True` the output also carries `image_granularity` (num_images,).
+        computed for the pooled grids, and the standard `generate` runs on it with the pooled features. The
+        returned sequences are the ORIGINAL prompt ids followed by the generated tokens, so slicing off
+        `input_ids.shape[1]` (as `pipeline` does) stays correct; with `return_dict_in_generate=True` the output
+        also carries `image_granularity` (num_images,).
         """
-        if not isinstance(granularity, str):
-            if granularity is not None:
-                kwargs["granularity"] = granularity
-            return super().generate(*args, **kwargs)
-        if granularity != "auto":
-            raise ValueError(f"granularity must be None, an int, per-image levels or 'auto', got {granularity!r}")
         input_ids = kwargs.pop("input_ids", None)
-        if input_ids is None and args:
+        if input_ids is None and args and isinstance(args[0], torch.Tensor):
             input_ids, args = args[0], args[1:]
-        pixel_values, grids = kwargs.get("pixel_values"), kwargs.get("image_grid_thw")
+        for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+            kept = drop_empty(kwargs.get(pixels), kwargs.get(grid))
+            for key, value in zip((pixels, grid), kept, strict=True):
+                if value is None:
+                    kwargs.pop(key, None)
+        if kwargs.get("position_ids") is not None and input_ids is not None:
+            kwargs["position_ids"] = channels_first_position_ids(kwargs["position_ids"], *input_ids.shape[:2])
+        if isinstance(granularity, str) and granularity != "auto":
+            raise ValueError(f"granularity must be None, an int, per-image levels or 'auto', got {granularity!r}")
+        grids = kwargs.get("image_grid_thw")
+        if not isinstance(granularity, str):
+            if granularity is not None and grids is not None:
+                kwargs["image_granularity"] = self.model.resolve_granularity(granularity, grids)
+            return super().generate(*args, input_ids=input_ids, **kwargs)
+        pixel_values = kwargs.get("pixel_values")
         if pixel_values is None or input_ids is None:  # nothing to route
             return super().generate(*args, input_ids=input_ids, **kwargs)
         from_levels = self.model.resolve_granularity(kwargs.pop("image_granularity", None), grids)
         mask = kwargs.get("attention_mask")
         with torch.no_grad():
-            levels, logits, features = self.model.choose_granularity(
-                input_ids, pixel_values, grids, attention_mask=mask, image_granularity=from_levels
-            )
+            check_grids(pixel_values, grids, self.config.vision_config.spatial_merge_size, "image_grid_thw")
+            image_out = self.model._encode(pixel_values, grids)
+            levels = self.model.router_logits(
+                input_ids, image_out.pooler_output, grids, mask, image_granularity=from_levels
+            ).argmax(-1)
         pad = self.generation_config.pad_token_id
         pad = pad if pad is not None else (self.config.text_config.pad_token_id or 0)
         compact_ids, compact_mask = compact_image_placeholders(
@@ -1285,12 +1584,11 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
             int(pad if not isinstance(pad, torch.Tensor) else pad.flatten()[0]),
         )
         kwargs.pop("position_ids", None)  # the processor's ids describe the full grids; recomputed for the levels
+        kwargs.pop("pixel_values")
         kwargs["attention_mask"] = compact_mask
-        self.model._vision_cache = (pixel_values, grids, features)
-        try:
-            out = super().generate(*args, input_ids=compact_ids, granularity=levels, **kwargs)
-        finally:
-            self.model._vision_cache = None
+        kwargs["image_granularity"] = levels
+        kwargs["mm_encoder_outputs"] = {"image": self.model.pool_image_outputs(image_out, grids, levels)}
+        out = super().generate(*args, input_ids=compact_ids, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         sequences = torch.cat([input_ids.to(sequences.device), sequences[:, compact_ids.shape[1] :]], dim=1)
         if isinstance(out, torch.Tensor):

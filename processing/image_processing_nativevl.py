@@ -374,6 +374,20 @@ class NativeVLImageProcessor(BaseImageProcessor):
         self.num_threads = None if num_threads is None else int(num_threads)
         self._config({})  # validate now rather than at the first call
 
+    @property
+    def size(self) -> dict[str, int]:
+        """The native-mode pixel bounds as transformers 5's Qwen2-VL image processor holds them:
+        ``{"shortest_edge": min_pixels, "longest_edge": max_pixels}`` (areas in pixels, despite the names)."""
+        return {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+
+    @size.setter
+    def size(self, value: dict[str, int]) -> None:
+        if not isinstance(value, dict) or not {"shortest_edge", "longest_edge"} <= set(value):
+            raise ValueError(
+                f"size must be {{'shortest_edge': min_pixels, 'longest_edge': max_pixels}}, got {value!r}"
+            )
+        self.min_pixels, self.max_pixels = int(value["shortest_edge"]), int(value["longest_edge"])
+
     # ----------------------------------------------------------------------------------------------- settings
     def _config(self, overrides: dict[str, Any]) -> _Config:
         overrides = {k: v for k, v in overrides.items() if v is not None}

@@ -17,19 +17,44 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ProcessorMixin, TextKwargs
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+# Keyword arguments __call__ hands to the tokenizer (transformers' `TextKwargs` plus what tokenizers take besides) and
+# to the image processor; anything else is dropped with a warning (a `max_pixel=` typo must not pass silently).
+TEXT_KWARGS = set(TextKwargs.__annotations__) | {
+    "return_offsets_mapping",
+    "return_attention_mask",
+    "return_token_type_ids",
+    "padding_side",
+    "max_length",
+    "pad_to_multiple_of",
+    "add_special_tokens",
+    "return_mm_token_type_ids",
+    "sanitize_control_tokens",
+}
+IMAGE_KWARGS = {"mode", "min_pixels", "max_pixels", "fixed_pixels", "keep_aspect", "size", "do_sample_frames"}
 
 
 # ChatML with Qwen2-VL's vision tokens. Content is a string or a list of {"type": "text"|"image"|"video"} parts; an
 # image part becomes <|vision_start|><|image_pad|><|vision_end|>, expanded by the processor. Assistant turns sit in
 # {% generation %} markers so `return_assistant_tokens_mask=True` gives the tokens an assistant-only loss trains on.
 CHAT_TEMPLATE = (
+    "{%- set counts = namespace(image=0, video=0) -%}"
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{ content }}"
     "{%- else -%}{%- for part in content -%}"
     "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
+    "{%- set counts.image = counts.image + 1 -%}"
+    "{%- if add_vision_id -%}{{ 'Picture ' ~ counts.image ~ ': ' }}{%- endif -%}"
     "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{%- elif part['type'] == 'video' or 'video' in part -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'video' or 'video' in part -%}"
+    "{%- set counts.video = counts.video + 1 -%}"
+    "{%- if add_vision_id -%}{{ 'Video ' ~ counts.video ~ ': ' }}{%- endif -%}"
+    "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
     "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
     "{%- endif -%}{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
@@ -81,7 +106,7 @@ def mrope_position_ids(
     merge_size: int,
     image_granularity: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """M-RoPE ids (3, batch, seq) of a padded batch; padding gets 1. Same rule as the model's `get_rope_index`:
+    """M-RoPE ids (3, batch, seq) of a padded batch; padding gets 0 (as transformers' Qwen2-VL). Same rule as the model's `get_rope_index`:
     text takes the running position on all three rows; a grid (t, h, w) takes start + (frame, row, col) over the
     merged (t, h/m, w/m) grid; the next token resumes at the largest id so far + 1. `image_granularity` (one level
     per image grid): an image of level l is placed as its pooled merged grid `level_grid(t, h/m, w/m, l)`."""
@@ -92,7 +117,7 @@ def mrope_position_ids(
             for t, gh, gw in [level_grid(t, h // merge_size, w // merge_size, int(level))]
         ]
     batch, seq_len = input_ids.shape
-    positions = np.ones((3, batch, seq_len), dtype=np.int64)
+    positions = np.zeros((3, batch, seq_len), dtype=np.int64)
     grids = {1: list(image_grids), 2: list(video_grids)}
     for b in range(batch):
         keep = attention_mask[b].astype(bool)
@@ -180,7 +205,11 @@ class NativeVLProcessor(ProcessorMixin):
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask` (batch, seq); `pixel_values` (patches, 1176) and
             `image_grid_thw` (grids, 3) when images are given; `pixel_values_videos`, `video_grid_thw` for videos;
-            `position_ids` (3, batch, seq) or (batch, seq); `image_granularity` (grids,) when `granularity` is given.
+            `position_ids` (batch, seq, 3) M-RoPE ids (temporal, height, width) for `position_scheme="mrope"`,
+            batch first so that any collator pads them along the sequence (the model also takes transformers'
+            (3, batch, seq)), or (batch, seq) for `"1d"`; `image_granularity` (grids,) when `granularity` is given.
+            The image and video keys are always present (zero rows without images / videos), so per-sample outputs
+            collate into one batch. Unknown keyword arguments are dropped with a warning naming them.
         """
         if text is None:
             raise ValueError("NativeVLProcessor needs text with one placeholder per image or video")
@@ -190,13 +219,22 @@ class NativeVLProcessor(ProcessorMixin):
         kwargs.pop("audio", None)
         texts = [text] if isinstance(text, str) else list(text)
         images_kwargs = dict(images_kwargs or {})
-        for key in ("mode", "min_pixels", "max_pixels", "fixed_pixels", "keep_aspect"):
-            if key in kwargs:
+        image_keys = set(getattr(self.image_processor.valid_kwargs, "__annotations__", {})) | IMAGE_KWARGS
+        for key in list(kwargs):
+            if key in image_keys:
                 images_kwargs[key] = kwargs.pop(key)
+        unknown = sorted(k for k in kwargs if k not in TEXT_KWARGS)
+        if unknown:
+            logger.warning(
+                f"NativeVLProcessor ignores unknown keyword argument(s) {unknown}: neither the tokenizer nor the "
+                f"image processor takes them (image processor arguments: {sorted(IMAGE_KWARGS)})"
+            )
+            for key in unknown:
+                kwargs.pop(key)
         image_counts = [t.count(self.image_token) for t in texts]
         video_counts = [t.count(self.video_token) for t in texts]
         flat_images = _flatten(images)
-        flat_videos = [] if videos is None else (list(videos) if isinstance(videos, (list, tuple)) else [videos])
+        flat_videos = _flatten_videos(videos)
         if sum(image_counts) != len(flat_images):
             raise ValueError(
                 f"the text holds {sum(image_counts)} {self.image_token} placeholder(s) {image_counts} per sample "
@@ -207,7 +245,15 @@ class NativeVLProcessor(ProcessorMixin):
                 f"the text holds {sum(video_counts)} {self.video_token} placeholder(s) but {len(flat_videos)} "
                 "video(s) were given"
             )
-        data = {}
+        patch_dim = 3 * self.image_processor.temporal_patch_size * self.image_processor.patch_size**2
+        # Every call returns the same keys (zero rows for no images / videos), so the samples of a batch processed
+        # one by one (as `pipeline` does) can be collated whatever they hold.
+        data = {
+            "pixel_values": np.zeros((0, patch_dim), np.float32),
+            "image_grid_thw": np.zeros((0, 3), np.int64),
+            "pixel_values_videos": np.zeros((0, patch_dim), np.float32),
+            "video_grid_thw": np.zeros((0, 3), np.int64),
+        }
         image_tokens: list[int] = []
         grid_levels = None
         if flat_images:
@@ -247,13 +293,13 @@ class NativeVLProcessor(ProcessorMixin):
             data["position_ids"] = mrope_position_ids(
                 input_ids,
                 attention_mask,
-                data.get("image_grid_thw", np.zeros((0, 3), np.int64)).tolist(),
-                data.get("video_grid_thw", np.zeros((0, 3), np.int64)).tolist(),
+                data["image_grid_thw"].tolist(),
+                data["video_grid_thw"].tolist(),
                 self.image_token_id,
                 self.video_token_id,
                 self.image_processor.merge_size,
                 None if grid_levels is None else grid_levels.tolist(),
-            )
+            ).transpose(1, 2, 0)  # (3, batch, seq) -> (batch, seq, 3): batch first, so collators pad the sequence
         features = BatchFeature(data=data, tensor_type=return_tensors)
         if kwargs.get("return_offsets_mapping"):
             # how far each placeholder moved, for `apply_chat_template(..., return_assistant_tokens_mask=True)`
@@ -358,6 +404,27 @@ class NativeVLProcessor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw"]
+
+
+def _is_frame(x) -> bool:
+    """One image or video frame: a PIL image, a 2-D/3-D array or tensor, a path or encoded bytes."""
+    return isinstance(x, (Image.Image, str, bytes)) or (isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim in (2, 3))
+
+
+def _flatten_videos(videos) -> list:
+    """A flat list of videos from None, one video (a list of frames or a 4-D array), a list of videos, or a list of
+    per-sample lists of videos (what `apply_chat_template` passes)."""
+    if videos is None:
+        return []
+    if not isinstance(videos, (list, tuple)) or all(_is_frame(x) for x in videos):
+        return [videos]  # one video: a 4-D array or a list of frames
+    flat = []
+    for item in videos:
+        if isinstance(item, (list, tuple)) and item and not all(_is_frame(x) for x in item):
+            flat.extend(item)  # one sample's videos
+        elif not (isinstance(item, (list, tuple)) and not item):
+            flat.append(item)
+    return flat
 
 
 def _flatten(images) -> list:

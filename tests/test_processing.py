@@ -50,6 +50,7 @@ def test_position_ids_equal_the_models(tiny, padding_side):
             inputs["video_grid_thw"],
             inputs["attention_mask"],
         )
+        expected = expected.permute(1, 2, 0)  # the processor's batch-first (batch, seq, 3)
     assert torch.equal(inputs["position_ids"], expected)
     with torch.no_grad():
         given_ids = model(**inputs).logits

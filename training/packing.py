@@ -159,10 +159,11 @@ class PackingCollator:
         for token_id in self.vision_token_ids:
             keep &= input_ids != token_id
         labels = torch.where(keep, input_ids, IGNORE_INDEX)
-        positions = out["position_ids"][:, 0] if out["position_ids"].dim() == 3 else out["position_ids"]
+        # the processor's (1, seq, 3) M-RoPE ids -> (3, seq); 1-D (1, seq) ids -> the same on the three rows
+        positions = out["position_ids"][0].T if out["position_ids"].dim() == 3 else out["position_ids"]
         encoded = {"input_ids": input_ids, "labels": labels, "position_ids": positions.expand(3, -1)}
         for key in VISION_KEYS:
-            if key in out:
+            if key in out and out[key].shape[0]:  # the processor returns zero rows for no images / videos
                 encoded[key] = out[key]
         return encoded
 

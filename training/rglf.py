@@ -141,7 +141,8 @@ class RGLFTrainer(AtomicCheckpointMixin, Trainer):
         sample_losses = self.level_losses(model, batches)  # (samples, L)
         base = batches[0]  # level 0: the full grids the router sees at inference
         with torch.no_grad():
-            features = core.get_image_features(base["pixel_values"], base["image_grid_thw"])
+            image_out = core.get_image_features(base["pixel_values"], base["image_grid_thw"])
+            features = torch.cat(image_out.pooler_output)  # (sum t*h*w/4, D), level 0
         logits = core.router_logits(
             base["input_ids"],
             features,
