@@ -29,7 +29,8 @@ QWEN2_VL_SPECIAL_TOKENS = QWEN2_CHATML_TOKENS + QWEN2_VL_VISION_TOKENS
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (vocab 270): ids 0-255 are bytes, then `QWEN2_VL_SPECIAL_TOKENS`.
 
-    `<|endoftext|>` pads, `<|im_end|>` ends a turn (eos). Its `image_token_id` etc. are found by
+    `<|endoftext|>` pads, on the left (a batch of prompts then generates as each prompt alone: `pipeline`'s
+    batching pads on the tokenizer's side), `<|im_end|>` ends a turn (eos). Its `image_token_id` etc. are found by
     `convert_tokens_to_ids`.
     """
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -41,5 +42,6 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
         tokenizer_object=backend,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
+        padding_side="left",
         additional_special_tokens=[t for t in QWEN2_VL_SPECIAL_TOKENS if t not in ("<|endoftext|>", "<|im_end|>")],
     )

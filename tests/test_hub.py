@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 import nativevl
@@ -82,6 +83,7 @@ def tiny_folder(tmp_path_factory):
 def test_tiny_export_is_a_hub_folder(tiny_folder):
     config = json.loads((tiny_folder / "config.json").read_text())
     assert config["model_type"] == "nativevl"
+    assert config["transformers_version"] == transformers.__version__  # what wrote it, for the load-time warning
     assert config["auto_map"] == {
         "AutoConfig": "configuration_nativevl.NativeVLConfig",
         "AutoModel": "modeling_nativevl.NativeVLModel",
