@@ -25,7 +25,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from nativevl.evaluation.metrics import score_sample
 from nativevl.evaluation.run import load_image, load_records
 from nativevl.evaluation.synth_rc import generate_benchmark
-from nativevl.modeling.modeling_nativevl import compact_image_placeholders, image_token_counts
+from nativevl.modeling.granularity_nativevl import compact_image_placeholders
+from nativevl.modeling.positions_nativevl import image_token_counts
 
 
 def prompts(processor, questions: list[str]) -> list[str]:

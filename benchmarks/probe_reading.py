@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from nativevl.conversion.export import build_tiny
-from nativevl.modeling.modeling_nativevl import split_by_image
+from nativevl.modeling.positions_nativevl import split_by_image
 
 
 def draw_digits(n: int, size: int, text_size: int, jitter: int, rng: random.Random) -> tuple[list, torch.Tensor]:

@@ -205,7 +205,7 @@ def copy_remote_code(folder: Path, module_file: str | Path) -> list[str]:
 def write_config(folder: Path, config: NativeVLConfig, dtype: torch.dtype) -> None:
     """config.json as `NativeVLForConditionalGeneration.save_pretrained` writes it after `import nativevl`:
     `architectures`, `auto_map` for AutoConfig / AutoModel / AutoModelForImageTextToText, the dtype, and the
-    remote-code files `configuration_nativevl.py` and `modeling_nativevl.py` beside it."""
+    remote-code files (`modeling_nativevl.py` and its single-dot siblings) beside it."""
     config.architectures = [NativeVLForConditionalGeneration.__name__]
     config.auto_map = dict(REMOTE_CODE_AUTO_MAP)
     config.dtype = dtype

@@ -1,24 +1,25 @@
 """nativevl.modeling: configurations and models (remote-code files, copied flat into exported folders)."""
 
+from .attention_nativevl import register_attention
 from .configuration_nativevl import NativeVLConfig, NativeVLTextConfig, NativeVLVisionConfig
+from .granularity_nativevl import NativeVLGranularityRouter, compact_image_placeholders, pool_grid
 from .modeling_nativevl import (
     NativeVLForConditionalGeneration,
-    NativeVLGranularityRouter,
     NativeVLModel,
     NativeVLPreTrainedModel,
     NativeVLTextModel,
-    NativeVLVisionModel,
-    compact_image_placeholders,
     get_rope_index,
-    level_grid,
-    pool_grid,
 )
+from .positions_nativevl import level_grid
+from .vision_nativevl import NativeVLVisionModel
 
 
 def register_auto_classes() -> None:
     """Registers the configs with `AutoConfig` and the models with `AutoModel` / `AutoModelForImageTextToText`,
     and marks the classes for export so `save_pretrained` writes `auto_map` and the remote-code files."""
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+    register_attention()
 
     for config_class in (NativeVLConfig, NativeVLTextConfig, NativeVLVisionConfig):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
@@ -43,5 +44,6 @@ __all__ = [
     "get_rope_index",
     "level_grid",
     "pool_grid",
+    "register_attention",
     "register_auto_classes",
 ]

@@ -7,8 +7,9 @@ returns the position ids the model would compute: `(3, batch, seq)` M-RoPE ids (
 `position_scheme="mrope"`, `(batch, seq)` plain ids for `"1d"` (NativeRes-LLaVA, arXiv 2506.12776).
 
 This file is remote code: it is copied flat into a model folder and imports only numpy, torch, transformers and
-its sibling `image_processing_nativevl.py`. The position ids are computed here again rather than imported from
-`modeling_nativevl.py` (remote-code folders cannot import each other); a test holds the two equal.
+its siblings. Grids, token counts and position ids come from `processing_positions_nativevl.py`, a byte-for-byte
+copy of the model's `positions_nativevl.py` (remote-code folders cannot import each other; a test holds the copy
+identical).
 """
 
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ from PIL import Image
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin, TextKwargs
 from transformers.utils import logging
+
+from .processing_positions_nativevl import batch_mrope_positions, grid_token_counts, level_grid
 
 
 logger = logging.get_logger(__name__)
@@ -84,18 +87,6 @@ def image_size(image) -> tuple[int, int]:
     raise ValueError(f"cannot read the size of an image of type {type(image).__name__}")
 
 
-def level_grid(t: int, h: int, w: int, level: int) -> tuple[int, int, int]:
-    """Merged grid (t, h', w') of granularity `level` (AVG-LLaVA, arXiv 2410.02745) for a merged grid (t, h, w):
-    step s halves the width (even s) or the height (odd s), ceil mode, never below 1. A copy of the model's
-    `level_grid` (remote-code folders cannot import each other); a test holds the two equal."""
-    for step in range(level):
-        if step % 2 == 0:
-            w = (w + 1) // 2
-        else:
-            h = (h + 1) // 2
-    return t, h, w
-
-
 def mrope_position_ids(
     input_ids: np.ndarray,
     attention_mask: np.ndarray,
@@ -106,40 +97,15 @@ def mrope_position_ids(
     merge_size: int,
     image_granularity: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """M-RoPE ids (3, batch, seq) of a padded batch; padding gets 0 (as transformers' Qwen2-VL). Same rule as the model's `get_rope_index`:
-    text takes the running position on all three rows; a grid (t, h, w) takes start + (frame, row, col) over the
-    merged (t, h/m, w/m) grid; the next token resumes at the largest id so far + 1. `image_granularity` (one level
-    per image grid): an image of level l is placed as its pooled merged grid `level_grid(t, h/m, w/m, l)`."""
-    if image_granularity is not None:
-        image_grids = [
-            [t, gh * merge_size, gw * merge_size]
-            for (t, h, w), level in zip(image_grids, image_granularity, strict=True)
-            for t, gh, gw in [level_grid(t, h // merge_size, w // merge_size, int(level))]
-        ]
-    batch, seq_len = input_ids.shape
-    positions = np.zeros((3, batch, seq_len), dtype=np.int64)
-    grids = {1: list(image_grids), 2: list(video_grids)}
-    for b in range(batch):
-        keep = attention_mask[b].astype(bool)
-        ids = input_ids[b][keep]
-        kinds = np.where(ids == image_token_id, 1, np.where(ids == video_token_id, 2, 0))
-        out = np.empty((3, ids.shape[0]), dtype=np.int64)
-        cursor, next_pos = 0, 0
-        while cursor < ids.shape[0]:
-            kind = kinds[cursor]
-            if kind == 0:
-                rest = np.flatnonzero(kinds[cursor:] != 0)
-                end = cursor + int(rest[0]) if rest.size else ids.shape[0]
-                out[:, cursor:end] = np.arange(next_pos, next_pos + end - cursor)
-                next_pos, cursor = next_pos + end - cursor, end
-                continue
-            t, h, w = grids[kind].pop(0)
-            gh, gw = h // merge_size, w // merge_size
-            frame, row, col = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
-            n_tok = t * gh * gw
-            out[:, cursor : cursor + n_tok] = np.stack([frame, row, col]).reshape(3, n_tok) + next_pos
-            next_pos, cursor = next_pos + max(t, gh, gw), cursor + n_tok
-        positions[:, b, keep] = out
+    """M-RoPE ids (3, batch, seq) of a padded batch (0 on padding), by the model's own rule
+    (`batch_mrope_positions` of the shared positions file): placeholders are found by token id, and only for a
+    kind the batch has grids of."""
+    kinds = np.where(input_ids == image_token_id, 1, np.where(input_ids == video_token_id, 2, 0))
+    kinds = np.where((kinds == 1) & (len(image_grids) == 0), 0, kinds)
+    kinds = np.where((kinds == 2) & (len(video_grids) == 0), 0, kinds)
+    positions, _ = batch_mrope_positions(
+        kinds, attention_mask, image_grids, video_grids, merge_size, image_granularity
+    )
     return positions
 
 
@@ -269,11 +235,7 @@ class NativeVLProcessor(ProcessorMixin):
                         f"granularity {granularity!r} must be one level >= 0 or one per image ({len(flat_images)})"
                     )
                 grid_levels = np.repeat(np.asarray(levels, dtype=np.int64), tiles)  # one level per grid (tile)
-                merge = self.image_processor.merge_size
-                per_grid = [
-                    int(np.prod(level_grid(t, h // merge, w // merge, int(level))))
-                    for (t, h, w), level in zip(grids.tolist(), grid_levels.tolist(), strict=True)
-                ]
+                per_grid = grid_token_counts(grids.tolist(), self.image_processor.merge_size, grid_levels.tolist())
                 ends = np.cumsum(tiles)
                 image_tokens = [sum(per_grid[e - n : e]) for n, e in zip(tiles, ends, strict=True)]
                 data["image_granularity"] = grid_levels
@@ -281,8 +243,7 @@ class NativeVLProcessor(ProcessorMixin):
         if flat_videos:
             out = self.image_processor(videos=flat_videos, return_tensors="np", **images_kwargs)
             data["pixel_values_videos"], data["video_grid_thw"] = out["pixel_values_videos"], out["video_grid_thw"]
-            merge = self.image_processor.merge_size**2
-            video_tokens = [int(np.prod(g)) // merge for g in out["video_grid_thw"]]
+            video_tokens = grid_token_counts(out["video_grid_thw"].tolist(), self.image_processor.merge_size)
         texts, replacements = self._expand(texts, image_tokens, video_tokens)
         encoded = self.tokenizer(texts, padding=padding, return_tensors="np", **kwargs)
         input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
@@ -310,7 +271,6 @@ class NativeVLProcessor(ProcessorMixin):
         """Processes images sample by sample when a token budget applies (each sample gets its own max_pixels),
         at once otherwise. Returns pixel_values, image_grid_thw, the LLM tokens of each image (tiles summed) and
         the number of grids (tiles) of each image."""
-        merge = self.image_processor.merge_size**2
         groups, start = [], 0
         for count in counts:
             groups.append(images[start : start + count])
@@ -326,9 +286,9 @@ class NativeVLProcessor(ProcessorMixin):
             out = self.image_processor(images=group, return_tensors="np", **group_kwargs)
             pixel_values.append(out["pixel_values"])
             grids.append(out["image_grid_thw"])
-            grid_tokens = np.prod(out["image_grid_thw"], axis=-1) // merge
+            grid_tokens = grid_token_counts(out["image_grid_thw"].tolist(), self.image_processor.merge_size)
             ends = np.cumsum(out["image_num_tiles"])
-            tokens += [int(grid_tokens[e - n : e].sum()) for n, e in zip(out["image_num_tiles"], ends, strict=True)]
+            tokens += [sum(grid_tokens[e - n : e]) for n, e in zip(out["image_num_tiles"], ends, strict=True)]
             tiles += [int(n) for n in out["image_num_tiles"]]
         return np.concatenate(pixel_values), np.concatenate(grids), tokens, tiles
 

@@ -344,7 +344,9 @@ def test_qwen2_vl_output_is_what_save_pretrained_writes(qwen2_vl_converted, tmp_
     source, _, folder = qwen2_vl_converted["hub"]
     from_qwen2_vl(source).save_pretrained(tmp_path, max_shard_size="40KB")
     assert json.loads((folder / "config.json").read_text()) == json.loads((tmp_path / "config.json").read_text())
-    for name in ("configuration_nativevl.py", "modeling_nativevl.py"):
+    code = sorted(p.name for p in tmp_path.glob("*.py"))
+    assert set(code) <= {p.name for p in folder.glob("*.py")} and "vision_nativevl.py" in code
+    for name in code:
         assert (folder / name).read_bytes() == (tmp_path / name).read_bytes()
     ours = json.loads((folder / "model.safetensors.index.json").read_text())
     theirs = json.loads((tmp_path / "model.safetensors.index.json").read_text())

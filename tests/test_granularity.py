@@ -16,7 +16,8 @@ from test_packing import example
 from nativevl import NativeVLForConditionalGeneration
 from nativevl.conversion.export import build_tiny
 from nativevl.modeling import get_rope_index, level_grid, pool_grid
-from nativevl.modeling.modeling_nativevl import compact_image_placeholders, pooled_grid_thw
+from nativevl.modeling.granularity_nativevl import compact_image_placeholders
+from nativevl.modeling.positions_nativevl import pooled_grid_thw
 from nativevl.processing.processing_nativevl import level_grid as processor_level_grid
 from nativevl.processing.processing_nativevl import mrope_position_ids
 from nativevl.training.packing import PackingCollator

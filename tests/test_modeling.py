@@ -264,7 +264,7 @@ def test_1d_scheme_with_mlp_projector_forward_and_generate(tester):
 
 
 def test_vision_segments_batch_equal_runs_without_raising_peak_scores():
-    from nativevl.modeling.modeling_nativevl import vision_segments
+    from nativevl.modeling.vision_nativevl import vision_segments
 
     cu_seqlens, runs, longest = vision_segments(torch.tensor([[8, 16, 16], [1, 4, 4], [1, 4, 4], [1, 6, 4]]))
     assert cu_seqlens.tolist() == [0, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2064, 2080, 2104]

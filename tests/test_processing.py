@@ -132,3 +132,14 @@ def test_placeholder_expansion_matches_grids(sizes, mode):
     assert n_tokens == int(inputs["image_grid_thw"].prod(-1).sum()) // 4
     assert n_tokens == sum(processor.image_processor.num_image_tokens(h, w, kwargs) for h, w in sizes)
     assert inputs["pixel_values"].shape[0] == int(inputs["image_grid_thw"].prod(-1).sum())
+
+
+def test_processing_positions_are_a_byte_copy_of_the_models():
+    """One source of grids, token counts and M-RoPE ids: the processor's file is the model's, byte for byte."""
+    from pathlib import Path
+
+    import nativevl
+
+    root = Path(nativevl.__file__).parent
+    source = (root / "modeling" / "positions_nativevl.py").read_bytes()
+    assert (root / "processing" / "processing_positions_nativevl.py").read_bytes() == source

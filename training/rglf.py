@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from nativevl.modeling.modeling_nativevl import image_token_counts
+from nativevl.modeling.positions_nativevl import first_image_tokens, image_token_counts
 from nativevl.training.checkpoints import AtomicCheckpointMixin
 from nativevl.training.packing import IGNORE_INDEX, PackingCollator
 
@@ -172,11 +172,9 @@ def token_fractions(image_grid_thw: torch.LongTensor, config) -> torch.Tensor:
 
 def image_segments(batch: dict, config) -> torch.LongTensor:
     """The `cu_seq_lens_q` segment of each image of a packed batch at level 0: (images,) long."""
-    merge = config.vision_config.spatial_merge_size
-    counts = [t * h * w // merge**2 for t, h, w in batch["image_grid_thw"].tolist()]
-    where = (batch["input_ids"].reshape(-1) == config.image_token_id).nonzero().squeeze(-1)
-    firsts = where[torch.tensor([0] + counts[:-1], dtype=torch.long).cumsum(0).to(where.device)]
-    return torch.searchsorted(batch["cu_seq_lens_q"].to(where.device, torch.long), firsts, right=True) - 1
+    counts = image_token_counts(batch["image_grid_thw"], None, config.vision_config.spatial_merge_size)
+    firsts = first_image_tokens(batch["input_ids"], config.image_token_id, counts)  # (images,)
+    return torch.searchsorted(batch["cu_seq_lens_q"].to(firsts.device, torch.long), firsts, right=True) - 1
 
 
 def build_rglf_trainer(training_args, model, processor, train_dataset, eval_dataset, args) -> RGLFTrainer:

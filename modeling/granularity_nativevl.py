@@ -1,0 +1,203 @@
+"""Adaptive visual granularity (AVG-LLaVA, arXiv 2410.02745): the pooling pyramid, the router and its inputs,
+and placeholder compaction for a routed prompt.
+
+- Granularity scaler (`pool_grid`): average pooling of one image's projected tokens, alternating 1x2 (width) and
+  2x1 (height) steps, each halving the tokens; the released code pools 24x24 crops only, here odd sides pool in
+  ceil mode (`positions_nativevl.level_grid` gives the pooled grid).
+- Granularity router (`NativeVLGranularityRouter`, inputs from `router_inputs`): one decision per image from the
+  tokens of all its levels and the instruction tokens most similar to it (one Transformer layer over the tokens of
+  one image, not across crops as the release's missing batch_first did).
+- Prompt compaction (`drop_surplus_placeholders`, `compact_image_placeholders`, `next_kept_labels`): a prompt
+  expanded for one level, shortened or masked to fit the routed levels.
+
+This file is remote code: it imports only torch and single-dot siblings.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .configuration_nativevl import NativeVLConfig
+from .positions_nativevl import image_token_counts
+
+
+def _pair_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Averages neighbouring pairs along `dim` (size n -> ceil(n / 2)); an odd last element is its own average."""
+    n = x.shape[dim]
+    if n == 1:
+        return x
+    if n % 2:
+        x = torch.cat([x, x.narrow(dim, n - 1, 1)], dim=dim)  # (a + a) / 2 == a: the partial window averages a
+    shape = x.shape[:dim] + (x.shape[dim] // 2, 2) + x.shape[dim + 1 :]
+    return x.reshape(shape).mean(dim + 1)  # (..., n/2, 2, ...) -> (..., n/2, ...)
+
+
+def pool_grid(
+    features: torch.Tensor, grid: tuple[int, int, int], level: int
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Granularity scaler: average-pools one image's projected tokens to `level`.
+
+    features: (t*h*w, D), raster order of the merged (h, w) grid per temporal slice; grid: (t, h, w) merged.
+    Returns (t*h'*w', D) in the same order and (t, h', w') == `level_grid(t, h, w, level)`. Level 0 returns the
+    input unchanged. Released AVG-LLaVA pools 24x24 crops only; here odd sides pool in ceil mode.
+    """
+    t, h, w = grid
+    x = features.view(t, h, w, features.shape[-1])  # (t, h, w, D)
+    for step in range(level):
+        x = _pair_mean(x, dim=2 if step % 2 == 0 else 1)  # 1x2 over width, then 2x1 over height
+    t, h, w = x.shape[:3]
+    return x.reshape(t * h * w, x.shape[-1]), (t, h, w)  # (t*h'*w', D)
+
+
+class NativeVLGranularityRouter(nn.Module):
+    """AVG-LLaVA's granularity router, one decision per image.
+
+    Input per image: the tokens of every level (level 0 first) and up to `top_k` instruction tokens. One
+    `nn.TransformerEncoderLayer(batch_first=True)` attends across the tokens of one image (the released code
+    attends across crops: batch_first was missing), Linear-GELU-Linear gives every token one logit per level, a
+    learned voter weight aggregates the tokens, LayerNorm over the L aggregated logits; softmax gives probabilities.
+
+    Voter: token counts vary with the image size, so the voter weights belong to token *slots* rather than absolute
+    positions: one learned logit per level (shared by that level's visual tokens) and one per instruction rank (the
+    i-th most image-similar instruction token). A token's weight is the softmax of its slot logit over all tokens
+    of the image; zeros at init, so the vote starts as a plain mean.
+    """
+
+    def __init__(self, config: NativeVLConfig) -> None:
+        super().__init__()
+        width = config.text_config.hidden_size
+        self.num_levels, self.top_k = config.granularity, config.router_top_k
+        self.layer = nn.TransformerEncoderLayer(
+            width,
+            config.router_num_heads,
+            config.router_intermediate_size,
+            dropout=config.router_dropout,
+            activation="gelu",
+            batch_first=True,
+        )
+        self.head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, self.num_levels))
+        self.voter = nn.Parameter(torch.zeros(self.num_levels + self.top_k))
+        self.norm = nn.LayerNorm(self.num_levels)
+
+    def forward(self, tokens: torch.Tensor, slots: torch.LongTensor, padding: torch.Tensor) -> torch.Tensor:
+        """tokens: (images, N, D); slots: (images, N) long, level l -> l, instruction rank r -> L + r;
+        padding: (images, N) bool, True where there is no token. Returns logits (images, L)."""
+        hidden = self.layer(tokens, src_key_padding_mask=padding)  # (images, N, D)
+        per_token = self.head(hidden)  # (images, N, L)
+        weights = self.voter[slots].masked_fill(padding, float("-inf")).softmax(-1)  # (images, N)
+        votes = (weights.unsqueeze(-1) * per_token.float()).sum(1)  # (images, L)
+        return self.norm(votes.to(self.norm.weight.dtype))  # (images, L)
+
+
+def router_inputs(
+    parts: tuple[torch.Tensor, ...],
+    grids: list[tuple[int, int, int]],
+    texts: list[torch.Tensor],
+    num_levels: int,
+    top_k: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.LongTensor, torch.Tensor]:
+    """The router's padded batch, one row per image: its tokens at every level (level 0 first) and the `top_k`
+    tokens of its instruction `texts[i]` (m_i, D) most cosine-similar to its mean level-0 token.
+
+    parts: one (t*h*w, D) level-0 tensor per image; grids: merged (t, h, w) per image. Returns tokens
+    (images, N, D) in `dtype`, slots (images, N) long (level l -> l, instruction rank r -> L + r) and padding
+    (images, N) bool (True where there is no token)."""
+    tokens, slots = [], []
+    for feats, grid, text in zip(parts, grids, texts, strict=True):
+        levels = [pool_grid(feats, grid, level)[0] for level in range(num_levels)]
+        slot = [torch.full((x.shape[0],), level, dtype=torch.long) for level, x in enumerate(levels)]
+        if text.shape[0] and top_k:
+            similarity = F.cosine_similarity(text.float(), feats.float().mean(0, keepdim=True), dim=-1)  # (m,)
+            top = similarity.topk(min(top_k, text.shape[0])).indices  # most similar first
+            levels.append(text[top].to(feats.dtype))
+            slot.append(num_levels + torch.arange(top.shape[0]))
+        tokens.append(torch.cat(levels))  # (N_i, D)
+        slots.append(torch.cat(slot))  # (N_i,)
+    longest = max(x.shape[0] for x in tokens)
+    device = tokens[0].device
+    batch_tokens = torch.zeros(len(tokens), longest, tokens[0].shape[-1], dtype=dtype, device=device)
+    batch_slots = torch.zeros(len(tokens), longest, dtype=torch.long, device=device)
+    padding = torch.ones(len(tokens), longest, dtype=torch.bool, device=device)
+    for i, (x, slot) in enumerate(zip(tokens, slots, strict=True)):
+        batch_tokens[i, : x.shape[0]], batch_slots[i, : x.shape[0]], padding[i, : x.shape[0]] = x, slot, False
+    return batch_tokens, batch_slots, padding
+
+
+def drop_surplus_placeholders(
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    image_grid_thw: torch.LongTensor,
+    from_levels: torch.LongTensor | None,
+    to_levels: torch.LongTensor,
+    image_token_id: int,
+    merge_size: int,
+) -> torch.Tensor:
+    """The attention mask (batch, seq) long of a prompt expanded for `from_levels` with each image's surplus
+    placeholders zeroed so it fits `to_levels`: each image keeps the first n(to_level) tokens of its run (the
+    placeholders are identical tokens). `attention_mask` None: no padding."""
+    mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    before = image_token_counts(image_grid_thw, from_levels, merge_size)
+    after = image_token_counts(image_grid_thw, to_levels, merge_size)
+    where = ((input_ids == image_token_id) & mask).nonzero()  # (n, 2) in row-major = placeholder order
+    if len(where) != sum(before):
+        raise ValueError(f"found {len(where)} image tokens in the prompt but the images need {sum(before)}")
+    keep, start = mask.clone(), 0
+    for n_before, n_after in zip(before, after, strict=True):
+        if n_after > n_before:
+            raise ValueError(f"cannot grow an image from {n_before} to {n_after} placeholder tokens")
+        drop = where[start + n_after : start + n_before]
+        keep[drop[:, 0], drop[:, 1]] = False
+        start += n_before
+    return keep.long()
+
+
+def compact_image_placeholders(
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    image_grid_thw: torch.LongTensor,
+    from_levels: torch.LongTensor | None,
+    to_levels: torch.LongTensor,
+    image_token_id: int,
+    merge_size: int,
+    pad_token_id: int,
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Removes each image's surplus placeholders so a prompt expanded for `from_levels` fits `to_levels`.
+
+    input_ids, attention_mask: (batch, seq), left or right padded (the side is kept; unpadded counts as left).
+    Returns the re-padded input_ids and attention_mask (batch, seq'), seq' <= seq; each image keeps the first
+    n(to_level) tokens of its run (`drop_surplus_placeholders`).
+    """
+    mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    right = bool((~mask[:, -1]).any()) and not bool((~mask[:, 0]).any())
+    keep = drop_surplus_placeholders(
+        input_ids, mask, image_grid_thw, from_levels, to_levels, image_token_id, merge_size
+    ).bool()
+    rows = [input_ids[b][keep[b]] for b in range(input_ids.shape[0])]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    new_mask = torch.zeros((len(rows), width), dtype=torch.long, device=input_ids.device)
+    for b, row in enumerate(rows):
+        span = slice(0, len(row)) if right else slice(width - len(row), width)
+        ids[b, span], new_mask[b, span] = row, 1
+    return ids, new_mask
+
+
+def next_kept_labels(labels: torch.LongTensor, kept: torch.Tensor) -> torch.LongTensor:
+    """Shifted labels (batch, seq) for a sequence with holes: position p gets the label of the next position q > p
+    with `kept[q]`; holes and the last kept position get -100. kept: (batch, seq), nonzero where attended."""
+    shifted = torch.full_like(labels, -100)
+    for b in range(labels.shape[0]):
+        where = kept[b].nonzero().squeeze(-1)
+        shifted[b, where[:-1]] = labels[b, where[1:]]
+    return shifted
+
+
+__all__ = [
+    "NativeVLGranularityRouter",
+    "compact_image_placeholders",
+    "drop_surplus_placeholders",
+    "next_kept_labels",
+    "pool_grid",
+    "router_inputs",
+]

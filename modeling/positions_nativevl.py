@@ -1,0 +1,254 @@
+"""Grids, token counts and M-RoPE positions: pure functions, one source for the model and the processor.
+
+- Token counts: a patch grid (t, h, w) becomes t*h*w / merge**2 LLM tokens; at AVG-LLaVA granularity level l
+  (arXiv 2410.02745) the merged grid is pooled to `level_grid(t, h/m, w/m, l)` (1x2 then 2x1 steps, ceil mode).
+- M-RoPE (Qwen2-VL, arXiv 2409.12191; transformers' `Qwen2VLModel.get_rope_index`): rows (temporal, height,
+  width). Text takes its running position on all three rows; the tokens of a grid take start + (frame, row, col)
+  over its merged grid; the next token resumes at the largest id so far + 1.
+
+This file is remote code and imports only numpy and torch: `processing/processing_positions_nativevl.py` is a
+byte-for-byte copy (remote-code folders cannot import each other; tests/test_processing.py holds the two
+identical), so the processor and the model compute grids, counts and position ids with the same functions.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def level_grid(t: int, h: int, w: int, level: int) -> tuple[int, int, int]:
+    """Merged grid (t, h', w') of granularity `level` for a merged grid (t, h, w) (tokens, not patches).
+
+    Step s = 0, 1, 2, ... halves the width (even s, 1x2 pooling) or the height (odd s, 2x1 pooling), rounding up
+    (ceil mode); a side of 1 stays 1, so no level goes below one token per row and column.
+    """
+    for step in range(level):
+        if step % 2 == 0:
+            w = (w + 1) // 2
+        else:
+            h = (h + 1) // 2
+    return t, h, w
+
+
+def pooled_grids(
+    grids: Sequence[Sequence[int]], levels: Sequence[int] | None, merge_size: int
+) -> list[tuple[int, int, int]]:
+    """Patch grids [t, h, w] that describe images pooled to `levels` (one per grid; None: level 0):
+    (t, h' * m, w' * m) for the merged grid (t, h', w') of each level, so that placeholder counts and M-RoPE
+    (row, col) ids follow the pooled grid."""
+    if levels is None:
+        return [(int(t), int(h), int(w)) for t, h, w in grids]
+    if len(levels) != len(grids):
+        raise ValueError(f"{len(levels)} granularity level(s) for {len(grids)} image grid(s)")
+    out = []
+    for (t, h, w), level in zip(grids, levels, strict=True):
+        t, gh, gw = level_grid(int(t), int(h) // merge_size, int(w) // merge_size, int(level))
+        out.append((t, gh * merge_size, gw * merge_size))
+    return out
+
+
+def grid_token_counts(
+    grids: Sequence[Sequence[int]], merge_size: int, levels: Sequence[int] | None = None
+) -> list[int]:
+    """LLM tokens (placeholders) of each patch grid [t, h, w] at its level (None: level 0)."""
+    return [t * h * w // merge_size**2 for t, h, w in pooled_grids(grids, levels, merge_size)]
+
+
+def mrope_positions(
+    kinds: np.ndarray, image_grids: list[list[int]], video_grids: list[list[int]], merge_size: int
+) -> np.ndarray:
+    """M-RoPE ids (3, seq) int64 of one unpadded sequence; consumes grids from the front of `image_grids` /
+    `video_grids`. kinds: (seq,) ints, 0 text, 1 image placeholder, 2 video placeholder."""
+    seq_len = kinds.shape[0]
+    positions = np.empty((3, seq_len), dtype=np.int64)
+    cursor, next_pos = 0, 0
+    while cursor < seq_len:
+        kind = int(kinds[cursor])
+        if kind == 0:
+            rest = np.flatnonzero(kinds[cursor:] != 0)
+            end = cursor + int(rest[0]) if rest.size else seq_len
+            positions[:, cursor:end] = np.arange(next_pos, next_pos + end - cursor)
+            next_pos, cursor = next_pos + end - cursor, end
+            continue
+        grids, name = (image_grids, "image") if kind == 1 else (video_grids, "video")
+        if not grids:
+            raise ValueError(f"found more {name} placeholder tokens than {name} grids (at position {cursor})")
+        t, h, w = (int(x) for x in grids.pop(0))
+        gh, gw = h // merge_size, w // merge_size
+        n_tok = t * gh * gw
+        if cursor + n_tok > seq_len or not bool((kinds[cursor : cursor + n_tok] == kind).all()):
+            other = np.flatnonzero(kinds[cursor:] != kind)
+            found = int(other[0]) if other.size else seq_len - cursor
+            raise ValueError(
+                f"{name} grid {[t, h, w]} needs {n_tok} consecutive {name} tokens but {found} start at position {cursor}"
+            )
+        frame, row, col = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")  # (t, gh, gw) each
+        positions[:, cursor : cursor + n_tok] = np.stack([frame, row, col]).reshape(3, n_tok) + next_pos
+        next_pos, cursor = next_pos + max(t, gh, gw), cursor + n_tok
+    return positions
+
+
+def batch_mrope_positions(
+    kinds: np.ndarray,
+    attention_mask: np.ndarray | None,
+    image_grids: Sequence[Sequence[int]],
+    video_grids: Sequence[Sequence[int]],
+    merge_size: int,
+    image_levels: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """M-RoPE ids of a padded batch: kinds (batch, seq) (0 text / 1 image / 2 video), attention_mask (batch, seq)
+    (0 on left or right padding; None: no padding), grids in placeholder order sample after sample, image_levels
+    one granularity level per image grid. Returns ids (3, batch, seq) int64, 0 on padding (as transformers'
+    Qwen2-VL), and rope deltas (batch,): largest id + 1 - unpadded length. Raises when a grid finds no
+    placeholders or placeholders no grid."""
+    image_left = [list(g) for g in pooled_grids(image_grids, image_levels, merge_size)]
+    video_left = [list(g) for g in video_grids]
+    batch, seq_len = kinds.shape
+    positions = np.zeros((3, batch, seq_len), dtype=np.int64)
+    deltas = np.zeros(batch, dtype=np.int64)
+    for b in range(batch):
+        keep = np.ones(seq_len, dtype=bool) if attention_mask is None else attention_mask[b].astype(bool)
+        pos = mrope_positions(kinds[b][keep], image_left, video_left, merge_size)
+        positions[:, b, keep] = pos
+        deltas[b] = (int(pos.max()) + 1 if pos.size else 0) - pos.shape[1]
+    if image_left or video_left:
+        raise ValueError(
+            f"{len(image_left)} image grid(s) and {len(video_left)} video grid(s) have no placeholder tokens left"
+        )
+    return positions, deltas
+
+
+def placeholder_kinds(
+    input_ids: torch.LongTensor,
+    image_token_id: int,
+    video_token_id: int,
+    has_images: bool,
+    has_videos: bool,
+    mm_token_type_ids: torch.Tensor | None = None,
+) -> torch.LongTensor:
+    """(batch, seq) long: 0 text, 1 image, 2 video. `mm_token_type_ids` when given; else a token is an image (video)
+    placeholder when it holds the image (video) token id AND the batch has images (videos), so text-only inputs
+    holding those ids are text, as in transformers' Qwen2-VL."""
+    if mm_token_type_ids is not None:
+        return mm_token_type_ids.long()
+    kinds = torch.zeros_like(input_ids, dtype=torch.long)
+    if has_images:
+        kinds[input_ids == image_token_id] = 1
+    if has_videos:
+        kinds[input_ids == video_token_id] = 2
+    return kinds
+
+
+def rope_index(
+    kinds: torch.LongTensor,
+    merge_size: int,
+    image_grid_thw: torch.LongTensor | None = None,
+    video_grid_thw: torch.LongTensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    image_levels: torch.LongTensor | None = None,
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """`batch_mrope_positions` on tensors: kinds (batch, seq) from `placeholder_kinds`, grids (num, 3), mask
+    (batch, seq), image_levels (num_image_grids,). Returns position ids (3, batch, seq) and rope_deltas (batch, 1)
+    long on the device of `kinds`."""
+    positions, deltas = batch_mrope_positions(
+        kinds.cpu().numpy(),
+        None if attention_mask is None else attention_mask.cpu().numpy(),
+        [] if image_grid_thw is None else image_grid_thw.tolist(),
+        [] if video_grid_thw is None else video_grid_thw.tolist(),
+        merge_size,
+        None if image_levels is None else [int(x) for x in image_levels.tolist()],
+    )
+    device = kinds.device
+    return torch.from_numpy(positions).to(device), torch.from_numpy(deltas).to(device).unsqueeze(1)
+
+
+def text_positions(
+    batch: int, seq_len: int, past_length: int, attention_mask: torch.Tensor | None, device: torch.device
+) -> torch.LongTensor:
+    """Plain positions (batch, seq_len) of the newest `seq_len` tokens: count of attended tokens before each one
+    (so left padding is skipped), or past_length + arange without a mask."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (batch, past + seq)
+        return positions[:, -seq_len:].to(device)
+    return torch.arange(past_length, past_length + seq_len, device=device).expand(batch, seq_len)
+
+
+def channels_first_position_ids(position_ids: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """Position ids in the decoder's layout: (batch, seq) or (rows, batch, seq). The processor's batch-first M-RoPE
+    ids (batch, seq, 3) (a layout every padding collator pads along the sequence) are moved to (3, batch, seq).
+    A shape that reads both ways ((3, 3, 3) for 3 sequences of 3 tokens) is taken as (rows, batch, seq)."""
+    if position_ids.dim() != 3 or tuple(position_ids.shape[1:]) == (batch, seq_len):
+        return position_ids
+    if tuple(position_ids.shape[:2]) == (batch, seq_len) and position_ids.shape[2] in (3, 4):
+        return position_ids.permute(2, 0, 1)  # (batch, seq, rows) -> (rows, batch, seq)
+    raise ValueError(
+        f"position_ids of shape {tuple(position_ids.shape)} fit neither (rows, batch, seq) nor (batch, seq, rows) "
+        f"for batch {batch} and sequence length {seq_len}"
+    )
+
+
+def rope_deltas_from_positions(position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.LongTensor:
+    """rope_deltas (batch, 1) of given M-RoPE ids (3 or 4, batch, seq): largest id over the attended tokens + 1
+    minus their count, so cached decoding continues where the given ids end."""
+    rows = position_ids[-3:]  # (3, batch, seq): the M-RoPE rows (a leading plain row of packed ids is skipped)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return (rows.amax(dim=(0, 2)) + 1 - rows.shape[-1]).unsqueeze(1)
+    mask = attention_mask.to(rows.device).bool()
+    largest = rows.masked_fill(~mask.unsqueeze(0), -1).amax(dim=(0, 2))  # (batch,)
+    return (largest + 1 - mask.sum(-1)).unsqueeze(1)
+
+
+def pooled_grid_thw(
+    image_grid_thw: torch.LongTensor, image_granularity: torch.LongTensor | None, merge_size: int
+) -> torch.LongTensor:
+    """`pooled_grids` on a (num_images, 3) tensor: the patch grids of the images pooled to their levels."""
+    if image_granularity is None:
+        return image_grid_thw
+    grids = pooled_grids(image_grid_thw.tolist(), image_granularity.tolist(), merge_size)
+    return torch.tensor(grids, dtype=torch.long, device=image_grid_thw.device).view(-1, 3)
+
+
+def image_token_counts(
+    image_grid_thw: torch.LongTensor, image_granularity: torch.LongTensor | None, merge_size: int
+) -> list[int]:
+    """`grid_token_counts` on tensors: placeholder tokens of each image grid at its level (None: level 0)."""
+    levels = None if image_granularity is None else image_granularity.tolist()
+    return grid_token_counts(image_grid_thw.tolist(), merge_size, levels)
+
+
+def split_by_image(
+    features: torch.Tensor, image_grid_thw: torch.LongTensor, merge_size: int
+) -> tuple[tuple[torch.Tensor, ...], list[tuple[int, int, int]]]:
+    """Level-0 tokens (sum t*h*w/m^2, D) of all images split per image, with each image's merged grid (t, h/m, w/m)."""
+    grids = [(t, h // merge_size, w // merge_size) for t, h, w in image_grid_thw.tolist()]
+    return features.split([t * h * w for t, h, w in grids]), grids
+
+
+def first_image_tokens(input_ids: torch.LongTensor, image_token_id: int, counts: list[int]) -> torch.LongTensor:
+    """Flat index (into input_ids.reshape(-1)) of each image's first placeholder, for images of `counts`
+    placeholders in order (the router's and RGLF's way to find an image's sample). Raises when the placeholders
+    do not add up."""
+    where = (input_ids.reshape(-1) == image_token_id).nonzero().squeeze(-1)  # (num image tokens,)
+    if where.shape[0] != sum(counts):
+        raise ValueError(f"found {where.shape[0]} image tokens in the input but the images need {sum(counts)}")
+    starts = torch.tensor([0] + counts[:-1], dtype=torch.long).cumsum(0).to(where.device)
+    return where[starts]
+
+
+__all__ = [
+    "batch_mrope_positions",
+    "channels_first_position_ids",
+    "first_image_tokens",
+    "grid_token_counts",
+    "image_token_counts",
+    "level_grid",
+    "mrope_positions",
+    "placeholder_kinds",
+    "pooled_grid_thw",
+    "pooled_grids",
+    "rope_deltas_from_positions",
+    "rope_index",
+    "split_by_image",
+    "text_positions",
+]
