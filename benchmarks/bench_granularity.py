@@ -25,7 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from nativevl.evaluation.metrics import score_sample
 from nativevl.evaluation.run import load_image, load_records
 from nativevl.evaluation.synth_rc import generate_benchmark
-from nativevl.modeling.granularity_nativevl import compact_image_placeholders
+from nativevl.modeling.granularity_nativevl import compact_image_placeholders, drop_surplus_placeholders
 from nativevl.modeling.positions_nativevl import image_token_counts
 
 
@@ -73,10 +73,13 @@ def prefill_seconds(model, processor, images, questions, repeats: int = 3, force
         )
         if force is not None:
             levels = torch.full_like(levels, force)
-        ids, mask = compact_image_placeholders(
+        kept = drop_surplus_placeholders(
             batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"], None, levels,
-            model.config.image_token_id, merge, processor.tokenizer.pad_token_id,
+            model.config.image_token_id, merge,
         )  # fmt: skip
+        ids, mask = compact_image_placeholders(
+            batch["input_ids"], batch["attention_mask"], kept, processor.tokenizer.pad_token_id
+        )
         image_out = core.pool_image_outputs(
             BaseModelOutputWithPooling(pooler_output=features), batch["image_grid_thw"], levels
         )  # the features the router saw, pooled: the vision tower runs once, as in generate(granularity="auto")

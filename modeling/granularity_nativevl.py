@@ -153,26 +153,14 @@ def drop_surplus_placeholders(
 
 
 def compact_image_placeholders(
-    input_ids: torch.LongTensor,
-    attention_mask: torch.Tensor | None,
-    image_grid_thw: torch.LongTensor,
-    from_levels: torch.LongTensor | None,
-    to_levels: torch.LongTensor,
-    image_token_id: int,
-    merge_size: int,
-    pad_token_id: int,
+    input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, kept: torch.Tensor, pad_token_id: int
 ) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """Removes each image's surplus placeholders so a prompt expanded for `from_levels` fits `to_levels`.
-
-    input_ids, attention_mask: (batch, seq), left or right padded (the side is kept; unpadded counts as left).
-    Returns the re-padded input_ids and attention_mask (batch, seq'), seq' <= seq; each image keeps the first
-    n(to_level) tokens of its run (`drop_surplus_placeholders`).
-    """
+    """Removes the tokens `kept` (batch, seq) marks 0 (the surplus placeholders `drop_surplus_placeholders`
+    found) and re-pads: input_ids, attention_mask (batch, seq), left or right padded (the side is kept; unpadded
+    counts as left). Returns the input_ids and attention_mask (batch, seq'), seq' <= seq."""
     mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
     right = bool((~mask[:, -1]).any()) and not bool((~mask[:, 0]).any())
-    keep = drop_surplus_placeholders(
-        input_ids, mask, image_grid_thw, from_levels, to_levels, image_token_id, merge_size
-    ).bool()
+    keep = kept.bool()
     rows = [input_ids[b][keep[b]] for b in range(input_ids.shape[0])]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)

@@ -864,16 +864,10 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
             ).argmax(-1)
         pad = self.generation_config.pad_token_id
         pad = pad if pad is not None else (self.config.text_config.pad_token_id or 0)
-        compact_ids, compact_mask = compact_image_placeholders(
-            input_ids,
-            mask,
-            grids,
-            from_levels,
-            levels,
-            self.config.image_token_id,
-            self.config.vision_config.spatial_merge_size,
-            int(pad if not isinstance(pad, torch.Tensor) else pad.flatten()[0]),
-        )
+        merge, image_id = self.config.vision_config.spatial_merge_size, self.config.image_token_id
+        kept = drop_surplus_placeholders(input_ids, mask, grids, from_levels, levels, image_id, merge)
+        pad = int(pad if not isinstance(pad, torch.Tensor) else pad.flatten()[0])
+        compact_ids, compact_mask = compact_image_placeholders(input_ids, mask, kept, pad)
         kwargs.pop("position_ids", None)  # the processor's ids describe the full grids; recomputed for the levels
         kwargs.pop("pixel_values")
         kwargs["attention_mask"] = compact_mask

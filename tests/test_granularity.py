@@ -16,7 +16,7 @@ from test_packing import example
 from nativevl import NativeVLForConditionalGeneration
 from nativevl.conversion.export import build_tiny
 from nativevl.modeling import get_rope_index, level_grid, pool_grid
-from nativevl.modeling.granularity_nativevl import compact_image_placeholders
+from nativevl.modeling.granularity_nativevl import compact_image_placeholders, drop_surplus_placeholders
 from nativevl.modeling.positions_nativevl import pooled_grid_thw
 from nativevl.processing.processing_nativevl import level_grid as processor_level_grid
 from nativevl.processing.processing_nativevl import mrope_position_ids
@@ -189,9 +189,10 @@ def test_compact_prompt_by_hand(model, padding_side):
     tester, ours = model
     full, _ = pooled_batch(tester, [0, 0, 0], padding_side)
     small, _ = pooled_batch(tester, [2, 0, 1], padding_side)
-    ids, mask = compact_image_placeholders(
-        full["input_ids"], full["attention_mask"], full["image_grid_thw"], None, torch.tensor([2, 0, 1]), 120, 2, 0
+    kept = drop_surplus_placeholders(
+        full["input_ids"], full["attention_mask"], full["image_grid_thw"], None, torch.tensor([2, 0, 1]), 120, 2
     )
+    ids, mask = compact_image_placeholders(full["input_ids"], full["attention_mask"], kept, 0)
     assert torch.equal(ids, small["input_ids"]) and torch.equal(mask, small["attention_mask"])
 
 
