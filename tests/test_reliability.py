@@ -1,0 +1,246 @@
+"""Nothing lost, nothing hung (issue 14): bad input, faults and concurrency at every entry point.
+
+Each test is one failure of the code before issue 14: stale results resumed into a run folder, destinations
+replaced under concurrency, hangs on non-regular files, wrong token budgets for some input types, paths escaping the
+data folder, the decompression-bomb guard bypassed, and tracebacks instead of one-line errors. Kills are injected
+deterministically: a subprocess patches the function it would be inside and SIGKILLs itself there.
+"""
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nativevl.conversion.export import build_tiny, save_folder
+from nativevl.evaluation import generate_benchmark
+from nativevl.evaluation.cli import main as eval_main
+from nativevl.evaluation.run import EvalInputError, load_records
+from nativevl.processing.image_processing_nativevl import NativeVLImageProcessor, _array_to_pil, image_size
+from nativevl.runs import RunFolderError, RunLock
+
+
+RUN_ARGS = ["--max-new-tokens", "2", "--batch-size", "2", "--no-progress", "--limit", "2"]
+
+
+def _fork(fn) -> int:
+    """Runs `fn` in a forked copy of this process (everything already imported); returns its pid. The child never
+    returns into pytest: it exits with status 0 after `fn`, 1 on an exception, or dies inside `fn`."""
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            fn()
+            status = 0
+        finally:
+            os._exit(status)
+    return pid
+
+
+def _killed_at(fn) -> None:
+    """Runs `fn` in a forked child and checks that it died of SIGKILL (the fault `fn` injects) rather than ending."""
+    _, status = os.waitpid(_fork(fn), 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"child ended with status {status}"
+
+
+def _sigkill(*args, **kwargs):
+    """A fault: the calling process dies at once, as under `kill -9` or the OOM killer."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny(max_pixels=224 * 224)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    save_folder(*tiny, path)
+    return path
+
+
+def _bench(folder: Path, seed: int) -> Path:
+    return generate_benchmark(folder, per_cell=1, seed=seed, scale=1 / 8, kinds=["sc"])
+
+
+def _eval(model_dir, data, out, *extra) -> int:
+    return eval_main(["run", "--model", str(model_dir), "--data", str(data), "--out", str(out), *RUN_ARGS, *extra])
+
+
+# ------------------------------------------------------------------------------------------ run folders (1, 10)
+def test_eval_resume_refuses_other_data_weights_or_dtype(model_dir, tmp_path, capsys):
+    data = _bench(tmp_path / "bench", seed=0)
+    out = tmp_path / "run"
+    assert _eval(model_dir, data, out) == 0
+    assert "2 new, 0 resumed" in capsys.readouterr().out
+
+    _bench(tmp_path / "bench", seed=1)  # same ids, other images and answers
+    assert _eval(model_dir, data, out) == 2
+    err = capsys.readouterr().err
+    assert "data_digest" in err and "--overwrite" in err and "Traceback" not in err
+    assert _eval(model_dir, data, out, "--overwrite") == 0
+    assert "2 new, 0 resumed" in capsys.readouterr().out
+
+    assert _eval(model_dir, data, out, "--dtype", "bfloat16") == 2
+    assert "dtype" in capsys.readouterr().err
+
+    model = tmp_path / "model"  # a model folder retrained in place: other weights under the same path
+    shutil.copytree(model_dir, model)
+    assert _eval(model, data, tmp_path / "run2") == 0
+    capsys.readouterr()
+    save_folder(*build_tiny(seed=1, max_pixels=224 * 224), model, overwrite=True)
+    assert _eval(model, data, tmp_path / "run2") == 2
+    assert "weights" in capsys.readouterr().err
+
+
+def test_second_run_into_a_locked_folder_refuses_and_a_dead_owners_lock_is_taken_over(model_dir, tmp_path, capsys):
+    data = _bench(tmp_path / "bench", seed=0)
+    out = tmp_path / "run"
+    ready, done = os.pipe()
+    holder = _fork(lambda: (RunLock(out).__enter__(), os.write(done, b"locked"), time.sleep(600)))
+    try:
+        assert os.read(ready, 6) == b"locked"
+        assert _eval(model_dir, data, out) == 2
+        err = capsys.readouterr().err
+        assert f"in use by process {holder}" in err
+        assert not (out / "predictions.jsonl").exists()
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+    assert (out / ".lock").read_text().strip() == str(holder)  # the dead owner's lock file is still there
+    assert _eval(model_dir, data, out) == 0
+    with RunLock(out), pytest.raises(RunFolderError, match=f"in use by process {os.getpid()}"):
+        RunLock(out).__enter__()
+
+
+# ------------------------------------------------------------------------------------------ data paths (8)
+def test_eval_paths_stay_under_the_data_folder(tmp_path):
+    inside = tmp_path / "data"
+    inside.mkdir()
+    Image.new("RGB", (40, 30)).save(tmp_path / "secret.png")
+    record = {"question": "?", "answers": ["a"]}
+    messages = []
+    for image in ("../secret.png", "../missing.png", str(tmp_path / "secret.png"), "/etc/passwd"):
+        data = inside / "data.jsonl"
+        data.write_text(json.dumps(record | {"image": image}) + "\n")
+        with pytest.raises(EvalInputError, match="outside the data folder") as err:
+            load_records(data)
+        messages.append(str(err.value).replace(image, "IMAGE"))
+    assert messages[0] == messages[1]  # an existing and a missing file: the same error
+    assert len(load_records(_write(inside, "../secret.png"), allow_outside_paths=True)) == 1
+
+
+def _write(folder: Path, image: str) -> Path:
+    path = folder / "allowed.jsonl"
+    path.write_text(json.dumps({"image": image, "question": "?", "answers": ["a"]}) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ image sizes (3, 7, 9)
+def _inputs(tmp_path: Path, height: int = 45, width: int = 150) -> dict:
+    """One height x width image as every input type the image processor accepts."""
+    rgb = np.random.RandomState(0).randint(0, 255, (height, width, 3), dtype=np.uint8)
+    path = tmp_path / "image.png"
+    Image.fromarray(rgb).save(path)
+    encoded = path.read_bytes()
+    return {
+        "pil": Image.fromarray(rgb),
+        "numpy_hwc": rgb,
+        "numpy_chw": np.ascontiguousarray(rgb.transpose(2, 0, 1)),
+        "torch_chw": torch.from_numpy(rgb).permute(2, 0, 1),
+        "torch_hwc": torch.from_numpy(rgb),
+        "str": str(path),
+        "pathlib": path,
+        "bytes": encoded,
+        "bytearray": bytearray(encoded),
+    }
+
+
+def test_one_size_reader_for_every_input_type_and_the_budget_uses_it(tmp_path, tiny):
+    _, processor = tiny
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}], add_generation_prompt=True
+    )
+    reference = processor.image_processor(images=[_inputs(tmp_path)["pil"]])["image_grid_thw"].tolist()
+    for kind, image in _inputs(tmp_path).items():
+        assert image_size(image) == (45, 150), kind
+        out = processor(images=[image], text=[prompt], max_image_tokens=4)
+        tokens = int((out["input_ids"] == processor.image_token_id).sum())
+        assert tokens <= 4 and out["image_grid_thw"].prod(-1).sum() // 4 == tokens, kind
+        assert processor.image_processor(images=[image])["image_grid_thw"].tolist() == reference, kind
+    with pytest.raises(ValueError, match="4-D array of shape"):
+        processor(images=[np.zeros((2, 45, 150, 3), np.uint8)], text=[prompt])
+
+
+def test_a_fifo_is_refused_without_being_opened(tmp_path, tiny):
+    _, processor = tiny
+    fifo = tmp_path / "image.png"
+    os.mkfifo(fifo)
+    prompt = "<|vision_start|><|image_pad|><|vision_end|>?"
+    errors = []
+
+    def call():
+        for budget in (None, 20):
+            with pytest.raises(ValueError, match="is not a regular file") as err:
+                processor(images=[str(fifo)], text=[prompt], max_image_tokens=budget)
+            errors.append(str(err.value))
+
+    worker = threading.Thread(target=call, daemon=True)  # the old code blocks forever in open()
+    worker.start()
+    worker.join(timeout=30)
+    if worker.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # release the blocked reader
+        pytest.fail("reading the size of a FIFO blocked")
+    assert len(errors) == 2
+    with pytest.raises(ValueError, match="not a regular file"):
+        image_size(fifo)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decompression_bomb_limit_applies_in_eval(model_dir, tmp_path, monkeypatch, capsys):
+    Image.new("RGB", (300, 200)).save(tmp_path / "big.png")
+    record = {"id": "big", "image": "big.png", "question": "?", "answers": ["a"], "width": 300, "height": 200}
+    (tmp_path / "data.jsonl").write_text(json.dumps(record) + "\n")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40_000)  # 60,000 px: PIL itself only warns below 2x the limit
+    with pytest.raises(ValueError, match="decompression bomb"):
+        image_size(tmp_path / "big.png")
+    assert _eval(model_dir, tmp_path / "data.jsonl", tmp_path / "run") == 2
+    assert "possible decompression bomb" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "predictions.jsonl").exists()
+
+
+def test_processor_settings_and_arrays_refused_with_their_values():
+    with pytest.raises(ValueError, match=r"image_std.*0\.0"):
+        NativeVLImageProcessor(image_std=0)
+    with pytest.raises(ValueError, match="max_pixels must be an int, got '100000' \\(str\\)"):
+        NativeVLImageProcessor()(images=[np.zeros((28, 28, 3), np.uint8)], max_pixels="100000")
+    ambiguous = np.zeros((3, 56, 2), np.uint8)
+    with pytest.raises(ValueError, match=r"\(3, 56, 2\) is ambiguous"):
+        NativeVLImageProcessor()(images=[ambiguous])
+    assert image_size(ambiguous, "channels_first") == (56, 2)
+
+
+def test_rgba_arrays_composite_exactly_as_before_in_small_integers():
+    rgba = np.random.RandomState(1).randint(0, 256, (64, 96, 4), dtype=np.uint8)
+    rgba[:2, :2, 3] = [[0, 255], [128, 1]]
+    alpha = rgba[..., 3:4] / 255  # transformers' convert_to_rgb, numpy branch (float64)
+    expected = np.round(alpha * rgba[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+    processor = NativeVLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56 * 4)
+    ours = processor(images=[rgba], max_pixels=64 * 96, min_pixels=64 * 96)
+    theirs = processor(images=[expected], max_pixels=64 * 96, min_pixels=64 * 96)
+    assert np.array_equal(ours["pixel_values"], theirs["pixel_values"])
+    every = np.stack(np.meshgrid(np.arange(256), np.arange(256), indexing="ij"), -1).reshape(-1, 1, 2)  # (x, a)
+    grid = np.concatenate([np.repeat(every[..., :1], 3, -1), every[..., 1:]], -1).astype(np.uint8)  # (65536, 1, 4)
+    a = grid[..., 3:4] / 255
+    assert np.array_equal(
+        np.asarray(_array_to_pil(grid, "x", processor._config({}), None, "channels_last")),
+        np.round(a * grid[..., :3] + (1 - a) * 255).astype(np.uint8),
+    )
