@@ -18,13 +18,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers.trainer_utils import get_last_checkpoint
 
+from nativevl.conversion.atomic import atomic_output_dir
 from nativevl.conversion.export import build_tiny, save_folder
 from nativevl.evaluation import generate_benchmark
 from nativevl.evaluation.cli import main as eval_main
 from nativevl.evaluation.run import EvalInputError, load_records
 from nativevl.processing.image_processing_nativevl import NativeVLImageProcessor, _array_to_pil, image_size
 from nativevl.runs import RunFolderError, RunLock
+from nativevl.training.checkpoints import replace_checkpoint
 
 
 RUN_ARGS = ["--max-new-tokens", "2", "--batch-size", "2", "--no-progress", "--limit", "2"]
@@ -244,3 +247,116 @@ def test_rgba_arrays_composite_exactly_as_before_in_small_integers():
         np.asarray(_array_to_pil(grid, "x", processor._config({}), None, "channels_last")),
         np.round(a * grid[..., :3] + (1 - a) * 255).astype(np.uint8),
     )
+
+
+# ------------------------------------------------------------------------------------------ atomic outputs (2, 4, 5)
+def test_export_race_never_replaces_the_other_writers_folder(tiny, tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(FileExistsError, match="appeared while it was being written"):
+        with atomic_output_dir(target) as slow:
+            (slow / "slow.txt").write_text("slow")
+            save_folder(*tiny, target)  # a second export to the same new destination finishes first
+    assert (target / "model.safetensors").is_file() and not (target / "slow.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the slow writer's temporary folder is gone
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+
+
+def test_export_killed_midway_leaves_nothing_and_its_leftovers_are_cleaned(tiny, tmp_path):
+    target = tmp_path / "out"
+
+    def killed_export():
+        import nativevl.conversion.export as export
+
+        export.render_card = _sigkill  # dies after the weights are written, before the README
+        save_folder(*tiny, target)
+
+    _killed_at(killed_export)
+    leftovers = [p.name for p in tmp_path.iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".out.tmp-") and not target.exists()
+    save_folder(*tiny, target)  # the next writer removes the dead writer's temporary folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_export_killed_while_replacing_restores_the_previous_folder(tiny, tmp_path):
+    target = tmp_path / "out"
+    save_folder(*tiny, target)
+    before = (target / "model.safetensors").read_bytes()
+
+    def killed_between_renames():
+        original = os.replace
+
+        def replace(src, dst, *args, **kwargs):  # dies once the old folder is aside, before the new one is in
+            original(src, dst, *args, **kwargs)
+            if Path(src) == target:
+                _sigkill()
+
+        os.replace = replace
+        save_folder(*tiny, target, overwrite=True)
+
+    _killed_at(killed_between_renames)
+    assert not target.exists()
+    with pytest.raises(FileExistsError, match="exists and is not empty"):  # the old folder is back: refused
+        with atomic_output_dir(target):
+            pass
+    assert (target / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_checkpoint_replacement_killed_midway_leaves_a_complete_checkpoint(tmp_path):
+    files = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+    target, written = tmp_path / "checkpoint-4", tmp_path / ".staging-4" / "checkpoint-4"
+    for folder, tag in ((target, "old"), (written, "new")):
+        folder.mkdir(parents=True)
+        for name in files:
+            (folder / name).write_text(tag)
+
+    def killed_while_deleting():
+        original = os.unlink
+
+        def unlink(*args, **kwargs):  # shutil.rmtree deletes file by file: die after the first
+            original(*args, **kwargs)
+            _sigkill()
+
+        os.unlink = unlink
+        replace_checkpoint(str(written), str(target))
+
+    _killed_at(killed_while_deleting)
+    assert sorted(p.name for p in target.iterdir()) == sorted(files)
+    assert {(target / name).read_text() for name in files} == {"new"}
+    assert get_last_checkpoint(str(tmp_path)) == str(target)  # the half-deleted old one is hidden aside
+    (tmp_path / "next").mkdir()
+    replace_checkpoint(str(tmp_path / "next"), str(target))  # the next replacement removes the leftover
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".staging-4", "checkpoint-4"]
+
+
+def test_synth_rc_killed_midway_keeps_the_old_benchmark_and_a_smaller_rerun_leaves_no_stale_images(tmp_path):
+    out = tmp_path / "bench"
+    generate_benchmark(out, per_cell=2, seed=0, scale=1 / 8, kinds=["sc"])
+    before = {p.name: p.read_bytes() for p in [out / "data.jsonl", *(out / "images").iterdir()]}
+
+    def killed_while_saving():
+        saved = []
+        original = Image.Image.save
+
+        def save(self, *args, **kwargs):
+            if len(saved) == 5:
+                _sigkill()
+            saved.append(args[0])
+            return original(self, *args, **kwargs)
+
+        Image.Image.save = save
+        generate_benchmark(out, per_cell=1, seed=1, scale=1 / 8, kinds=["sc"])
+
+    _killed_at(killed_while_saving)
+    assert {p.name: p.read_bytes() for p in [out / "data.jsonl", *(out / "images").iterdir()]} == before
+    generate_benchmark(out, per_cell=1, seed=1, scale=1 / 8, kinds=["sc"])
+    records = [json.loads(line) for line in (out / "data.jsonl").read_text().splitlines()]
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(Path(r["image"]).name for r in records)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="holds no data.jsonl"):
+        generate_benchmark(tmp_path / "mine", per_cell=1, kinds=["sc"], scale=1 / 8)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
