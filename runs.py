@@ -67,12 +67,15 @@ def fingerprint_changes(old: Mapping, new: Mapping) -> list[str]:
     return [f"{k}: {short(old.get(k))} -> {short(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
 
 
-def check_fingerprint(path: str | os.PathLike, fingerprint: Mapping, overwrite: bool = False) -> bool:
-    """Records `fingerprint` in the JSON file `path`, or checks it against the one recorded there.
+def check_fingerprint(
+    path: str | os.PathLike, fingerprint: Mapping, overwrite: bool = False, write: bool = True
+) -> bool:
+    """Records `fingerprint` in the JSON file `path` (unless `write` is False: the other ranks of a distributed
+    run only check), or checks it against the one recorded there.
 
     Returns True when `path` held a different fingerprint and `overwrite` is set: the caller starts over (the new
-    fingerprint is written). Raises RunFolderError naming what differs when `overwrite` is not set, or when the
-    file is not a JSON object (a run killed while writing it).
+    fingerprint is written). Raises RunFolderError naming what differs when `overwrite` is not set; a file that is
+    not valid JSON (cut short) counts as a different fingerprint.
     """
     path = Path(path)
     fingerprint = json.loads(json.dumps(fingerprint))  # compare as stored: tuples become lists
@@ -92,9 +95,10 @@ def check_fingerprint(path: str | os.PathLike, fingerprint: Mapping, overwrite: 
                     "another folder"
                 )
             changed = True
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(fingerprint, indent=2) + "\n")
-    os.replace(tmp, path)
+    if write:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(fingerprint, indent=2) + "\n")
+        os.replace(tmp, path)
     return changed
 
 

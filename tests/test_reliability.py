@@ -17,9 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_colour_dataset
 from PIL import Image
 from transformers.trainer_utils import get_last_checkpoint
 
+import nativevl
+from nativevl.cli import main as cli_main
 from nativevl.conversion.atomic import atomic_output_dir
 from nativevl.conversion.export import build_tiny, save_folder
 from nativevl.evaluation import generate_benchmark
@@ -28,6 +31,7 @@ from nativevl.evaluation.run import EvalInputError, load_records
 from nativevl.processing.image_processing_nativevl import NativeVLImageProcessor, _array_to_pil, image_size
 from nativevl.runs import RunFolderError, RunLock
 from nativevl.training.checkpoints import replace_checkpoint
+from nativevl.training.train import check_output_dir, parse, resume_argument
 
 
 RUN_ARGS = ["--max-new-tokens", "2", "--batch-size", "2", "--no-progress", "--limit", "2"]
@@ -360,3 +364,56 @@ def test_synth_rc_killed_midway_keeps_the_old_benchmark_and_a_smaller_rerun_leav
     with pytest.raises(ValueError, match="holds no data.jsonl"):
         generate_benchmark(tmp_path / "mine", per_cell=1, kinds=["sc"], scale=1 / 8)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+# ------------------------------------------------------------------------------------------ training runs (6, 8, 11)
+def _training_args(model_dir, data, out, *extra):
+    recipe = Path(nativevl.__file__).parent / "training" / "recipes" / "tiny_stage2.yaml"
+    return parse([str(recipe), "--model_name_or_path", str(model_dir), "--dataset_path", str(data), "--output_dir",
+                  str(out), *extra])  # fmt: skip
+
+
+def test_training_into_another_runs_output_dir_refuses(model_dir, tmp_path):
+    data_a = write_colour_dataset(tmp_path / "a", 2, seed=0)
+    data_b = write_colour_dataset(tmp_path / "b", 2, seed=1)
+    out = tmp_path / "out"
+    check_output_dir(*_training_args(model_dir, data_a, out))  # run A records its fingerprint
+    (out / "checkpoint-2").mkdir()
+    check_output_dir(*_training_args(model_dir, data_a, out))  # A again (a resume): fine
+    with pytest.raises(RunFolderError, match="dataset"):
+        check_output_dir(*_training_args(model_dir, data_b, out))
+    (out / "nativevl_run.json").unlink()
+    with pytest.raises(RunFolderError, match=r"checkpoints \(checkpoint-2\) of a run that recorded no"):
+        check_output_dir(*_training_args(model_dir, data_a, out))
+    check_output_dir(*_training_args(model_dir, data_b, out, "--overwrite", "true"))
+    assert not (out / "checkpoint-2").exists()
+    assert resume_argument("true") is True and resume_argument("False") is None
+    assert resume_argument(str(out / "checkpoint-2")) == str(out / "checkpoint-2")
+
+
+def test_train_cli_errors_are_one_line_and_write_nothing(model_dir, tmp_path, capsys):
+    data = Path(write_colour_dataset(tmp_path / "data", 2))
+    Image.new("RGB", (30, 30)).save(tmp_path / "outside.png")
+    lines = data.read_text().splitlines()
+    bad = {
+        "malformed.jsonl": (lines[0] + "\n{not json\n", "malformed.jsonl line 2 is not UTF-8 JSON"),
+        "latin1.jsonl": (lines[0] + "\n", "latin1.jsonl line 1 is not UTF-8 JSON"),
+        "missing.jsonl": (lines[0].replace("images/0.png", "images/9.png") + "\n", "line 1: image 'images/9.png' is"),
+        "outside.jsonl": (lines[0].replace("images/0.png", "../outside.png") + "\n", "lies outside the dataset"),
+    }
+    recipe = Path(nativevl.__file__).parent / "training" / "recipes" / "tiny_stage2.yaml"
+    cases = [([str(tmp_path / "nope.yaml")], "nope.yaml"), ([str(recipe)], "dataset")]
+    for name, (text, message) in bad.items():
+        path = data.parent / name
+        encoded = text.encode()
+        path.write_bytes(encoded.replace(b"Colour", b"Colo\xfcr") if name == "latin1.jsonl" else encoded)
+        cases.append(([str(recipe), "--dataset_path", str(path)], message))
+    for argv, message in cases:
+        out = tmp_path / "out"
+        argv = ["train", *argv, "--model_name_or_path", str(model_dir), "--output_dir", str(out)]
+        if "--dataset_path" not in argv:
+            argv += ["--dataset_path", str(tmp_path / "absent.jsonl")]
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert not out.exists()
