@@ -17,7 +17,6 @@ is refused (`--overwrite` allows it), and so is a second demo writing into the f
 """
 
 import argparse
-import contextlib
 import json
 import random
 import time
@@ -140,17 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} exists and is not a folder")
+        raise RunFolderError(f"--out {out} exists and is not a folder")
     foreign = out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not (out / RUN_FILE).is_file()
     if foreign and not args.overwrite:
-        parser.error(f"--out {out} is not empty and not a demo folder (no {RUN_FILE}); pass --overwrite to use it")
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(RunLock(out))
-            options = {k: getattr(args, k) for k in ("minutes", "train_per_cell", "test_per_cell", "seed")}
-            check_fingerprint(out / RUN_FILE, options, args.overwrite)
-        except RunFolderError as err:
-            parser.error(str(err))
+        raise RunFolderError(f"--out {out} is not empty and not a demo folder (no {RUN_FILE}); --overwrite uses it")
+    with RunLock(out):
+        options = {k: getattr(args, k) for k in ("minutes", "train_per_cell", "test_per_cell", "seed")}
+        check_fingerprint(out / RUN_FILE, options, args.overwrite)
         return run_demo(out, args)
 
 

@@ -24,7 +24,9 @@ from transformers.trainer_utils import get_last_checkpoint
 import nativevl
 from nativevl.cli import main as cli_main
 from nativevl.conversion.atomic import atomic_output_dir
+from nativevl.conversion.checkpoint import ConversionError, SourceCheckpoint
 from nativevl.conversion.export import build_tiny, save_folder
+from nativevl.demo import _num as demo_num
 from nativevl.evaluation import generate_benchmark
 from nativevl.evaluation.cli import main as eval_main
 from nativevl.evaluation.run import EvalInputError, load_records
@@ -417,3 +419,81 @@ def test_train_cli_errors_are_one_line_and_write_nothing(model_dir, tmp_path, ca
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ one-line CLI errors (11)
+def _one_line_error(capsys, *fragments: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(lines) == 1 and "Traceback" not in err and all(f in lines[0] for f in fragments), err
+    return lines[0]
+
+
+def test_cli_errors_are_one_line_exit_2_and_write_nothing(model_dir, tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("keep")
+    assert cli_main(["export", "--tiny", str(tmp_path / "full")]) == 2
+    _one_line_error(capsys, "FileExistsError", "full exists and is not empty")
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
+    with pytest.raises(FileExistsError):  # --debug: the traceback
+        cli_main(["--debug", "export", "--tiny", str(tmp_path / "full")])
+
+    data = _bench(tmp_path / "bench", seed=0)
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"question": "caf\xe9"}\n')
+    truncated, disagreeing = tmp_path / "truncated", tmp_path / "disagreeing"
+    for folder in (truncated, disagreeing):
+        shutil.copytree(model_dir, folder)
+    (truncated / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes()[:1000])
+    config = json.loads((disagreeing / "config.json").read_text())
+    config["text_config"]["intermediate_size"] += 32
+    (disagreeing / "config.json").write_text(json.dumps(config))
+    (tmp_path / "file").write_text("")
+    cases = [
+        (tmp_path / "missing_model", data, "model folder not found"),
+        (model_dir, tmp_path / "latin1.jsonl", "latin1.jsonl line 1 is not UTF-8"),
+        (truncated, data, "cannot load the model in"),
+        (disagreeing, data, "cannot load the model in"),
+    ]
+    for model, data_file, message in cases:
+        assert _eval(model, data_file, tmp_path / "run") == 2
+        _one_line_error(capsys, message)
+        assert not (tmp_path / "run").exists()
+    assert _eval(model_dir, data, tmp_path / "file") == 2
+    _one_line_error(capsys, "exists and is not a folder")
+
+    assert _eval(model_dir, data, tmp_path / "run") == 0
+    capsys.readouterr()
+    settings = tmp_path / "run" / "settings.json"
+    settings.write_text(settings.read_text()[:50])  # a run killed while writing it
+    assert _eval(model_dir, data, tmp_path / "run") == 2
+    _one_line_error(capsys, "settings.json is not valid JSON", "--overwrite")
+    scores = tmp_path / "run" / "scores.json"
+    scores.write_text(scores.read_text()[:50])
+    assert eval_main(["compare", str(tmp_path / "run"), str(tmp_path / "run")]) == 2
+    _one_line_error(capsys, "scores.json is not valid JSON")
+
+
+def test_refused_pickle_is_a_conversion_error(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("unpickled",))
+
+    (tmp_path / "src").mkdir()
+    torch.save({"weight": Payload()}, tmp_path / "src" / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match=r"cannot load .*pytorch_model.bin with torch.load\(weights_only=True\)"):
+        SourceCheckpoint(tmp_path / "src", allow_pickle=True)
+
+
+def test_demo_refuses_a_folder_of_another_demo_and_prints_a_run_without_losses(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo_run.json").write_text(
+        json.dumps({"minutes": 10.0, "train_per_cell": 40, "test_per_cell": 4, "seed": 0})
+    )
+    assert cli_main(["demo", "--out", str(out), "--seed", "1"]) == 2
+    _one_line_error(capsys, "seed: 0 -> 1", "--overwrite")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert cli_main(["demo", "--out", str(tmp_path / "mine")]) == 2
+    _one_line_error(capsys, "not a demo folder")
+    assert demo_num(None, ".3f") == "    -" and demo_num(0.8612, ".3f") == "0.861"
