@@ -37,6 +37,14 @@ Deliberate differences from ``Qwen2VLImageProcessorPil`` (each has a test):
 - Float arrays must be in [0, 1]; they are quantised to uint8 (``round(x * 255)``) and then processed like uint8
   images. transformers truncates instead and then rescales by 1/255 a second time.
 
+Kept exactly as transformers does them (native mode stays identical to ``Qwen2VLImageProcessorPil``):
+``smart_resize`` rounding (each side to the nearest multiple of 28 with Python's round-half-even, then floor when
+shrinking and ceil when growing by the square root of the area ratio), and 32-bit integer ``"I"`` images, which
+``convert("RGB")`` clips at 255 as in transformers (only ``I;16*`` is rescaled, above).
+
+`image_size` is the one size reader for every input type ``preprocess`` accepts; the processor's token budget uses
+it. It never opens a FIFO or device, and it applies the decompression-bomb limit as ``preprocess`` does.
+
 This file is remote code: it is copied flat into a model folder and imports only the standard library, numpy,
 PIL, torch and transformers.
 """
