@@ -379,6 +379,7 @@ def test_training_into_another_runs_output_dir_refuses(model_dir, tmp_path):
     data_a = write_colour_dataset(tmp_path / "a", 2, seed=0)
     data_b = write_colour_dataset(tmp_path / "b", 2, seed=1)
     out = tmp_path / "out"
+    check_output_dir(*_training_args(model_dir, data_b, out))  # a run that saved no checkpoint: nothing to mix
     check_output_dir(*_training_args(model_dir, data_a, out))  # run A records its fingerprint
     (out / "checkpoint-2").mkdir()
     check_output_dir(*_training_args(model_dir, data_a, out))  # A again (a resume): fine

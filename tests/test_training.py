@@ -155,6 +155,7 @@ def test_checkpoints_are_complete_or_absent(setup, monkeypatch):
     monkeypatch.undo()
     rotated, _ = trainer_for(setup, "tiny_stage2.yaml", "rotated", "--max_steps", "6", "--save_steps", "2")
     rotated.args.save_total_limit = 1
+    (root / "rotated" / ".staging-99" / "checkpoint-99").mkdir(parents=True)  # left by a killed run
     rotated.train()
     kept = sorted(p.name for p in (root / "rotated").iterdir() if p.name not in ("README.md", "nativevl_run.json"))
     assert kept == ["checkpoint-6"]

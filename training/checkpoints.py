@@ -24,6 +24,11 @@ class AtomicCheckpointMixin:
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, f".staging-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(run_dir):  # staging folders of a killed run: never mixed in
+            for leftover in os.listdir(run_dir):
+                if leftover.startswith(".staging-"):
+                    shutil.rmtree(os.path.join(run_dir, leftover), ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # no rank writes into staging before the leftovers are gone
         self._get_output_dir = lambda trial=None: staging  # instance attribute shadows the method for this call
         try:
             super()._save_checkpoint(model, trial)

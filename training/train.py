@@ -89,7 +89,7 @@ class NativeVLArguments:
     export_dir: str | None = field(default=None, metadata={"help": "final remote-code folder (<output_dir>/final)"})
     overwrite: bool = field(
         default=False,
-        metadata={"help": "start over in an output_dir holding another run's checkpoints (deletes them)"},
+        metadata={"help": "start over: delete the checkpoints in output_dir, also those of another run"},
     )
     allow_outside_paths: bool = field(
         default=False, metadata={"help": "let image paths of a JSONL dataset leave the dataset file's folder"}
@@ -280,8 +280,9 @@ def run_fingerprint(args: NativeVLArguments) -> dict:
 
 def check_output_dir(training_args: SFTConfig, args: NativeVLArguments) -> None:
     """Refuses an output_dir holding checkpoints of another run (another fingerprint, or checkpoints without
-    `RUN_FILE`): resuming or rotating would mix the two runs. With `overwrite` their checkpoints are deleted and the
-    run starts over. Records this run's fingerprint in `output_dir / RUN_FILE` (main process)."""
+    `RUN_FILE`): resuming or rotating would mix the two runs. With `overwrite` the checkpoints are deleted and the
+    run starts over. Records this run's fingerprint in `output_dir / RUN_FILE` (main process only; the other ranks
+    of a distributed run check without writing)."""
     out = Path(training_args.output_dir)
     checkpoints = sorted(p for p in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()) if out.is_dir() else []
     main = training_args.process_index == 0
@@ -292,7 +293,8 @@ def check_output_dir(training_args: SFTConfig, args: NativeVLArguments) -> None:
         )
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    start_over = check_fingerprint(out / RUN_FILE, run_fingerprint(args), args.overwrite, write=main)
+    # without checkpoints nothing can be mixed: the fingerprint of the last run is simply replaced
+    start_over = check_fingerprint(out / RUN_FILE, run_fingerprint(args), args.overwrite or not checkpoints, main)
     if main and checkpoints and (start_over or args.overwrite):
         for checkpoint in checkpoints:
             shutil.rmtree(checkpoint)
