@@ -785,7 +785,11 @@ def _array_to_pil(array: np.ndarray, name: str, cfg: _Config, data_format: str |
         # exactly in uint16 (a*x + (255-a)*255 <= 65025; the exact quotient never ends in .5, so +127 // 255 rounds
         # as float64 does) instead of float64 temporaries 8x the image's size
         alpha = array[..., 3:4].astype(np.uint16)
-        array = ((alpha * array[..., :3] + (255 - alpha) * 255 + 127) // 255).astype(np.uint8)
+        rgb = array[..., :3].astype(np.uint16)
+        rgb *= alpha
+        rgb += (255 - alpha) * 255 + 127
+        rgb //= 255
+        array = rgb.astype(np.uint8)
     if array.shape[-1] != 3:
         raise ValueError(f"{name}: do_convert_rgb=False needs 3 channels, got shape {array.shape}")
     return Image.fromarray(np.ascontiguousarray(array))
