@@ -11,6 +11,9 @@
 
     nativevl demo                       # about 10 minutes on 2 cores, writes ./nativevl-demo
     nativevl demo --minutes 3 --out /tmp/demo
+
+A rerun into the same --out starts over (new data, a new model, evaluation runs redone); one with other options
+is refused (`--overwrite` allows it), and so is a second demo writing into the folder at the same time.
 """
 
 import argparse
@@ -25,12 +28,14 @@ from transformers import TrainerCallback
 from nativevl.conversion.export import build_tiny, save_folder
 from nativevl.evaluation.run import evaluate, load_records, print_report
 from nativevl.evaluation.synth_rc import generate_benchmark, make_item
+from nativevl.runs import LOCK_FILE, RunFolderError, RunLock, check_fingerprint
 from nativevl.training.train import build_trainer, export_final, parse
 
 
 RECIPE = Path(__file__).parent / "training" / "recipes" / "tiny_stage3.yaml"
 SCALE = 1 / 8  # linear scale of the synthetic images: nominal cell sizes / 8 (areas / 64)
 FIXED_PIXELS = 56 * 56  # the Fixed baseline at this scale: 4 LLM tokens per image, aspect kept
+RUN_FILE = "demo_run.json"  # the options of the demo that wrote an --out folder (`nativevl.runs.check_fingerprint`)
 
 
 class TimeBudget(TrainerCallback):
@@ -124,11 +129,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-per-cell", type=int, default=40, help="training items per cell and kind")
     parser.add_argument("--test-per-cell", type=int, default=4, help="held-out items per cell and kind")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="reuse an --out folder of a demo with other options")
     args = parser.parse_args(argv)
     if args.minutes <= 0:
         parser.error(f"--minutes must be positive, got {args.minutes}")
-    start = time.monotonic()
+    if args.train_per_cell < 1 or args.test_per_cell < 1:
+        parser.error(
+            f"--train-per-cell and --test-per-cell must be >= 1, got {args.train_per_cell}, {args.test_per_cell}"
+        )
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} exists and is not a folder")
+    foreign = out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not (out / RUN_FILE).is_file()
+    if foreign and not args.overwrite:
+        raise RunFolderError(f"--out {out} is not empty and not a demo folder (no {RUN_FILE}); --overwrite uses it")
+    with RunLock(out):
+        options = {k: getattr(args, k) for k in ("minutes", "train_per_cell", "test_per_cell", "seed")}
+        check_fingerprint(out / RUN_FILE, options, args.overwrite)
+        return run_demo(out, args)
+
+
+def run_demo(out: Path, args: argparse.Namespace) -> int:
+    """The four steps of the module docstring into `out` (locked and fingerprinted by `main`)."""
+    start = time.monotonic()
     torch.manual_seed(args.seed)
 
     print(f"[1/4] generating data in {out / 'data'} ...", flush=True)
@@ -145,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[2/4] training a {RECIPE.stem} model from scratch for {seconds:.0f} s ...", flush=True)
     final, stats = train(out, train_jsonl, seconds, args.seed)
     print(
-        f"      {stats['steps']} steps in {stats['seconds']} s, loss {stats['first_loss']:.3f} -> "
-        f"{stats['last_loss']:.3f}, packing fill rate {stats['fill_rate']:.1%}; model: {final}",
+        f"      {stats['steps']} steps in {stats['seconds']} s, loss {_num(stats['first_loss'], '.3f')} -> "
+        f"{_num(stats['last_loss'], '.3f')}, packing fill rate {stats['fill_rate']:.1%}; model: {final}",
         flush=True,
     )
 
@@ -159,8 +182,14 @@ def main(argv: list[str] | None = None) -> int:
 
     model = AutoModelForImageTextToText.from_pretrained(final).eval()
     processor = AutoProcessor.from_pretrained(final)
+    # every demo trains a new model, so its evaluation runs start over (overwrite) instead of being refused
     common = dict(
-        batch_size=16, max_new_tokens=16, progress=False, image_root=test_jsonl.parent, model_path=str(final)
+        batch_size=16,
+        max_new_tokens=16,
+        progress=False,
+        image_root=test_jsonl.parent,
+        model_path=str(final),
+        overwrite=True,
     )
     runs = {
         "native": evaluate(model, processor, records, out / "runs" / "native", mode="native", **common),
@@ -203,5 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _num(value) -> str:
-    return f"{value:5.1f}" if value is not None else "    -"
+def _num(value, spec: str = "5.1f") -> str:
+    """`value` formatted by `spec`, or a dash of the same width when it is None (e.g. no loss logged yet: a run
+    shorter than `logging_steps`)."""
+    return format(value, spec) if value is not None else "-".rjust(len(format(0.0, spec)))

@@ -123,9 +123,15 @@ class SourceCheckpoint:
     def _load_pickle(self, path: Path) -> dict[str, torch.Tensor]:
         if path not in self._pickles:
             try:
-                loaded = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-            except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-                loaded = torch.load(path, weights_only=True, map_location="cpu")
+                try:
+                    loaded = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+                except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+                    loaded = torch.load(path, weights_only=True, map_location="cpu")
+            except Exception as error:  # weights_only refuses pickles of anything but tensors and containers
+                first_line = (str(error).strip().splitlines() or [""])[0]
+                raise ConversionError(
+                    f"cannot load {path} with torch.load(weights_only=True): {type(error).__name__}: {first_line}"
+                ) from error
             if not isinstance(loaded, dict):
                 raise ConversionError(f"{path} holds a {type(loaded).__name__}, not a state dict")
             self._pickles[path] = loaded

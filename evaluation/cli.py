@@ -23,9 +23,12 @@ Crop with 336-px tiles) and the blank-image control::
     nativevl eval run --model MODEL --data rc_bench/data.jsonl --out runs/blank --blank-images
     nativevl eval compare runs/native runs/crop
 
-A killed `eval run` resumes where it stopped when rerun with the same arguments. Bad input (missing file, a
-record without image/question/answers, an unreadable image, an unknown mode) exits with status 2 and a message
-naming the value.
+A killed `eval run` resumes where it stopped when rerun with the same arguments and inputs; a rerun into the same
+`--out` with another data file, model (weights), dtype, mode or limit is refused naming what differs
+(`--overwrite` starts over), and so is a second run into a folder another process is writing. Image paths in the
+data file must lie under its folder (`--allow-outside-paths` lifts this). Bad input (missing file, a record
+without image/question/answers, an unreadable image, an unknown mode) exits with status 2 and a message naming the
+value.
 """
 
 import argparse
@@ -33,6 +36,7 @@ import sys
 from pathlib import Path
 
 from nativevl.evaluation.run import MODES, EvalInputError, compare, evaluate, load_records, print_report, profile
+from nativevl.runs import RunFolderError, file_digest
 
 
 PROG = "nativevl eval"
@@ -69,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--overwrite", action="store_true", help="start over when --out holds a run with other inputs")
+    run.add_argument("--allow-outside-paths", action="store_true", help="let image paths leave the data file's folder")
 
     cmp = sub.add_parser("compare", help="table and A-minus-B heatmap of two run folders")
     cmp.add_argument("run_a")
@@ -78,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     prof = sub.add_parser("profile", help="area x aspect histogram of a JSONL dataset")
     prof.add_argument("data")
     prof.add_argument("--out", help="heatmap PNG path (default: <data stem>_profile.png next to the data)")
+    prof.add_argument(
+        "--allow-outside-paths", action="store_true", help="let image paths leave the data file's folder"
+    )
     return parser
 
 
@@ -92,13 +101,19 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype: str = "f
     if not (model_dir / "config.json").is_file():
         raise EvalInputError(f"model folder not found or without config.json: {model_dir}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype), local_files_only=True)
-    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_dir, dtype=getattr(torch, dtype), local_files_only=True
+        )
+        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    except Exception as err:  # truncated weights, config disagreeing with them, broken processor files
+        message = " ".join(str(err).split())
+        raise EvalInputError(f"cannot load the model in {model_dir}: {type(err).__name__}: {message:.400}") from None
     return model.to(device).eval(), processor
 
 
 def _run(args: argparse.Namespace) -> int:
-    records = load_records(args.data, limit=args.limit)
+    records = load_records(args.data, limit=args.limit, allow_outside_paths=args.allow_outside_paths)
     model, processor = load_model(args.model, args.device, args.dtype)
     image_processor = processor.image_processor
     images_kwargs = {}
@@ -124,6 +139,9 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         images_kwargs=images_kwargs,
         model_path=str(Path(args.model).resolve()),
+        overwrite=args.overwrite,
+        allow_outside_paths=args.allow_outside_paths,
+        data_digest=file_digest(args.data),
     )
     print(print_report(scores))
     print(f"\n{scores['new_items']} new, {scores['resumed_items']} resumed; wrote {Path(args.out)}")
@@ -143,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             print(compare(args.run_a, args.run_b, args.out))
         else:
-            print(profile(args.data, args.out))
+            print(profile(args.data, args.out, args.allow_outside_paths))
         return 0
-    except EvalInputError as err:
+    except (EvalInputError, RunFolderError) as err:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2
 

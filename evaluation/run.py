@@ -12,7 +12,10 @@ when absent) and `nominal_width`/`nominal_height` (the size binned on, for scale
 
 A run folder holds:
 
-- `settings.json`: what the run was started with; a rerun with other settings into the same folder is refused.
+- `settings.json`: what the run was started with and its fingerprint (`data_digest` of the data, the model
+  folder's `weights` digests, `dtype`); a rerun with other settings or inputs into the same folder is refused,
+  naming what differs, unless `overwrite` (`--overwrite`) deletes the earlier run's files first.
+- `.lock`: held by the running process (`nativevl.runs.RunLock`); a second run into the folder meanwhile is refused.
 - `predictions.jsonl`: one line per item, written batch by batch and flushed, so a killed run keeps its finished
   batches and a rerun only generates the missing ids.
 - `scores.json`: `summarize(...).to_dict()` plus the run settings, counts and mean visual tokens per item.
@@ -27,9 +30,11 @@ Tiny CPU example (random weights, so accuracy is about 0; a few seconds)::
 
 import base64
 import binascii
+import hashlib
 import io
 import json
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -51,6 +56,8 @@ from nativevl.evaluation.metrics import (
     summarize,
 )
 from nativevl.evaluation.report import AREA_LABELS, ASPECT_LABELS, grid_difference, render_heatmap, write_cell_csv
+from nativevl.processing.image_processing_nativevl import image_size
+from nativevl.runs import RunFolderError, RunLock, check_fingerprint, weights_fingerprint
 
 
 MODES = ("native", "fixed", "crop")  # image modes of NativeVLImageProcessor
@@ -62,7 +69,6 @@ PREDICTIONS, SCORES, SETTINGS, CELLS, HEATMAP = (
     "cells.csv",
     "heatmap.png",
 )
-_EXIF_SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
 
 
 class EvalInputError(ValueError):
@@ -74,9 +80,12 @@ class EvalInputError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def resolve_image(image: str, root: str | Path) -> Path | bytes:
+def resolve_image(image: str, root: str | Path, allow_outside_paths: bool = False) -> Path | bytes:
     """Where a record's `image` field points: a file (`root / image`, if it exists) or the bytes of a
-    `data:...;base64,...` URI or of a plain base64 string. Raises EvalInputError when it is none of these."""
+    `data:...;base64,...` URI or of a plain base64 string. Raises EvalInputError when it is none of these.
+
+    A path that resolves (symlinks followed) outside `root` is refused unless `allow_outside_paths`, without
+    looking at it: the error is the same whether or not the file exists."""
     if not isinstance(image, str) or not image:
         raise EvalInputError(f"image must be a non-empty string (path, base64 or data URI), got {image!r:.80}")
     if image.startswith("data:"):
@@ -88,21 +97,27 @@ def resolve_image(image: str, root: str | Path) -> Path | bytes:
         except (binascii.Error, ValueError) as err:
             raise EvalInputError(f"data URI {image[:40]!r}... is not valid base64: {err}") from None
     path = Path(root) / image
-    if path.is_file():
+    inside = allow_outside_paths or path.resolve().is_relative_to(Path(root).resolve())
+    if inside and path.is_file():
         return path
     if len(image) >= 16:  # shorter strings are file names more often than images
         try:
             return base64.b64decode(image, validate=True)
         except (binascii.Error, ValueError):
             pass
+    if not inside:
+        raise EvalInputError(
+            f"image path {image!r:.80} lies outside the data folder {root}; pass --allow-outside-paths to read it"
+        )
     raise EvalInputError(f"image file not found: {path} (and {image[:40]!r} is not base64 either)")
 
 
-def load_records(data_jsonl: str | Path, limit: int | None = None) -> list[dict]:
+def load_records(data_jsonl: str | Path, limit: int | None = None, allow_outside_paths: bool = False) -> list[dict]:
     """Records of a JSONL data file (the first `limit` lines with a record), checked (`check_record`).
 
     Records without `id` get `line-N` (N = line number). File images get `image_path` (absolute), like
-    `synth_rc.load_benchmark`; base64 images stay in `image`.
+    `synth_rc.load_benchmark`; base64 images stay in `image`. Image paths must lie under the data file's folder
+    unless `allow_outside_paths` (`resolve_image`).
     """
     data_jsonl = Path(data_jsonl)
     if not data_jsonl.is_file():
@@ -115,7 +130,7 @@ def load_records(data_jsonl: str | Path, limit: int | None = None) -> list[dict]
         check_record(record)
         if "image_path" not in record:
             try:
-                source = resolve_image(record["image"], data_jsonl.parent)
+                source = resolve_image(record["image"], data_jsonl.parent, allow_outside_paths)
             except EvalInputError as err:
                 raise EvalInputError(f"record {record['id']!r} ({data_jsonl} line {line_no}): {err}") from None
             if isinstance(source, Path):
@@ -126,8 +141,12 @@ def load_records(data_jsonl: str | Path, limit: int | None = None) -> list[dict]
 
 def _json_lines(data_jsonl: Path) -> Iterator[tuple[int, dict]]:
     """(line number, record) of every non-blank line; EvalInputError naming the line for anything but an object."""
-    with open(data_jsonl) as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(data_jsonl, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise EvalInputError(f"{data_jsonl} line {line_no} is not UTF-8: {err}") from None
             if not line.strip():
                 continue
             try:
@@ -157,11 +176,11 @@ def check_record(record: Mapping, fields: Sequence[str] = ("image", "question", 
         )
 
 
-def _image_source(record: Mapping, root: Path) -> Path | bytes:
+def _image_source(record: Mapping, root: Path, allow_outside_paths: bool = False) -> Path | bytes:
     if record.get("image_path"):
         return Path(record["image_path"])
     try:
-        return resolve_image(record["image"], root)
+        return resolve_image(record["image"], root, allow_outside_paths)
     except EvalInputError as err:
         raise EvalInputError(f"record {record['id']!r}: {err}") from None
 
@@ -175,18 +194,20 @@ def _open(source: Path | bytes) -> Image.Image:
 
 
 def _displayed_size(source: Path | bytes, name: str) -> tuple[int, int]:
-    """(width, height) as displayed (EXIF rotation applied), from the image header only."""
+    """(width, height) as displayed (EXIF rotation applied), from the image header only, through the image
+    processor's size reader: regular files only, refused above `PIL.Image.MAX_IMAGE_PIXELS` as the processor does."""
     try:
-        with _open(source) as image:
-            swap = image.getexif().get(0x0112) in _EXIF_SWAPS_SIDES
-            return (image.height, image.width) if swap else (image.width, image.height)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        height, width = image_size(source)
+    except ValueError as err:
         raise EvalInputError(f"record {name!r}: cannot read image {_describe(source)}: {err}") from None
+    return width, height
 
 
-def load_image(record: Mapping, root: str | Path = ".") -> Image.Image:
-    """The decoded image of a record (EXIF rotation applied; alpha kept for the image processor to composite)."""
-    source = _image_source(record, Path(root))
+def load_image(record: Mapping, root: str | Path = ".", allow_outside_paths: bool = False) -> Image.Image:
+    """The decoded image of a record (EXIF rotation applied; alpha kept for the image processor to composite).
+    The header is checked first (`_displayed_size`): nothing above the decompression-bomb limit is decoded."""
+    source = _image_source(record, Path(root), allow_outside_paths)
+    _displayed_size(source, record["id"])
     try:
         with _open(source) as image:
             image.load()
@@ -195,14 +216,23 @@ def load_image(record: Mapping, root: str | Path = ".") -> Image.Image:
         raise EvalInputError(f"record {record['id']!r}: cannot decode image {_describe(source)}: {err}") from None
 
 
-def _item(record: Mapping, index: int, root: Path) -> dict:
-    """Checked copy of a record with id, width/height (actual) and nominal_width/nominal_height (binned on)."""
+def _item(record: Mapping, index: int, root: Path, allow_outside_paths: bool = False) -> dict:
+    """Checked copy of a record with id, width/height (actual) and nominal_width/nominal_height (binned on).
+
+    Every image header is read here, before anything is written: unreadable images, images over the
+    decompression-bomb limit and sizes disagreeing with the record's fail the run before it starts."""
     item = dict(record)
     item.setdefault("id", f"item-{index:06d}")
     item["id"] = str(item["id"])
     check_record(item)
+    size = _displayed_size(_image_source(item, root, allow_outside_paths), item["id"])
     if "width" not in item or "height" not in item:
-        item["width"], item["height"] = _displayed_size(_image_source(item, root), item["id"])
+        item["width"], item["height"] = size
+    elif size != (item["width"], item["height"]):
+        raise EvalInputError(
+            f"record {item['id']!r}: image is {size[0]}x{size[1]} (w x h) but the record says "
+            f"{item['width']}x{item['height']}"
+        )
     item.setdefault("nominal_width", item["width"])
     item.setdefault("nominal_height", item["height"])
     try:
@@ -237,17 +267,24 @@ def read_predictions(path: str | Path) -> dict[str, dict]:
     return predictions
 
 
-def _check_settings(out_dir: Path, settings: dict) -> None:
-    """Writes settings.json, or checks that an earlier run into `out_dir` used the same settings."""
-    path = out_dir / SETTINGS
-    settings = json.loads(json.dumps(settings))  # compare as stored: tuples become lists
-    if path.is_file():
-        old = json.loads(path.read_text())
-        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if changed:
-            detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise EvalInputError(f"{out_dir} holds a run with other settings ({detail}); use another output folder")
-    path.write_text(json.dumps(settings, indent=2) + "\n")
+def _check_settings(out_dir: Path, settings: dict, overwrite: bool) -> None:
+    """Writes settings.json, or checks that an earlier run into `out_dir` had the same settings and inputs (the
+    fingerprint: `data_digest`, `weights`, `dtype`). With `overwrite`, a different earlier run is deleted first."""
+    try:
+        start_over = check_fingerprint(out_dir / SETTINGS, settings, overwrite)
+    except RunFolderError as err:
+        raise EvalInputError(str(err)) from None
+    if start_over:
+        for name in (PREDICTIONS, SCORES, CELLS, HEATMAP):
+            (out_dir / name).unlink(missing_ok=True)
+
+
+def records_digest(items: Sequence[Mapping]) -> str:
+    """sha256 of the checked items of a run in id order (every field, image paths included): what was asked."""
+    digest = hashlib.sha256()
+    for item in sorted(items, key=lambda item: item["id"]):
+        digest.update(json.dumps(item, sort_keys=True).encode() + b"\n")
+    return f"sha256:{digest.hexdigest()}"
 
 
 def _prompt(question: str) -> list[dict]:
@@ -303,6 +340,9 @@ def evaluate(
     images_kwargs: Mapping | None = None,
     image_root: str | Path = ".",
     model_path: str | None = None,
+    overwrite: bool = False,
+    allow_outside_paths: bool = False,
+    data_digest: str | None = None,
 ) -> dict:
     """Runs greedy generation over `records` into `out_dir` and scores it (files in the module docstring).
 
@@ -314,7 +354,13 @@ def evaluate(
             of the score comes without looking at the image.
         images_kwargs: further image processor overrides, e.g. `{"fixed_pixels": 336 * 336}`.
         image_root: folder that relative `image` paths are read from when a record has no `image_path`.
-        model_path: recorded in scores.json; default `model.name_or_path`.
+        model_path: recorded in scores.json; default `model.name_or_path`. When it is a folder, the digests of its
+            weight files are part of the run's fingerprint.
+        overwrite: start over when `out_dir` holds a run with other settings or inputs (else EvalInputError).
+        allow_outside_paths: let relative `image` paths leave `image_root` (`resolve_image`).
+        data_digest: digest of the data the records come from, part of the fingerprint (`nativevl eval run`: the
+            whole data file's, so that a rerun with a larger `--limit` extends the run); default
+            `records_digest(records)`.
 
     Items are sorted by image area (largest first, so an out-of-memory error shows at once) so that a batch holds
     images of similar size. Ids already in `predictions.jsonl` are skipped. The model is put in eval mode. Returns the scores.json dict, whose
@@ -335,7 +381,7 @@ def evaluate(
         raise EvalInputError(f"bad image settings {kwargs}: {err}") from None
 
     root = Path(image_root)
-    items = [_item(record, i, root) for i, record in enumerate(records)]
+    items = [_item(record, i, root, allow_outside_paths) for i, record in enumerate(records)]
     if not items:
         raise EvalInputError("no records to evaluate")
     ids = [item["id"] for item in items]
@@ -350,8 +396,10 @@ def evaluate(
     items.sort(key=lambda item: (-item["width"] * item["height"], item["id"]))
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EvalInputError(f"output folder {out_dir} exists and is not a folder")
     model_path = model_path or str(getattr(model, "name_or_path", "") or "") or None
+    weights = weights_fingerprint(model_path) if model_path and Path(model_path).is_dir() else None
     effective = {
         k: kwargs.get(k, getattr(image_processor, k))
         for k in ("min_pixels", "max_pixels", "fixed_pixels", "crop_base_size")
@@ -363,48 +411,63 @@ def evaluate(
         "images_kwargs": {k: v for k, v in kwargs.items() if k not in ("mode", *effective)},
         "blank_images": bool(blank_images),
         "max_new_tokens": int(max_new_tokens),
+        "data_digest": data_digest or records_digest(items),
+        "weights": weights,
+        "dtype": str(model.dtype).removeprefix("torch."),
     }
-    _check_settings(out_dir, settings)
-    done = read_predictions(out_dir / PREDICTIONS)
-    todo = [item for item in items if item["id"] not in done]
+    with RunLock(out_dir):
+        _check_settings(out_dir, settings, overwrite)
+        done = read_predictions(out_dir / PREDICTIONS)
+        todo = [item for item in items if item["id"] not in done]
+        model.eval()
+        with open(out_dir / PREDICTIONS, "a") as f, tqdm(total=len(todo), disable=not progress, unit="item") as bar:
+            bar.set_description(f"eval {mode}{' blank' if blank_images else ''}")
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                images = [_item_image(item, root, blank_images, allow_outside_paths) for item in chunk]
+                questions = [item["question"] for item in chunk]
+                predictions, visual = generate_batch(model, processor, images, questions, kwargs, max_new_tokens)
+                for item, prediction, n_visual in zip(chunk, predictions, visual, strict=True):
+                    row = _prediction_row(item, prediction, n_visual)
+                    done[item["id"]] = row
+                    f.write(json.dumps(row) + "\n")
+                f.flush()
+                bar.update(len(chunk))
 
-    model.eval()
-    with open(out_dir / PREDICTIONS, "a") as f, tqdm(total=len(todo), disable=not progress, unit="item") as bar:
-        bar.set_description(f"eval {mode}{' blank' if blank_images else ''}")
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            if blank_images:
-                images = [Image.new("RGB", (item["width"], item["height"]), GREY) for item in chunk]
-            else:
-                images = [load_image(item, root) for item in chunk]
-                for item, image in zip(chunk, images):
-                    if image.size != (item["width"], item["height"]):
-                        raise EvalInputError(
-                            f"record {item['id']!r}: image is {image.width}x{image.height} (w x h) but the record "
-                            f"says {item['width']}x{item['height']}"
-                        )
-            questions = [item["question"] for item in chunk]
-            predictions, visual = generate_batch(model, processor, images, questions, kwargs, max_new_tokens)
-            for item, prediction, n_visual in zip(chunk, predictions, visual, strict=True):
-                row = _prediction_row(item, prediction, n_visual)
-                done[item["id"]] = row
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            bar.update(len(chunk))
-
-    rows = [done[i] for i in sorted(ids)]
-    scores = summarize(rows).to_dict()
-    scores |= settings | {
-        "new_items": len(todo),
-        "resumed_items": len(items) - len(todo),
-        "batch_size": int(batch_size),
-        "mean_visual_tokens": sum(r["visual_tokens"] for r in rows) / len(rows),
-    }
-    (out_dir / SCORES).write_text(json.dumps(scores, indent=2) + "\n")
-    write_cell_csv(scores["cell_accuracy"], out_dir / CELLS, counts=scores["cell_count"])
-    title = f"{out_dir.name}: Acc {scores['accuracy']:.1f} ({mode}{', blank images' if blank_images else ''})"
-    render_heatmap(scores["cell_accuracy"], out_dir / HEATMAP, title, vmin=0, vmax=100)
+        rows = [done[i] for i in sorted(ids)]
+        scores = summarize(rows).to_dict()
+        scores |= settings | {
+            "new_items": len(todo),
+            "resumed_items": len(items) - len(todo),
+            "batch_size": int(batch_size),
+            "mean_visual_tokens": sum(r["visual_tokens"] for r in rows) / len(rows),
+        }
+        _write_atomically(out_dir / SCORES, lambda path: path.write_text(json.dumps(scores, indent=2) + "\n"))
+        _write_atomically(
+            out_dir / CELLS, lambda path: write_cell_csv(scores["cell_accuracy"], path, counts=scores["cell_count"])
+        )
+        title = f"{out_dir.name}: Acc {scores['accuracy']:.1f} ({mode}{', blank images' if blank_images else ''})"
+        _write_atomically(
+            out_dir / HEATMAP, lambda path: render_heatmap(scores["cell_accuracy"], path, title, vmin=0, vmax=100)
+        )
     return scores
+
+
+def _item_image(item: Mapping, root: Path, blank: bool, allow_outside_paths: bool) -> Image.Image:
+    """The image of an item (a grey one of the same size for the blank-image control)."""
+    if blank:
+        return Image.new("RGB", (item["width"], item["height"]), GREY)
+    return load_image(item, root, allow_outside_paths)
+
+
+def _write_atomically(path: Path, write) -> None:
+    """`write(tmp)` to a temporary sibling, then renamed over `path`: a killed run leaves the old file or the new."""
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _prediction_row(item: Mapping, prediction: str, visual_tokens: int) -> dict:
@@ -466,7 +529,13 @@ def _load_scores(run: str | Path) -> dict:
     path = Path(run) / SCORES
     if not path.is_file():
         raise EvalInputError(f"no {SCORES} in {run}: is it the output folder of `nativevl eval run`?")
-    return json.loads(path.read_text())
+    try:
+        scores = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EvalInputError(f"{path} is not valid JSON ({err}); rerun `nativevl eval run` into {run}") from None
+    if not isinstance(scores, dict) or "cell_accuracy" not in scores:
+        raise EvalInputError(f"{path} is not the scores of `nativevl eval run` (no cell_accuracy)")
+    return scores
 
 
 def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path | None = None) -> str:
@@ -511,7 +580,7 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path | None = N
     return "\n".join(lines)
 
 
-def dataset_sizes(data_jsonl: str | Path) -> list[tuple[float, float]]:
+def dataset_sizes(data_jsonl: str | Path, allow_outside_paths: bool = False) -> list[tuple[float, float]]:
     """(width, height) each record of a JSONL dataset is binned on: `nominal_width`/`nominal_height`, else
     `width`/`height`, else the image header (EXIF rotation applied). Only the size or `image` is required."""
     data_jsonl = Path(data_jsonl)
@@ -527,7 +596,7 @@ def dataset_sizes(data_jsonl: str | Path) -> list[tuple[float, float]]:
                 raise EvalInputError(f"record {name!r}: {err}") from None
         elif "image" in record:
             try:
-                source = resolve_image(record["image"], data_jsonl.parent)
+                source = resolve_image(record["image"], data_jsonl.parent, allow_outside_paths)
             except EvalInputError as err:
                 raise EvalInputError(f"record {name!r}: {err}") from None
             size = _displayed_size(source, name)
@@ -541,12 +610,12 @@ def dataset_sizes(data_jsonl: str | Path) -> list[tuple[float, float]]:
     return sizes
 
 
-def profile(data_jsonl: str | Path, out_png: str | Path | None = None) -> str:
+def profile(data_jsonl: str | Path, out_png: str | Path | None = None, allow_outside_paths: bool = False) -> str:
     """Area x aspect histogram of any JSONL dataset (sizes as in `dataset_sizes`) as a text table with row and
     column totals; also rendered to `out_png` (default: next to the data, `<stem>_profile.png`). Returns the table,
     whose last line names the PNG."""
     data_jsonl = Path(data_jsonl)
-    sizes = dataset_sizes(data_jsonl)
+    sizes = dataset_sizes(data_jsonl, allow_outside_paths)
     counts = profile_dataset(sizes)
     cell = 9
     lines = [f"{data_jsonl}: {len(sizes)} images", ""]

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from nativevl.conversion.atomic import atomic_output_dir
 from nativevl.evaluation.metrics import AREA_BINS, AREA_UNIT, ASPECT_BINS, area_bin, aspect_bin
 
 
@@ -289,6 +290,10 @@ def generate_benchmark(
     every image to a multiple of `snap` px (at least `snap`) after scaling, so a processor whose resize factor is
     `snap` (28 for nativevl) and whose min_pixels is at most snap^2 feeds the pixels unresampled; the binning
     stays on the nominal size.
+
+    The benchmark is written into a temporary sibling folder and renamed to `out_dir` at the end, so a killed run
+    leaves the previous benchmark (or none) and a rerun never mixes old and new files. An existing `out_dir` is
+    replaced when it is a benchmark (holds `data.jsonl`); any other non-empty folder is refused.
     """
     if per_cell < 1 or scale <= 0:
         raise ValueError(f"per_cell must be >= 1 and scale > 0, got per_cell={per_cell} scale={scale}")
@@ -298,7 +303,28 @@ def generate_benchmark(
         raise ValueError(f"unknown kinds {bad}; expected a subset of {KINDS}")
     text_size = default_text_size(scale) if text_size is None else text_size
     out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "data.jsonl").is_file():
+        raise ValueError(f"{out_dir} is not empty and holds no data.jsonl: not a benchmark to replace")
+    with atomic_output_dir(out_dir, overwrite=True) as tmp:
+        lines = _write_items(tmp, per_cell, seed, kinds, max_area, scale, text_size, rc_contents, rc_placement, snap)
+        (tmp / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return out_dir / "data.jsonl"
+
+
+def _write_items(
+    out_dir: Path,
+    per_cell: int,
+    seed: int,
+    kinds: Sequence[str],
+    max_area: float | None,
+    scale: float,
+    text_size: float,
+    rc_contents: Sequence[str],
+    rc_placement: str,
+    snap: int | None,
+) -> list[str]:
+    """Saves the images of `generate_benchmark` under `out_dir / "images"`; returns the data.jsonl lines."""
+    (out_dir / "images").mkdir()
     lines = []
     for area in AREA_BINS:
         for aspect in ASPECT_BINS:
@@ -319,9 +345,7 @@ def generate_benchmark(
                     row |= {"width": width, "height": height, "nominal_width": nominal_w, "nominal_height": nominal_h}
                     row |= {"area_bin": area, "aspect_bin": aspect} | record  # + content, text_box
                     lines.append(json.dumps(row))
-    path = out_dir / "data.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return lines
 
 
 def load_benchmark(jsonl_path: str | Path) -> list[dict]:

@@ -37,6 +37,14 @@ Deliberate differences from ``Qwen2VLImageProcessorPil`` (each has a test):
 - Float arrays must be in [0, 1]; they are quantised to uint8 (``round(x * 255)``) and then processed like uint8
   images. transformers truncates instead and then rescales by 1/255 a second time.
 
+Kept exactly as transformers does them (native mode stays identical to ``Qwen2VLImageProcessorPil``):
+``smart_resize`` rounding (each side to the nearest multiple of 28 with Python's round-half-even, then floor when
+shrinking and ceil when growing by the square root of the area ratio), and 32-bit integer ``"I"`` images, which
+``convert("RGB")`` clips at 255 as in transformers (only ``I;16*`` is rescaled, above).
+
+`image_size` is the one size reader for every input type ``preprocess`` accepts; the processor's token budget uses
+it. It never opens a FIFO or device, and it applies the decompression-bomb limit as ``preprocess`` does.
+
 This file is remote code: it is copied flat into a model folder and imports only the standard library, numpy,
 PIL, torch and transformers.
 """
@@ -44,6 +52,7 @@ PIL, torch and transformers.
 import io
 import math
 import os
+import stat
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -184,6 +193,14 @@ class _Config:
     num_threads: int | None
 
     def __post_init__(self):
+        for name in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "fixed_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+        if not all(math.isfinite(v) for v in (*self.image_mean, *self.image_std)) or 0 in self.image_std:
+            raise ValueError(
+                f"image_mean and image_std must be finite, std non-zero; got {self.image_mean}, {self.image_std}"
+            )
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         for name in ("patch_size", "temporal_patch_size", "merge_size", "crop_base_size", "fixed_pixels"):
@@ -651,11 +668,7 @@ def _open_all(items: list, label: str, cfg: _Config, input_data_format) -> list[
             w, h = image.size
             if h <= 0 or w <= 0:
                 raise ValueError(f"{name}: size {h}x{w} (h x w) has no pixels")
-            if isinstance(image, ImageFile.ImageFile) and Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
-                raise ValueError(
-                    f"{name}: size {h}x{w} (h x w) = {w * h} pixels exceeds PIL.Image.MAX_IMAGE_PIXELS="
-                    f"{Image.MAX_IMAGE_PIXELS} (possible decompression bomb)"
-                )
+            _check_bomb(image, name)
             # the same object twice in one call: load it here (lazy decode, palette state), not on two threads at once
             if id(image) in seen:
                 _load(image, name)
@@ -667,6 +680,69 @@ def _open_all(items: list, label: str, cfg: _Config, input_data_format) -> list[
     return sources
 
 
+def image_size(image, input_data_format: str | None = None) -> tuple[int, int]:
+    """``(height, width)`` of one image input as `NativeVLImageProcessor` will see it, without decoding pixels.
+
+    Accepts every image type ``preprocess`` does: a PIL image (EXIF orientation applied), a numpy array (HWC, CHW
+    or HW; channel axis inferred as in ``preprocess``, default channels-last), a torch tensor (default
+    channels-first), a file path (``str`` or ``os.PathLike``; only regular files, a FIFO or device is refused
+    without being opened), ``bytes``, ``bytearray`` or ``memoryview``. Files and bytes are read up to their header
+    and refused above ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression bomb), as ``preprocess`` refuses them.
+    Raises ValueError for anything else, e.g. a 4-D batch.
+    """
+    name = "image"
+    if isinstance(image, torch.Tensor | np.ndarray):
+        default = "channels_first" if isinstance(image, torch.Tensor) else "channels_last"
+        h, w, _, _ = _array_layout(tuple(image.shape), name, input_data_format, default)
+        return h, w
+    if isinstance(image, Image.Image):
+        opened, owned = image, False
+    elif isinstance(image, bytes | bytearray | memoryview):
+        opened, owned = _open_file(io.BytesIO(bytes(image)), name, f"{len(image)} bytes"), True
+    elif isinstance(image, str | os.PathLike):
+        f = _open_regular(os.fspath(image), name)
+        try:
+            opened, owned = _open_file(f, name, repr(os.fspath(image))), True
+        except BaseException:
+            f.close()
+            raise
+    else:
+        raise ValueError(f"{name}: cannot read the size of an input of type {type(image).__name__}")
+    try:
+        _check_bomb(opened, name)
+        w, h = opened.size
+        return (w, h) if opened.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (h, w)
+    finally:
+        if owned:
+            opened.close()
+
+
+def _open_regular(path: str, name: str):
+    """A binary file object of `path`, refused unless it is a regular file: a FIFO or a device could block forever
+    (opened non-blocking, then checked on the descriptor, so a file swapped for a FIFO meanwhile is refused too)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        reason = "no such file" if isinstance(err, FileNotFoundError) else f"cannot open ({err.strerror})"
+        raise ValueError(f"{name}: {reason} {path!r} (URLs and base64 strings are not fetched)") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{name}: {path!r} is not a regular file")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _check_bomb(image: Image.Image, name: str) -> None:
+    """Refuses a file-backed image above ``PIL.Image.MAX_IMAGE_PIXELS`` before anything decodes it."""
+    w, h = image.size
+    if isinstance(image, ImageFile.ImageFile) and Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"{name}: size {h}x{w} (h x w) = {w * h} pixels exceeds PIL.Image.MAX_IMAGE_PIXELS="
+            f"{Image.MAX_IMAGE_PIXELS} (possible decompression bomb)"
+        )
+
+
 def _open_one(item, name: str, cfg: _Config, input_data_format) -> tuple[Image.Image, bool]:
     if isinstance(item, Image.Image):
         return item, False
@@ -674,17 +750,15 @@ def _open_one(item, name: str, cfg: _Config, input_data_format) -> tuple[Image.I
         return _open_file(io.BytesIO(bytes(item)), name, f"{len(item)} bytes"), True
     if isinstance(item, str | os.PathLike):
         path = os.fspath(item)
-        if not os.path.isfile(path):
-            raise ValueError(f"{name}: no such file {path!r} (URLs and base64 strings are not fetched)")
-        with open(path, "rb") as f:  # read now: no file handle stays open per image of a large batch
+        with _open_regular(path, name) as f:  # read now: no file handle stays open per image of a large batch
             data = f.read()
         return _open_file(io.BytesIO(data), name, repr(path)), True
     if isinstance(item, torch.Tensor):
         item = item.detach().cpu()
         array = (item.float() if item.is_floating_point() else item).numpy()
-        return _array_to_pil(array, name, cfg, input_data_format or "channels_first"), False
+        return _array_to_pil(array, name, cfg, input_data_format, "channels_first"), False
     if isinstance(item, np.ndarray):
-        return _array_to_pil(item, name, cfg, input_data_format or "channels_last"), False
+        return _array_to_pil(item, name, cfg, input_data_format, "channels_last"), False
     raise ValueError(
         f"{name}: unsupported input type {type(item).__name__}; expected a PIL image, numpy array, torch tensor, "
         f"file path or bytes"
@@ -711,32 +785,50 @@ def _load(image: Image.Image, name: str) -> None:
         ) from err
 
 
-def _array_to_pil(array: np.ndarray, name: str, cfg: _Config, data_format: str) -> Image.Image:
+def _array_to_pil(array: np.ndarray, name: str, cfg: _Config, data_format: str | None, default: str) -> Image.Image:
     """HWC / CHW / HW array -> RGB (or L/RGBA before conversion) uint8 PIL image, matching transformers' numpy path."""
-    if array.ndim == 2:
-        array = array[:, :, None]
-    elif array.ndim == 3:
-        first, last = array.shape[0] in (1, 3, 4), array.shape[-1] in (1, 3, 4)
-        channels_first = first and (not last or data_format in ("channels_first", "first"))
-        if channels_first:
-            array = np.moveaxis(array, 0, -1)
-        elif not last:
-            raise ValueError(f"{name}: array of shape {array.shape} has no channel axis of size 1, 3 or 4")
-    else:
-        raise ValueError(f"{name}: array of shape {array.shape} is not an image (expected 2-D or 3-D)")
-    h, w, c = array.shape
+    h, w, c, channels_first = _array_layout(array.shape, name, data_format, default)
+    array = array.reshape(h, w, 1) if array.ndim == 2 else np.moveaxis(array, 0, -1) if channels_first else array
     if h == 0 or w == 0:
         raise ValueError(f"{name}: size {h}x{w} (h x w) has no pixels")
     array = _to_uint8(array, f"{name}: size {h}x{w} (h x w)", cfg)
     if c == 1:
         array = np.repeat(array, 3, axis=-1) if cfg.do_convert_rgb else array
     elif c == 4 and cfg.do_convert_rgb:
-        # transformers.image_transforms.convert_to_rgb, numpy branch: blend onto white in float64, round
-        alpha = array[..., 3:4] / 255
-        array = np.round(alpha * array[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+        # transformers.image_transforms.convert_to_rgb, numpy branch: round(a/255 * x + (1 - a/255) * 255), computed
+        # exactly in uint16 (a*x + (255-a)*255 <= 65025; the exact quotient never ends in .5, so +127 // 255 rounds
+        # as float64 does) instead of float64 temporaries 8x the image's size
+        alpha = array[..., 3:4].astype(np.uint16)
+        rgb = array[..., :3].astype(np.uint16)
+        rgb *= alpha
+        rgb += (255 - alpha) * 255 + 127
+        rgb //= 255
+        array = rgb.astype(np.uint8)
     if array.shape[-1] != 3:
         raise ValueError(f"{name}: do_convert_rgb=False needs 3 channels, got shape {array.shape}")
     return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _array_layout(
+    shape: tuple[int, ...], name: str, data_format: str | None, default: str
+) -> tuple[int, int, int, bool]:
+    """(height, width, channels, channels_first) of an image array's shape. The channel axis is the end axis of size
+    1, 3 or 4; when both ends are, `data_format` (else `default`) decides. ``(C, H, 2)`` is ambiguous (channels-first
+    with a 2-px width, or a gray + alpha image) and needs `data_format`; transformers reads it channels-first."""
+    if len(shape) == 2:
+        return shape[0], shape[1], 1, False
+    if len(shape) != 3:
+        raise ValueError(f"{name}: array of shape {shape} is not an image (expected 2-D or 3-D)")
+    first, last = shape[0] in (1, 3, 4), shape[-1] in (1, 3, 4)
+    if data_format is None and first and shape[-1] == 2:
+        raise ValueError(
+            f"{name}: array of shape {shape} is ambiguous (channels-first with a side of 2 px, or channels-last with "
+            "2 channels); pass input_data_format='channels_first' or 'channels_last'"
+        )
+    channels_first = first and (not last or (data_format or default) in ("channels_first", "first"))
+    if not channels_first and not last:
+        raise ValueError(f"{name}: array of shape {shape} has no channel axis of size 1, 3 or 4")
+    return (shape[1], shape[2], shape[0], True) if channels_first else (shape[0], shape[1], shape[2], False)
 
 
 def _to_uint8(array: np.ndarray, name: str, cfg: _Config) -> np.ndarray:

@@ -21,6 +21,7 @@ from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin, TextKwargs
 from transformers.utils import logging
 
+from .image_processing_nativevl import image_size
 from .processing_positions_nativevl import batch_mrope_positions, grid_token_counts, level_grid
 
 
@@ -69,22 +70,6 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
-
-
-def image_size(image) -> tuple[int, int]:
-    """(height, width) of an image as the image processor will see it, without decoding pixels where possible."""
-    if isinstance(image, Image.Image):
-        return image.height, image.width
-    if isinstance(image, np.ndarray):
-        return int(image.shape[0]), int(image.shape[1])
-    if isinstance(image, torch.Tensor):
-        return int(image.shape[-2]), int(image.shape[-1])
-    if isinstance(image, (str, bytes)):
-        import io
-
-        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
-            return opened.height, opened.width
-    raise ValueError(f"cannot read the size of an image of type {type(image).__name__}")
 
 
 def mrope_position_ids(
@@ -295,7 +280,10 @@ class NativeVLProcessor(ProcessorMixin):
     def _fit_budget(self, group, budget: int, images_kwargs: dict, sample: int) -> dict:
         """Image processor arguments that keep the images of one sample within `budget` LLM tokens: max_pixels is
         scaled down by the overshoot (area scales with tokens) until the sample fits."""
-        sizes = [image_size(image) for image in group]
+        try:
+            sizes = [image_size(image, images_kwargs.get("input_data_format")) for image in group]
+        except ValueError as err:
+            raise ValueError(f"sample {sample}: {err}") from None
         kwargs = dict(images_kwargs)
         max_pixels = kwargs.get("max_pixels", self.image_processor.max_pixels)
         floor = (self.image_processor.patch_size * self.image_processor.merge_size) ** 2
@@ -391,11 +379,15 @@ def _flatten(images) -> list:
     """A flat list of images from None, one image, a list, or a list of per-sample lists."""
     if images is None:
         return []
-    if not isinstance(images, (list, tuple)):
-        return [images]
     flat = []
-    for item in images:
+    for item in images if isinstance(images, (list, tuple)) else [images]:
         flat.extend(item if isinstance(item, (list, tuple)) else [item])
+    for i, image in enumerate(flat):
+        if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4:
+            raise ValueError(
+                f"image {i}: a 4-D array of shape {tuple(image.shape)} is a batch of images, but one placeholder "
+                "stands for one image; pass a list with one image per placeholder"
+            )
     return flat
 
 

@@ -148,12 +148,15 @@ def test_profile_counts(bench, tmp_path, capsys):
     assert [[int(n) for n in row[2:]] for row in rows] == [[2] * 5 + [10] for _ in range(7)]
     Image.open(tmp_path / "profile.png").verify()
 
-    # without size fields, sizes come from the image headers (the actual, scaled sizes)
+    # without size fields, sizes come from the image headers (the actual, scaled sizes); absolute paths outside
+    # the data file's folder need allow_outside_paths
     records = load_benchmark(bench)
     bare = tmp_path / "bare.jsonl"
     bare.write_text("".join(json.dumps({"image": r["image_path"]}) + "\n" for r in records))
-    assert dataset_sizes(bare) == [(r["width"], r["height"]) for r in records]
-    assert main(["profile", str(bare)]) == 0
+    assert dataset_sizes(bare, allow_outside_paths=True) == [(r["width"], r["height"]) for r in records]
+    assert main(["profile", str(bare)]) == 2
+    assert "outside the data folder" in capsys.readouterr().err
+    assert main(["profile", str(bare), "--allow-outside-paths"]) == 0
     assert (tmp_path / "bare_profile.png").is_file()
 
 
@@ -200,7 +203,7 @@ def test_base64_images(model_dir, tmp_path):
         (
             {"id": "q6", "image": base64.b64encode(b"corrupt bytes, not a PNG").decode(), "question": "?"}
             | {"answers": ["a"], "width": 10, "height": 10},
-            "record 'q6': cannot decode image",
+            "record 'q6': cannot read image",  # the header check before decoding
         ),
         (
             {

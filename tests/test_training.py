@@ -148,12 +148,14 @@ def test_checkpoints_are_complete_or_absent(setup, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         trainer.train()
     out = root / "atomic"
-    saved = sorted(p.name for p in out.iterdir() if p.name != "README.md")  # TRL writes a card beside them
+    saved = sorted(p.name for p in out.iterdir() if p.name not in ("README.md", "nativevl_run.json"))  # + TRL's card
     assert saved == ["checkpoint-2"]  # step 4 died mid-save: no trace of it, no staging folder
     assert get_last_checkpoint(str(out)) == str(out / "checkpoint-2")
     assert (out / "checkpoint-2" / "trainer_state.json").exists()
     monkeypatch.undo()
     rotated, _ = trainer_for(setup, "tiny_stage2.yaml", "rotated", "--max_steps", "6", "--save_steps", "2")
     rotated.args.save_total_limit = 1
+    (root / "rotated" / ".staging-99" / "checkpoint-99").mkdir(parents=True)  # left by a killed run
     rotated.train()
-    assert sorted(p.name for p in (root / "rotated").iterdir() if p.name != "README.md") == ["checkpoint-6"]
+    kept = sorted(p.name for p in (root / "rotated").iterdir() if p.name not in ("README.md", "nativevl_run.json"))
+    assert kept == ["checkpoint-6"]

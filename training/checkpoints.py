@@ -3,7 +3,8 @@
 transformers' `Trainer._save_checkpoint` writes `checkpoint-N/` in place: a crash in the middle leaves a folder that
 `resume_from_checkpoint=True` (`get_last_checkpoint`) would pick up. `AtomicCheckpointMixin` lets the Trainer write
 it under `<run_dir>/.staging-N/` (ignored by `get_last_checkpoint` and checkpoint rotation) and renames it into
-place once every process has written its part (model, optimizer, scheduler, RNG states, trainer state).
+place once every process has written its part (model, optimizer, scheduler, RNG states, trainer state); an older
+folder of the same step is renamed aside before it is deleted (`replace_checkpoint`).
 """
 
 import json
@@ -23,6 +24,11 @@ class AtomicCheckpointMixin:
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, f".staging-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(run_dir):  # staging folders of a killed run: never mixed in
+            for leftover in os.listdir(run_dir):
+                if leftover.startswith(".staging-"):
+                    shutil.rmtree(os.path.join(run_dir, leftover), ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # no rank writes into staging before the leftovers are gone
         self._get_output_dir = lambda trial=None: staging  # instance attribute shadows the method for this call
         try:
             super()._save_checkpoint(model, trial)
@@ -38,9 +44,7 @@ class AtomicCheckpointMixin:
             if self.state.best_model_checkpoint == written:  # transformers recorded the staging path
                 self.state.best_model_checkpoint = target
                 _fix_best_checkpoint(os.path.join(written, TRAINER_STATE), target)
-            if os.path.exists(target):  # the same step saved again (e.g. at the end of training)
-                shutil.rmtree(target)
-            os.replace(written, target)
+            replace_checkpoint(written, target)
             shutil.rmtree(staging, ignore_errors=True)
             rotate_checkpoints(
                 output_dir=run_dir,
@@ -49,6 +53,20 @@ class AtomicCheckpointMixin:
                 use_mtime=True,
             )
         self.accelerator.wait_for_everyone()
+
+
+def replace_checkpoint(written: str, target: str) -> None:
+    """Renames the finished checkpoint folder `written` to `target`. An existing `target` (the same step saved
+    again, e.g. at the end of training) is first renamed aside to a hidden `.replaced-checkpoint-N` sibling, which
+    `get_last_checkpoint` ignores, and only then deleted: a kill at any point leaves `target` either the complete
+    old checkpoint, the complete new one, or absent (resume then takes the previous checkpoint), never a
+    half-deleted folder that looks valid. An aside folder left by a killed run is deleted here."""
+    aside = os.path.join(os.path.dirname(target), f".replaced-{os.path.basename(target)}")
+    shutil.rmtree(aside, ignore_errors=True)
+    if os.path.lexists(target):
+        os.replace(target, aside)
+    os.replace(written, target)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _fix_best_checkpoint(state_file: str, best: str) -> None:

@@ -27,18 +27,23 @@ Data: a JSONL file or a `datasets` folder (`save_to_disk`) of TRL conversational
 The final model is written as a remote-code folder (`<output_dir>/final` unless `--export_dir`), LoRA merged in.
 """
 
+import contextlib
+import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from nativevl.conversion.export import save_folder
 from nativevl.modeling import NativeVLForConditionalGeneration
 from nativevl.processing import NativeVLProcessor
+from nativevl.runs import RunFolderError, RunLock, check_fingerprint, file_digest, weights_fingerprint
 from nativevl.training.checkpoints import AtomicCheckpointMixin
 from nativevl.training.packing import PackingCollator
 
@@ -46,6 +51,7 @@ from nativevl.training.packing import PackingCollator
 PARTS = ("vision_tower", "merger", "projector", "llm")
 LLM_LINEARS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 PROJECTOR_LINEARS = r"model\.(multi_modal_projector\.linear_[12]|visual\.merger\.mlp\.[02])"
+RUN_FILE = "nativevl_run.json"  # fingerprint of the run whose checkpoints an output_dir holds (`check_output_dir`)
 LORA_PRESETS = {
     "llm": LLM_LINEARS,
     "llm+projector": f"({LLM_LINEARS}|{PROJECTOR_LINEARS})",
@@ -81,6 +87,13 @@ class NativeVLArguments:
     max_tokens_per_row: int | None = field(default=None, metadata={"help": "row length when packing; None: 1 row"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flex_attention | flash_..."})
     export_dir: str | None = field(default=None, metadata={"help": "final remote-code folder (<output_dir>/final)"})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "start over: delete the checkpoints in output_dir, also those of another run"},
+    )
+    allow_outside_paths: bool = field(
+        default=False, metadata={"help": "let image paths of a JSONL dataset leave the dataset file's folder"}
+    )
     stage: str = field(default="sft", metadata={"help": "sft | rglf (AVG-LLaVA stage 2: train the router only)"})
     granularity: int | None = field(
         default=None, metadata={"help": "granularity levels L; adds a fresh router if the checkpoint has none"}
@@ -151,8 +164,12 @@ def set_trainable_parts(model, args: NativeVLArguments) -> dict[str, int]:
     return counts
 
 
-def load_examples(path: str):
-    """A `datasets.Dataset` of {messages, images} from a JSONL file (image paths made absolute) or a saved folder."""
+def load_examples(path: str, allow_outside_paths: bool = False):
+    """A `datasets.Dataset` of {messages, images} from a JSONL file (image paths made absolute) or a saved folder.
+
+    A JSONL file is checked line by line first (`check_examples`): ValueError naming the file and line for a line
+    that is not UTF-8 JSON, and for an image path that is missing or lies outside the file's folder (unless
+    `allow_outside_paths`)."""
     import datasets
 
     source = Path(path)
@@ -160,6 +177,7 @@ def load_examples(path: str):
         raise FileNotFoundError(f"dataset {path} does not exist")
     if source.is_dir():
         return datasets.load_from_disk(str(source))
+    check_examples(source, allow_outside_paths)
     dataset = datasets.load_dataset("json", data_files=str(source), split="train")
     base = source.parent.resolve()
     if "images" not in dataset.column_names:
@@ -170,6 +188,35 @@ def load_examples(path: str):
         return {"images": [str(base / im) if isinstance(im, str) and not os.path.isabs(im) else im for im in images]}
 
     return dataset.map(absolute)
+
+
+def check_examples(source: Path, allow_outside_paths: bool = False) -> None:
+    """Raises ValueError naming `source` and the line for a line that is not a UTF-8 JSON object with a `messages`
+    list, or whose `images` entry is a path outside `source`'s folder (unless `allow_outside_paths`; the error is
+    the same whether or not that file exists) or not a regular file."""
+    base = source.parent.resolve()
+    with open(source, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{source} line {line_no}"
+            try:
+                example = json.loads(raw.decode("utf-8")) if raw.strip() else None
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"{where} is not UTF-8 JSON: {err}") from None
+            if example is None:
+                continue
+            if not isinstance(example, dict) or not isinstance(example.get("messages"), list):
+                raise ValueError(f"{where}: expected an object with a messages list, got {raw[:80]!r}")
+            for image in example.get("images") or []:
+                if not isinstance(image, str):
+                    continue
+                path = base / image
+                if not allow_outside_paths and not path.resolve().is_relative_to(base):
+                    raise ValueError(
+                        f"{where}: image path {image!r:.80} lies outside the dataset folder {base}; pass "
+                        "--allow_outside_paths true to read it"
+                    )
+                if not path.is_file():
+                    raise ValueError(f"{where}: image {image!r:.80} is not a file ({path})")
 
 
 class NativeVLTrainer(AtomicCheckpointMixin, SFTTrainer):
@@ -213,7 +260,48 @@ class NativeVLTrainer(AtomicCheckpointMixin, SFTTrainer):
         return result
 
 
+def run_fingerprint(args: NativeVLArguments) -> dict:
+    """What a training run's checkpoints depend on: the starting weights, the data and the options that change
+    what is trained (`nativevl.runs`)."""
+    data = Path(args.dataset_path)
+    if data.is_dir():
+        dataset = {p.name: file_digest(p) for p in sorted(data.iterdir()) if p.is_file()}
+    else:
+        dataset = file_digest(data)
+    model = Path(args.model_name_or_path)
+    options = ("stage", "lora", "lora_r", "granularity", "granularity_training", "image_mode", "multimodal_packing")
+    return {
+        "model": weights_fingerprint(model) if model.is_dir() else args.model_name_or_path,
+        "dataset": dataset,
+        **{f"train_{part}": getattr(args, f"train_{part}") for part in PARTS},
+        **{name: getattr(args, name) for name in options},
+    }
+
+
+def check_output_dir(training_args: SFTConfig, args: NativeVLArguments) -> None:
+    """Refuses an output_dir holding checkpoints of another run (another fingerprint, or checkpoints without
+    `RUN_FILE`): resuming or rotating would mix the two runs. With `overwrite` the checkpoints are deleted and the
+    run starts over. Records this run's fingerprint in `output_dir / RUN_FILE` (main process only; the other ranks
+    of a distributed run check without writing)."""
+    out = Path(training_args.output_dir)
+    checkpoints = sorted(p for p in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()) if out.is_dir() else []
+    main = training_args.process_index == 0
+    if checkpoints and not (out / RUN_FILE).is_file() and not args.overwrite:
+        raise RunFolderError(
+            f"{out} holds checkpoints ({', '.join(p.name for p in checkpoints[:5])}) of a run that recorded no "
+            f"{RUN_FILE}; pass --overwrite true to delete them and start over, or use another --output_dir"
+        )
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    # without checkpoints nothing can be mixed: the fingerprint of the last run is simply replaced
+    start_over = check_fingerprint(out / RUN_FILE, run_fingerprint(args), args.overwrite or not checkpoints, main)
+    if main and checkpoints and (start_over or args.overwrite):
+        for checkpoint in checkpoints:
+            shutil.rmtree(checkpoint)
+
+
 def build_trainer(training_args: SFTConfig, args: NativeVLArguments) -> Trainer:
+    check_output_dir(training_args, args)
     if args.stage not in ("sft", "rglf"):
         raise ValueError(f"stage must be 'sft' or 'rglf', got {args.stage!r}")
     if args.granularity_training not in (None, "all", "random"):
@@ -227,9 +315,16 @@ def build_trainer(training_args: SFTConfig, args: NativeVLArguments) -> Trainer:
     if args.stage == "rglf":
         from nativevl.training.rglf import build_rglf_trainer
 
-        eval_dataset = load_examples(args.eval_dataset_path) if args.eval_dataset_path else None
+        eval_dataset = (
+            load_examples(args.eval_dataset_path, args.allow_outside_paths) if args.eval_dataset_path else None
+        )
         return build_rglf_trainer(
-            training_args, model, processor, load_examples(args.dataset_path), eval_dataset, args
+            training_args,
+            model,
+            processor,
+            load_examples(args.dataset_path, args.allow_outside_paths),
+            eval_dataset,
+            args,
         )
     peft_config = None
     if args.lora is not None:
@@ -267,12 +362,12 @@ def build_trainer(training_args: SFTConfig, args: NativeVLArguments) -> Trainer:
         from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
         collator = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)
-    eval_dataset = load_examples(args.eval_dataset_path) if args.eval_dataset_path else None
+    eval_dataset = load_examples(args.eval_dataset_path, args.allow_outside_paths) if args.eval_dataset_path else None
     part_lrs = {part: getattr(args, f"{part}_lr") for part in PARTS}
     return NativeVLTrainer(
         model=model,
         args=training_args,
-        train_dataset=load_examples(args.dataset_path),
+        train_dataset=load_examples(args.dataset_path, args.allow_outside_paths),
         eval_dataset=eval_dataset,
         processing_class=processor,
         data_collator=collator,
@@ -303,11 +398,25 @@ def parse(argv: list[str]) -> tuple[SFTConfig, NativeVLArguments]:
     return training_args, args
 
 
+def resume_argument(value: str | bool | None) -> str | bool | None:
+    """`--resume_from_checkpoint` as `Trainer.train` takes it: "true" means the latest checkpoint of output_dir
+    (True), "false" or empty none (None), anything else a checkpoint path."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0", ""):
+        return True if value.strip().lower() in ("true", "yes", "1") else None
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     training_args, args = parse(list(sys.argv[1:] if argv is None else argv))
-    trainer = build_trainer(training_args, args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    target = export_final(trainer, args, training_args.output_dir)
+    for path in (args.dataset_path, args.eval_dataset_path):  # bad data fails before output_dir is touched
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"dataset {path} does not exist")
+        if path is not None and Path(path).is_file():
+            check_examples(Path(path), args.allow_outside_paths)
+    with RunLock(training_args.output_dir) if training_args.process_index == 0 else contextlib.nullcontext():
+        trainer = build_trainer(training_args, args)
+        trainer.train(resume_from_checkpoint=resume_argument(training_args.resume_from_checkpoint))
+        target = export_final(trainer, args, training_args.output_dir)
     collator = trainer.data_collator
     if trainer.accelerator.is_main_process:
         if isinstance(collator, PackingCollator):
