@@ -548,13 +548,8 @@ class NativeVLModel(NativeVLPreTrainedModel):
             raise ValueError(f"empty batch: the inputs have shape {shape}")
         if rope_deltas is not None:
             self.rope_deltas = rope_deltas
-        pixel_values, image_grid_thw = drop_empty(pixel_values, image_grid_thw)
-        pixel_values_videos, video_grid_thw = drop_empty(pixel_values_videos, video_grid_thw)
-        encoded = {k: v for k, v in (mm_encoder_outputs or {}).items() if v is not None}
-        for name, pixels in (("image", pixel_values), ("video", pixel_values_videos)):
-            if pixels is not None and name in encoded:
-                raise ValueError(f"give the {name}s as pixel values or as mm_encoder_outputs['{name}'], not both")
         capture = {k: kwargs[k] for k in ("output_hidden_states", "output_attentions") if k in kwargs}
+        pixel_values, image_grid_thw = drop_empty(pixel_values, image_grid_thw)
         routed_mask = None
         if isinstance(granularity, str):
             if granularity != "auto":
@@ -562,25 +557,19 @@ class NativeVLModel(NativeVLPreTrainedModel):
                     f"granularity must be None, 'auto', an int level or per-image levels, got {granularity!r}"
                 )
             if pixel_values is not None:  # else nothing to route (text only, or a decoding step after the prefill)
-                input_ids, routed_mask, encoded["image"] = self._route(
+                input_ids, routed_mask, routed = self._route(
                     input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, image_granularity,
                     labels, kwargs.get("cu_seq_lens_q"), capture,
                 )  # fmt: skip
                 attention_mask, position_ids, pixel_values = routed_mask, None, None
+                mm_encoder_outputs = {**(mm_encoder_outputs or {}), "image": routed}
             granularity = None
-        if pixel_values is not None:
-            levels = granularity if granularity is not None else image_granularity
-            encoded["image"] = self.get_image_features(pixel_values, image_grid_thw, levels, **capture)
-        if pixel_values_videos is not None:
-            encoded["video"] = self.get_video_features(pixel_values_videos, video_grid_thw, **capture)
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        for name, token_id in (("image", self.config.image_token_id), ("video", self.config.video_token_id)):
-            if name in encoded:
-                features = torch.cat(tuple(encoded[name].pooler_output))  # (sum of tokens, D)
-                inputs_embeds = self._scatter(inputs_embeds, input_ids, token_id, features, name)
-        image_out = encoded.get("image")
-        levels = getattr(image_out, "image_granularity", None)
+        encoded = self.encode_vision(
+            pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, mm_encoder_outputs,
+            granularity if granularity is not None else image_granularity, capture,
+        )  # fmt: skip
+        inputs_embeds = self.embed_with_vision(input_ids, inputs_embeds, encoded)
+        levels = getattr(encoded.get("image"), "image_granularity", None)
         if position_ids is None:
             position_ids = self.compute_position_ids(
                 input_ids, inputs_embeds, attention_mask, cache, image_grid_thw, video_grid_thw, levels,
@@ -600,12 +589,53 @@ class NativeVLModel(NativeVLPreTrainedModel):
             **{CACHE_NAME: cache},
             **kwargs,
         )
-        visual_tokens = None
+        return self._model_output(outputs, encoded, routed_mask)
+
+    def encode_vision(
+        self,
+        pixel_values: torch.Tensor | None,
+        image_grid_thw: torch.LongTensor | None,
+        pixel_values_videos: torch.Tensor | None,
+        video_grid_thw: torch.LongTensor | None,
+        mm_encoder_outputs: dict | None,
+        image_levels,
+        capture: dict,
+    ) -> dict[str, NativeVLVisionModelOutput]:
+        """{"image"|"video": vision outputs} from pixel values (zero rows count as none; images pooled to
+        `image_levels`) or from pre-computed `mm_encoder_outputs`, never both for one modality."""
+        pixel_values, image_grid_thw = drop_empty(pixel_values, image_grid_thw)
+        pixel_values_videos, video_grid_thw = drop_empty(pixel_values_videos, video_grid_thw)
+        encoded = {k: v for k, v in (mm_encoder_outputs or {}).items() if v is not None}
+        for name, pixels in (("image", pixel_values), ("video", pixel_values_videos)):
+            if pixels is not None and name in encoded:
+                raise ValueError(f"give the {name}s as pixel values or as mm_encoder_outputs['{name}'], not both")
+        if pixel_values is not None:
+            encoded["image"] = self.get_image_features(pixel_values, image_grid_thw, image_levels, **capture)
+        if pixel_values_videos is not None:
+            encoded["video"] = self.get_video_features(pixel_values_videos, video_grid_thw, **capture)
+        return encoded
+
+    def embed_with_vision(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None, encoded: dict
+    ) -> torch.Tensor:
+        """The LLM input embeddings (batch, seq, D) with each modality's features written into its placeholders."""
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        for name, token_id in (("image", self.config.image_token_id), ("video", self.config.video_token_id)):
+            if name in encoded:
+                features = torch.cat(tuple(encoded[name].pooler_output))  # (sum of tokens, D)
+                inputs_embeds = self._scatter(inputs_embeds, input_ids, token_id, features, name)
+        return inputs_embeds
+
+    def _model_output(self, outputs, encoded: dict, routed_mask: torch.Tensor | None) -> NativeVLModelOutputWithPast:
+        """The decoder's output plus the vision outputs, each grid's level and visual token count."""
+        image_out = encoded.get("image")
+        levels = visual_tokens = None
         if image_out is not None:
             counts = [part.shape[0] for part in image_out.pooler_output]
-            visual_tokens = torch.tensor(counts, dtype=torch.long, device=inputs_embeds.device)
-            if levels is None:
-                levels = torch.zeros_like(visual_tokens)
+            visual_tokens = torch.tensor(counts, dtype=torch.long, device=outputs.last_hidden_state.device)
+            levels = image_out.image_granularity
+            levels = torch.zeros_like(visual_tokens) if levels is None else levels
         return NativeVLModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,
@@ -803,11 +833,11 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
             input_ids = inputs_tensor
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int, torch.long):
             # Prompt given as embeddings: no placeholder tokens to read, so plain positions on all rows.
-            self.model.rope_deltas = torch.zeros(text_ids.shape[0], 1, dtype=torch.long, device=text_ids.device)
             return text_ids.unsqueeze(0).expand(4, -1, -1)
         mask = model_kwargs.get("attention_mask")
         grids = model_kwargs.get("image_grid_thw")
-        mrope_ids, self.model.rope_deltas = get_rope_index(
+        # the prefill forward derives rope_deltas from these ids (`given_position_ids`)
+        mrope_ids, _ = get_rope_index(
             input_ids,
             self.config,
             grids,
@@ -851,9 +881,13 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
             if granularity is not None and grids is not None:
                 kwargs["image_granularity"] = self.model.resolve_granularity(granularity, grids)
             return super().generate(*args, input_ids=input_ids, **kwargs)
-        pixel_values = kwargs.get("pixel_values")
-        if pixel_values is None or input_ids is None:  # nothing to route
+        if kwargs.get("pixel_values") is None or input_ids is None:  # nothing to route
             return super().generate(*args, input_ids=input_ids, **kwargs)
+        return self._generate_routed(input_ids, *args, **kwargs)
+
+    def _generate_routed(self, input_ids: torch.LongTensor, *args, **kwargs):
+        """`generate(granularity="auto")` (see `generate`): route, compact the prompt, generate on pooled features."""
+        pixel_values, grids = kwargs.pop("pixel_values"), kwargs.get("image_grid_thw")
         from_levels = self.model.resolve_granularity(kwargs.pop("image_granularity", None), grids)
         mask = kwargs.get("attention_mask")
         with torch.no_grad():
@@ -869,7 +903,6 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
         pad = int(pad if not isinstance(pad, torch.Tensor) else pad.flatten()[0])
         compact_ids, compact_mask = compact_image_placeholders(input_ids, mask, kept, pad)
         kwargs.pop("position_ids", None)  # the processor's ids describe the full grids; recomputed for the levels
-        kwargs.pop("pixel_values")
         kwargs["attention_mask"] = compact_mask
         kwargs["image_granularity"] = levels
         kwargs["mm_encoder_outputs"] = {"image": self.model.pool_image_outputs(image_out, grids, levels)}

@@ -169,7 +169,50 @@ class NativeVLProcessor(ProcessorMixin):
         kwargs.pop("truncation", None)
         kwargs.pop("audio", None)
         texts = [text] if isinstance(text, str) else list(text)
-        images_kwargs = dict(images_kwargs or {})
+        images_kwargs, kwargs = self._split_kwargs(dict(images_kwargs or {}), kwargs)
+        flat_images, image_counts = _flatten(images), [t.count(self.image_token) for t in texts]
+        flat_videos, video_counts = _flatten_videos(videos), [t.count(self.video_token) for t in texts]
+        for name, token, counts, given in (
+            ("image", self.image_token, image_counts, flat_images),
+            ("video", self.video_token, video_counts, flat_videos),
+        ):
+            if sum(counts) != len(given):
+                raise ValueError(
+                    f"the text holds {sum(counts)} {token} placeholder(s) {counts} per sample but {len(given)} "
+                    f"{name}(s) were given"
+                )
+        patch_dim = 3 * self.image_processor.temporal_patch_size * self.image_processor.patch_size**2
+        # Every call returns the same keys (zero rows for no images / videos), so the samples of a batch processed
+        # one by one (as `pipeline` does) can be collated whatever they hold.
+        data = {
+            "pixel_values": np.zeros((0, patch_dim), np.float32),
+            "image_grid_thw": np.zeros((0, 3), np.int64),
+            "pixel_values_videos": np.zeros((0, patch_dim), np.float32),
+            "video_grid_thw": np.zeros((0, 3), np.int64),
+        }
+        image_tokens, grid_levels = [], None
+        if flat_images:
+            budget = max_image_tokens if max_image_tokens is not None else self.max_image_tokens
+            image_tokens, grid_levels = self._images_into(
+                data, flat_images, image_counts, budget, images_kwargs, granularity
+            )
+        video_tokens: list[int] = []
+        if flat_videos:
+            out = self.image_processor(videos=flat_videos, return_tensors="np", **images_kwargs)
+            data["pixel_values_videos"], data["video_grid_thw"] = out["pixel_values_videos"], out["video_grid_thw"]
+            video_tokens = grid_token_counts(out["video_grid_thw"].tolist(), self.image_processor.merge_size)
+        texts, replacements = self._expand(texts, image_tokens, video_tokens)
+        data.update(self.tokenizer(texts, padding=padding, return_tensors="np", **kwargs))
+        data["position_ids"] = self._position_ids(data, grid_levels)
+        features = BatchFeature(data=data, tensor_type=return_tensors)
+        if kwargs.get("return_offsets_mapping"):
+            # how far each placeholder moved, for `apply_chat_template(..., return_assistant_tokens_mask=True)`
+            features["text_replacement_offsets"] = replacements
+        return features
+
+    def _split_kwargs(self, images_kwargs: dict, kwargs: dict) -> tuple[dict, dict]:
+        """Image processor arguments (merged into `images_kwargs`) and tokenizer arguments; anything else is
+        dropped with a warning naming it."""
         image_keys = set(getattr(self.image_processor.valid_kwargs, "__annotations__", {})) | IMAGE_KWARGS
         for key in list(kwargs):
             if key in image_keys:
@@ -180,77 +223,41 @@ class NativeVLProcessor(ProcessorMixin):
                 f"NativeVLProcessor ignores unknown keyword argument(s) {unknown}: neither the tokenizer nor the "
                 f"image processor takes them (image processor arguments: {sorted(IMAGE_KWARGS)})"
             )
-            for key in unknown:
-                kwargs.pop(key)
-        image_counts = [t.count(self.image_token) for t in texts]
-        video_counts = [t.count(self.video_token) for t in texts]
-        flat_images = _flatten(images)
-        flat_videos = _flatten_videos(videos)
-        if sum(image_counts) != len(flat_images):
-            raise ValueError(
-                f"the text holds {sum(image_counts)} {self.image_token} placeholder(s) {image_counts} per sample "
-                f"but {len(flat_images)} image(s) were given"
-            )
-        if sum(video_counts) != len(flat_videos):
-            raise ValueError(
-                f"the text holds {sum(video_counts)} {self.video_token} placeholder(s) but {len(flat_videos)} "
-                "video(s) were given"
-            )
-        patch_dim = 3 * self.image_processor.temporal_patch_size * self.image_processor.patch_size**2
-        # Every call returns the same keys (zero rows for no images / videos), so the samples of a batch processed
-        # one by one (as `pipeline` does) can be collated whatever they hold.
-        data = {
-            "pixel_values": np.zeros((0, patch_dim), np.float32),
-            "image_grid_thw": np.zeros((0, 3), np.int64),
-            "pixel_values_videos": np.zeros((0, patch_dim), np.float32),
-            "video_grid_thw": np.zeros((0, 3), np.int64),
-        }
-        image_tokens: list[int] = []
-        grid_levels = None
-        if flat_images:
-            budget = max_image_tokens if max_image_tokens is not None else self.max_image_tokens
-            pixel_values, grids, image_tokens, tiles = self._process_images(
-                flat_images, image_counts, budget, images_kwargs
-            )
-            data["pixel_values"], data["image_grid_thw"] = pixel_values, grids
-            if granularity is not None:
-                levels = [granularity] * len(flat_images) if isinstance(granularity, int) else list(granularity)
-                if len(levels) != len(flat_images) or any(int(level) < 0 for level in levels):
-                    raise ValueError(
-                        f"granularity {granularity!r} must be one level >= 0 or one per image ({len(flat_images)})"
-                    )
-                grid_levels = np.repeat(np.asarray(levels, dtype=np.int64), tiles)  # one level per grid (tile)
-                per_grid = grid_token_counts(grids.tolist(), self.image_processor.merge_size, grid_levels.tolist())
-                ends = np.cumsum(tiles)
-                image_tokens = [sum(per_grid[e - n : e]) for n, e in zip(tiles, ends, strict=True)]
-                data["image_granularity"] = grid_levels
-        video_tokens: list[int] = []
-        if flat_videos:
-            out = self.image_processor(videos=flat_videos, return_tensors="np", **images_kwargs)
-            data["pixel_values_videos"], data["video_grid_thw"] = out["pixel_values_videos"], out["video_grid_thw"]
-            video_tokens = grid_token_counts(out["video_grid_thw"].tolist(), self.image_processor.merge_size)
-        texts, replacements = self._expand(texts, image_tokens, video_tokens)
-        encoded = self.tokenizer(texts, padding=padding, return_tensors="np", **kwargs)
-        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
-        data.update(encoded)
+        return images_kwargs, {k: v for k, v in kwargs.items() if k not in unknown}
+
+    def _images_into(self, data: dict, images: list, counts: list[int], budget, images_kwargs: dict, granularity):
+        """Processes the images into `data` (pixel_values, image_grid_thw, and image_granularity (one level per
+        grid; crop tiles share their image's level) when `granularity` is given). Returns the placeholder tokens
+        of each image and the per-grid levels (None without granularity)."""
+        pixel_values, grids, image_tokens, tiles = self._process_images(images, counts, budget, images_kwargs)
+        data["pixel_values"], data["image_grid_thw"] = pixel_values, grids
+        if granularity is None:
+            return image_tokens, None
+        levels = [granularity] * len(images) if isinstance(granularity, int) else list(granularity)
+        if len(levels) != len(images) or any(int(level) < 0 for level in levels):
+            raise ValueError(f"granularity {granularity!r} must be one level >= 0 or one per image ({len(images)})")
+        grid_levels = np.repeat(np.asarray(levels, dtype=np.int64), tiles)  # one level per grid (tile)
+        per_grid = grid_token_counts(grids.tolist(), self.image_processor.merge_size, grid_levels.tolist())
+        ends = np.cumsum(tiles)
+        data["image_granularity"] = grid_levels
+        return [sum(per_grid[e - n : e]) for n, e in zip(tiles, ends, strict=True)], grid_levels
+
+    def _position_ids(self, data: dict, grid_levels: np.ndarray | None) -> np.ndarray:
+        """(batch, seq) plain ids for the 1-D scheme; M-RoPE ids batch first, (batch, seq, 3), so that collators
+        pad them along the sequence."""
+        input_ids, attention_mask = data["input_ids"], data["attention_mask"]
         if self.position_scheme == "1d":
-            data["position_ids"] = np.maximum(np.cumsum(attention_mask, -1) - 1, 0)
-        else:
-            data["position_ids"] = mrope_position_ids(
-                input_ids,
-                attention_mask,
-                data["image_grid_thw"].tolist(),
-                data["video_grid_thw"].tolist(),
-                self.image_token_id,
-                self.video_token_id,
-                self.image_processor.merge_size,
-                None if grid_levels is None else grid_levels.tolist(),
-            ).transpose(1, 2, 0)  # (3, batch, seq) -> (batch, seq, 3): batch first, so collators pad the sequence
-        features = BatchFeature(data=data, tensor_type=return_tensors)
-        if kwargs.get("return_offsets_mapping"):
-            # how far each placeholder moved, for `apply_chat_template(..., return_assistant_tokens_mask=True)`
-            features["text_replacement_offsets"] = replacements
-        return features
+            return np.maximum(np.cumsum(attention_mask, -1) - 1, 0)
+        return mrope_position_ids(
+            input_ids,
+            attention_mask,
+            data["image_grid_thw"].tolist(),
+            data["video_grid_thw"].tolist(),
+            self.image_token_id,
+            self.video_token_id,
+            self.image_processor.merge_size,
+            None if grid_levels is None else grid_levels.tolist(),
+        ).transpose(1, 2, 0)  # (3, batch, seq) -> (batch, seq, 3)
 
     def _process_images(self, images, counts, budget, images_kwargs):
         """Processes images sample by sample when a token budget applies (each sample gets its own max_pixels),
