@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from nativevl.conversion.export import build_tiny, save_folder
+from nativevl.conversion.export import save_folder
 from nativevl.evaluation.run import evaluate, load_records, print_report
 from nativevl.evaluation.synth_rc import generate_benchmark, make_item
 from nativevl.runs import LOCK_FILE, RunFolderError, RunLock, check_fingerprint
+from nativevl.testing import build_tiny
 from nativevl.training.train import build_trainer, export_final, parse
 
 

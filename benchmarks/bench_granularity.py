@@ -98,10 +98,9 @@ def prefill_at_scale(size: int, batch_size: int, repeats: int) -> None:
     import numpy as np
     from PIL import Image
 
-    from nativevl.conversion.export import tiny_config
     from nativevl.modeling import NativeVLConfig, NativeVLForConditionalGeneration
     from nativevl.processing import NativeVLImageProcessor, NativeVLProcessor
-    from nativevl.processing.tiny_tokenizer import build_tiny_tokenizer
+    from nativevl.testing import build_tiny_tokenizer, tiny_config
 
     vision = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4}
     text = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12}
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         prefill_at_scale(args.prefill_at_scale, args.batch_size, repeats=2)
         return 0
     if args.smoke:
-        from nativevl.conversion.export import build_tiny
+        from nativevl.testing import build_tiny
 
         model, processor = build_tiny(max_pixels=112 * 112, granularity=3)
         data = generate_benchmark(tempfile.mkdtemp(prefix="bench-granularity-"), per_cell=1, scale=1 / 8)

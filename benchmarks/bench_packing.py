@@ -20,12 +20,11 @@ import time
 
 import torch
 
-from nativevl.conversion.export import tiny_config
 from nativevl.evaluation.metrics import AREA_BINS, ASPECT_BINS
 from nativevl.evaluation.synth_rc import make_item, sample_cell_size
 from nativevl.modeling import NativeVLForConditionalGeneration
 from nativevl.processing import NativeVLImageProcessor, NativeVLProcessor
-from nativevl.processing.tiny_tokenizer import build_tiny_tokenizer
+from nativevl.testing import build_tiny_tokenizer, tiny_config
 from nativevl.training import PackingCollator
 
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from nativevl.conversion.export import build_tiny
 from nativevl.modeling.positions_nativevl import split_by_image
+from nativevl.testing import build_tiny
 
 
 def draw_digits(n: int, size: int, text_size: int, jitter: int, rng: random.Random) -> tuple[list, torch.Tensor]:

@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from nativevl.conversion.export import build_tiny, save_folder
+from nativevl.conversion.export import save_folder
 from nativevl.demo import SCALE, train_for, write_training_set
 from nativevl.evaluation.synth_rc import DEFAULT_RC_CONTENTS, RC_CONTENTS, RC_PLACEMENTS, generate_benchmark
+from nativevl.testing import build_tiny
 
 
 RECIPES = Path(__file__).resolve().parent.parent / "training" / "recipes"

@@ -35,7 +35,7 @@ from nativevl.conversion.writer import (
 )
 from nativevl.modeling import NativeVLConfig, NativeVLForConditionalGeneration
 from nativevl.modeling.modeling_nativevl import NativeVLProjector
-from nativevl.processing.tiny_tokenizer import QWEN2_VL_VISION_TOKENS
+from nativevl.processing.processing_nativevl import QWEN2_VL_VISION_TOKENS
 
 
 # Qwen2-VL's special tokens beyond Qwen2's ChatML ones, in Qwen2-VL's id order (151646..151656).

@@ -23,6 +23,8 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+IGNORE_INDEX = -100  # label value the loss skips (transformers' convention): prompts, vision tokens, padding
+
 # The transformers releases CI runs the test suite on (lowest and newest): the package's install range is
 # >= TESTED_TRANSFORMERS[0] and below the next minor release after TESTED_TRANSFORMERS[1] (setup.cfg, checked by a
 # test). A folder loaded under another release still loads, with one warning naming both.

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .configuration_nativevl import NativeVLConfig
+from .configuration_nativevl import IGNORE_INDEX, NativeVLConfig
 from .positions_nativevl import image_token_counts
 
 
@@ -174,7 +174,7 @@ def compact_image_placeholders(
 def next_kept_labels(labels: torch.LongTensor, kept: torch.Tensor) -> torch.LongTensor:
     """Shifted labels (batch, seq) for a sequence with holes: position p gets the label of the next position q > p
     with `kept[q]`; holes and the last kept position get -100. kept: (batch, seq), nonzero where attended."""
-    shifted = torch.full_like(labels, -100)
+    shifted = torch.full_like(labels, IGNORE_INDEX)
     for b in range(labels.shape[0]):
         where = kept[b].nonzero().squeeze(-1)
         shifted[b, where[:-1]] = labels[b, where[1:]]

@@ -42,7 +42,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .attention_nativevl import NativeVLAttentionSupport, register_attention
-from .configuration_nativevl import NativeVLConfig, NativeVLTextConfig
+from .configuration_nativevl import IGNORE_INDEX, NativeVLConfig, NativeVLTextConfig
 from .granularity_nativevl import (
     NativeVLGranularityRouter,
     compact_image_placeholders,
@@ -371,7 +371,7 @@ class NativeVLModel(NativeVLPreTrainedModel):
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             is_text &= attention_mask.reshape(-1).bool()
         if labels is not None:
-            is_text &= labels.reshape(-1) == -100
+            is_text &= labels.reshape(-1) == IGNORE_INDEX
         embeds = self.get_input_embeddings()(flat_ids)  # (batch*seq, D)
         counts = image_token_counts(image_grid_thw, image_granularity, merge)
         firsts = first_image_tokens(input_ids, cfg.image_token_id, counts).tolist()

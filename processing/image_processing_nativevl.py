@@ -68,6 +68,9 @@ from transformers.processing_utils import ImagesKwargs
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# Qwen2-VL's native-mode area bounds in pixels (released checkpoints raise the maximum to 12,845,056)
+DEFAULT_MIN_PIXELS = 56 * 56
+DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, stored as a plain int so the config stays JSON
 MODES = ("native", "fixed", "crop")
 _EXIF_ORIENTATION = 0x0112
@@ -102,8 +105,8 @@ def smart_resize(
     height: int,
     width: int,
     factor: int = 28,
-    min_pixels: int = 56 * 56,
-    max_pixels: int = 28 * 28 * 1280,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     max_ratio: float = 200,
 ) -> tuple[int, int]:
     """Qwen2-VL's resize rule: both sides multiples of ``factor``, area in ``[min_pixels, max_pixels]``, aspect kept.
@@ -335,8 +338,8 @@ class NativeVLImageProcessor(BaseImageProcessor):
 
     def __init__(
         self,
-        min_pixels: int = 56 * 56,
-        max_pixels: int = 28 * 28 * 1280,
+        min_pixels: int = DEFAULT_MIN_PIXELS,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
         patch_size: int = 14,
         temporal_patch_size: int = 2,
         merge_size: int = 2,
@@ -404,6 +407,11 @@ class NativeVLImageProcessor(BaseImageProcessor):
                 f"size must be {{'shortest_edge': min_pixels, 'longest_edge': max_pixels}}, got {value!r}"
             )
         self.min_pixels, self.max_pixels = int(value["shortest_edge"]), int(value["longest_edge"])
+
+    def validate(self) -> None:
+        """Raises ValueError, naming the value, when the current settings cannot process an image (e.g. after
+        setting attributes by hand)."""
+        self._config({})
 
     # ----------------------------------------------------------------------------------------------- settings
     def _config(self, overrides: dict[str, Any]) -> _Config:

@@ -43,6 +43,23 @@ TEXT_KWARGS = set(TextKwargs.__annotations__) | {
 IMAGE_KWARGS = {"mode", "min_pixels", "max_pixels", "fixed_pixels", "keep_aspect", "size", "do_sample_frames"}
 
 
+# Qwen2's ChatML tokens, then the ones Qwen2-VL adds (ids 151646..151656 in Qwen2-VL), in Qwen2-VL's order.
+QWEN2_CHATML_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN2_VL_VISION_TOKENS = [
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+QWEN2_VL_SPECIAL_TOKENS = QWEN2_CHATML_TOKENS + QWEN2_VL_VISION_TOKENS
+
 # ChatML with Qwen2-VL's vision tokens. Content is a string or a list of {"type": "text"|"image"|"video"} parts; an
 # image part becomes <|vision_start|><|image_pad|><|vision_end|>, expanded by the processor. Assistant turns sit in
 # {% generation %} markers so `return_assistant_tokens_mask=True` gives the tokens an assistant-only loss trains on.

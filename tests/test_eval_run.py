@@ -12,11 +12,12 @@ import pytest
 from PIL import Image
 
 import nativevl
-from nativevl.conversion.export import build_tiny, save_folder
+from nativevl.conversion.export import save_folder
 from nativevl.evaluation import generate_benchmark, load_benchmark, profile_dataset
 from nativevl.evaluation import run as run_module
 from nativevl.evaluation.cli import main, synth_main
 from nativevl.evaluation.run import EvalInputError, dataset_sizes, evaluate, load_records, print_report
+from nativevl.testing import build_tiny
 
 
 # scale 1/8 is the smallest power of two at which every rc image holds a digit at the minimum font size

@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_packing import examples
 
-from nativevl.conversion.export import build_tiny
+from nativevl.testing import build_tiny
 from nativevl.training import PackingCollator
 
 

@@ -14,12 +14,12 @@ from PIL import Image
 from test_packing import example
 
 from nativevl import NativeVLForConditionalGeneration
-from nativevl.conversion.export import build_tiny
 from nativevl.modeling import get_rope_index, level_grid, pool_grid
 from nativevl.modeling.granularity_nativevl import compact_image_placeholders, drop_surplus_placeholders
 from nativevl.modeling.positions_nativevl import pooled_grid_thw
 from nativevl.processing.processing_nativevl import level_grid as processor_level_grid
 from nativevl.processing.processing_nativevl import mrope_position_ids
+from nativevl.testing import build_tiny
 from nativevl.training.packing import PackingCollator
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nativevl.conversion.export import build_tiny
+from nativevl.testing import build_tiny
 from nativevl.training.packing import IGNORE_INDEX, PackingCollator, best_fit_rows
 
 

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from nativevl.conversion.export import build_tiny
 from nativevl.modeling import get_rope_index
+from nativevl.testing import build_tiny
 
 
 def noise(height: int, width: int, seed: int = 0) -> Image.Image:

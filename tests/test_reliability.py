@@ -25,13 +25,14 @@ import nativevl
 from nativevl.cli import main as cli_main
 from nativevl.conversion.atomic import atomic_output_dir
 from nativevl.conversion.checkpoint import ConversionError, SourceCheckpoint
-from nativevl.conversion.export import build_tiny, save_folder
+from nativevl.conversion.export import save_folder
 from nativevl.demo import _num as demo_num
 from nativevl.evaluation import generate_benchmark
 from nativevl.evaluation.cli import main as eval_main
 from nativevl.evaluation.run import EvalInputError, load_records
 from nativevl.processing.image_processing_nativevl import NativeVLImageProcessor, _array_to_pil, image_size
 from nativevl.runs import RunFolderError, RunLock
+from nativevl.testing import build_tiny
 from nativevl.training.checkpoints import replace_checkpoint
 from nativevl.training.train import check_output_dir, parse, resume_argument
 

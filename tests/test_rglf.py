@@ -5,7 +5,8 @@ import torch
 from conftest import recipe_trainer, write_colour_dataset
 from PIL import Image
 
-from nativevl.conversion.export import build_tiny, save_folder
+from nativevl.conversion.export import save_folder
+from nativevl.testing import build_tiny
 from nativevl.training.packing import PackingCollator
 from nativevl.training.rglf import RGLFCollator, per_sample_answer_loss, rglf_loss, token_fractions
 

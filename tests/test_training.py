@@ -12,7 +12,8 @@ from conftest import recipe_trainer, write_colour_dataset
 from safetensors.torch import load_file
 
 import nativevl
-from nativevl.conversion.export import build_tiny, save_folder
+from nativevl.conversion.export import save_folder
+from nativevl.testing import build_tiny
 from nativevl.training.train import main
 
 

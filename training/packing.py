@@ -21,8 +21,9 @@ import torch
 from PIL import Image
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from nativevl.modeling.configuration_nativevl import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+
 VISION_KEYS = ("pixel_values", "image_grid_thw", "image_granularity", "pixel_values_videos", "video_grid_thw")
 
 

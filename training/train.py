@@ -141,7 +141,7 @@ def load_model_and_processor(args: NativeVLArguments):
     processor = NativeVLProcessor.from_pretrained(args.model_name_or_path)
     for key, value in overrides.items():
         setattr(processor.image_processor, key, value)
-    processor.image_processor._config({})  # validate the overrides now
+    processor.image_processor.validate()  # the overrides, now rather than at the first batch
     if args.max_image_tokens is not None:
         processor.max_image_tokens = args.max_image_tokens
     return model, processor
