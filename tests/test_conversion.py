@@ -696,3 +696,37 @@ def test_conversion_streams_one_tensor_at_a_time(every_source, tmp_path, monkeyp
     gc.collect()
     assert 0 < peak[0] <= 2 * largest[0], f"peak {peak[0]} bytes of weights alive; the largest tensor is {largest[0]}"
     assert alive[0] == 0, f"{alive[0]} bytes of read weights still alive after the conversion"
+
+
+def test_bench_convert_sources_convert_and_verify(tmp_path):
+    """benchmarks/bench_convert.py's real-shape sources, at tiny sizes: its Qwen2-VL layout (transformers') and its
+    NativeRes-LLaVA layout (the release's keys, mlp2x_gelu) convert strictly and pass verification."""
+    import runpy
+
+    bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bench_convert.py"))
+    for name in ("tiny", "tiny-nativeres"):
+        kind, text, vision, ids = bench["SHAPES"][name]
+        source = tmp_path / name
+        if kind == "qwen2-vl":
+            config, shapes = bench["qwen2_vl_source"](text, vision, ids)
+            args = ["qwen2-vl", "--input", str(source)]
+        else:
+            config, shapes = bench["nativeres_source"](text, vision)
+            (tmp_path / "vit").mkdir()
+            vit_config = bench["qwen2_vl_config"](bench["TEXT_2B"], vision, ids)
+            (tmp_path / "vit" / "config.json").write_text(vit_config.to_json_string())
+            args = ["nativeres-llava", "--input", str(source), "--vision", str(tmp_path / "vit")]
+        size = bench["write_source"](source, config, shapes, torch.bfloat16, 200_000)
+        files = list(source.glob("*.safetensors"))
+        headers = sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in files)  # length prefix + JSON
+        assert len(files) > 1 and size == sum(f.stat().st_size for f in files) - headers
+        assert main([*args, "--output", str(tmp_path / f"{name}-out")]) == 0
+        model = NativeVLForConditionalGeneration.from_pretrained(tmp_path / f"{name}-out")
+        assert sum(p.numel() for p in model.parameters()) == sum(_numel(shape) for shape in shapes.values())
+
+
+def _numel(shape) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n
