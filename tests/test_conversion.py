@@ -655,6 +655,7 @@ def test_conversion_streams_one_tensor_at_a_time(every_source, tmp_path, monkeyp
     import safetensors
     import safetensors.torch
     from huggingface_hub import split_torch_state_dict_into_shards
+    from transformers import PreTrainedModel
 
     from nativevl.conversion import checkpoint
 
@@ -683,9 +684,10 @@ def test_conversion_streams_one_tensor_at_a_time(every_source, tmp_path, monkeyp
         return tensor
 
     def refuse(*args, **kwargs):
-        raise AssertionError("a whole-file safetensors reader ran during the conversion")
+        raise AssertionError("a whole-model loader (from_pretrained, safe_open) ran during the conversion")
 
     monkeypatch.setattr(checkpoint, "read_tensor", counted)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
     monkeypatch.setattr(safetensors, "safe_open", refuse)
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
     monkeypatch.setattr(safetensors.torch, "safe_open", refuse)
