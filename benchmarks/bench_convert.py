@@ -237,10 +237,12 @@ def bench(name: str, workdir: Path, max_shard_size: int, min_available: int, kee
     convert = [sys.executable, "-m", "nativevl.cli", "convert", *args, "--output", str(output)]
     rows = []
     runs = [("nativevl convert " + " ".join(args[:1]) + " (verify included)", convert)]
-    for device_map in ("none", "auto"):
-        label = 'from_pretrained(dtype="auto", low_cpu_mem_usage=True' + (
-            ', device_map="auto")' if device_map == "auto" else ")"
-        )
+    load = 'from_pretrained(dtype="auto", low_cpu_mem_usage=True'
+    for device_map, label in (
+        ("none", f"{load})"),
+        ("auto", f'{load}, device_map="auto")'),
+        ("auto+read", f'{load}, device_map="auto"), then every weight read'),
+    ):
         runs.append((label, [sys.executable, "-c", LOAD, str(output), device_map]))
     for label, command in runs:
         wall, peak, status = run_child(command, min_available)
