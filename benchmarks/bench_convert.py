@@ -194,7 +194,7 @@ if sys.argv[2] != "none":
 model = NativeVLForConditionalGeneration.from_pretrained(sys.argv[1], **kwargs)
 print(f"loaded {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, {model.dtype}, {model.device}")
 if sys.argv[2] == "auto+read":  # safetensors weights are memory-mapped: pages count once they are read
-    total = sum(float(p.sum()) for p in model.parameters())  # no copy: reads each weight once
+    total = sum(float(p.detach().sum()) for p in model.parameters())  # no copy: reads each weight once
     print(f"read every weight (sum {total:.3e})")
 """
 
