@@ -209,7 +209,7 @@ class NativeVLTrainer(AtomicCheckpointMixin, SFTTrainer):
             # [final norm, lm_head] their own FSDP unit: the weight stays a sharded DTensor, TRL gathers it with
             # `full_tensor()`, and its gradient is never reduced across ranks (each rank keeps its own). The model's
             # own loss calls `lm_head`, so FSDP gathers and reduces it; same value (sum of token losses /
-            # num_items_in_batch), without TRL's entropy and token accuracy logs.
+            # num_items_in_batch), without TRL's entropy, token accuracy and token count logs.
             inputs["use_cache"] = False
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
