@@ -1,8 +1,8 @@
 """Reading source checkpoint folders lazily: weights, configs, tokenizer special tokens, licence.
 
 `SourceCheckpoint` knows the names, shapes and dtypes of a folder's tensors from the safetensors headers (or the
-index) and reads one tensor at a time through `safetensors.safe_open`, so a converter never holds a second full
-copy of a model. Pickle checkpoints (`pytorch_model.bin`, sharded `pytorch_model-0000x-of-0000y.bin` + index) can
+index) and reads one tensor at a time with plain file reads (`nativevl.conversion.safetensors_io`, no memory map), so
+a converter never holds a second full copy of a model, nor the pages of the files it read. Pickle checkpoints (`pytorch_model.bin`, sharded `pytorch_model-0000x-of-0000y.bin` + index) can
 run arbitrary code when unpickled: they are refused unless the caller allows them, and are then read with
 `torch.load(weights_only=True, map_location="cpu", mmap=True)`.
 """
@@ -11,27 +11,14 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+
+from nativevl.conversion.safetensors_io import SAFETENSORS_DTYPES, SafetensorsError, read_header, read_tensor
 
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-
-# safetensors header dtype names -> torch dtypes.
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 # Qwen2's ids of the vision special tokens (Qwen2 / Qwen2-VL tokenizers); used when a folder has no tokenizer files.
 QWEN2_VISION_TOKEN_IDS = {
@@ -64,7 +51,7 @@ class SourceCheckpoint:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise ConversionError(f"checkpoint folder {self.folder} does not exist")
-        self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[int, dict[str, dict]]] = {}
         self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
         self._file_of: dict[str, Path] = {}
         if (self.folder / SAFE_INDEX).exists():
@@ -112,13 +99,15 @@ class SourceCheckpoint:
                         f"{self.folder / name} lacks tensor(s) that {index_name} places there: {sorted(listed - keys)[:20]}"
                     )
 
-    def _open(self, path: Path):
-        if path not in self._handles:
+    def _open(self, path: Path) -> dict[str, dict]:
+        """{name: header entry} of a safetensors file (read and checked once, kept: headers are small)."""
+        if path not in self._headers:
             try:
-                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-            except Exception as error:  # safetensors raises its own error types for corrupt headers
+                data_start, entries, _ = read_header(path)
+            except (OSError, SafetensorsError) as error:
                 raise ConversionError(f"cannot read safetensors file {path}: {error}") from error
-        return self._handles[path]
+            self._headers[path] = (data_start, entries)
+        return self._headers[path][1]
 
     def _load_pickle(self, path: Path) -> dict[str, torch.Tensor]:
         if path not in self._pickles:
@@ -152,22 +141,23 @@ class SourceCheckpoint:
         path = self._check(key)
         if self.format == "pickle":
             return tuple(self._load_pickle(path)[key].shape)
-        return tuple(self._open(path).get_slice(key).get_shape())
+        return tuple(self._open(path)[key]["shape"])
 
     def dtype(self, key: str) -> torch.dtype:
         path = self._check(key)
         if self.format == "pickle":
             return self._load_pickle(path)[key].dtype
-        return SAFETENSORS_DTYPES[self._open(path).get_slice(key).get_dtype()]
+        return SAFETENSORS_DTYPES[self._open(path)[key]["dtype"]]
 
     def get(self, key: str) -> torch.Tensor:
         """Reads one tensor (a fresh CPU tensor for safetensors, a memory-mapped view for pickles)."""
         path = self._check(key)
         if self.format == "pickle":
             return self._load_pickle(path)[key]
+        entries = self._open(path)
         try:
-            return self._open(path).get_tensor(key)
-        except Exception as error:
+            return read_tensor(path, self._headers[path][0], entries[key])
+        except (OSError, SafetensorsError) as error:
             raise ConversionError(f"cannot read tensor {key} from {path}: {error}") from error
 
     def main_dtype(self) -> torch.dtype:
@@ -185,7 +175,7 @@ class SourceCheckpoint:
         return max(counts, key=counts.get)
 
     def close(self) -> None:
-        self._handles.clear()
+        self._headers.clear()
         self._pickles.clear()
 
 

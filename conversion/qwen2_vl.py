@@ -131,7 +131,7 @@ def plan_qwen2_vl(
         dtype=out_dtype,
         sources={"input": folder},
         write_extras=write_extras,
-        verify=lambda staging, atol: verify_qwen2_vl(staging, folder, out_dtype, atol),
+        verify=lambda staging, atol: verify_qwen2_vl(staging, checkpoint, out_dtype, atol),
         card={
             "source": folder.name,
             "min_pixels": settings["min_pixels"],

@@ -1,9 +1,12 @@
 """Checks that a converted nativevl folder computes what its source computes.
 
-Every check loads the written folder back with `NativeVLForConditionalGeneration.from_pretrained` in float32 (a
-strict load: any missing, unexpected or mismatched key fails) and compares it with an independent reference built
+Every check runs the written folder in float32 (its config.json through `NativeVLConfig.from_pretrained`, its weights
+loaded strictly: any missing, unexpected or mismatched key fails) and compares it with an independent reference built
 from the *source* files on the same small input (a random image grid with its placeholder tokens, and text).
-References are run first and freed before the converted model is loaded, so at most one model is in memory.
+
+Models are built on the meta device and run layer by layer (`nativevl.conversion.layerwise`): one unit's float32
+weights (a decoder layer, a ViT block, the embedding) are read from disk before its forward and dropped after it, so
+verifying a 7B conversion needs about one embedding table of memory, not a model in float32 (4x a bf16 checkpoint).
 
 When the output dtype is narrower than the source's, the reference's weights are rounded to the output dtype too,
 so the comparison measures the conversion (names, layouts, code) and not the rounding; the rounding's own effect is
@@ -17,14 +20,17 @@ reported separately for Qwen2-VL sources.
 """
 
 import re
+from collections.abc import Callable
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2VLForConditionalGeneration
-from transformers.initialization import no_init_weights
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, rename_source_key
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from nativevl.conversion.checkpoint import ConversionError, SourceCheckpoint
+from nativevl.conversion.layerwise import layerwise, on_meta
 from nativevl.conversion.qwen2 import CONFIG_KEYS_NOT_QWEN2
 from nativevl.modeling import NativeVLConfig, NativeVLForConditionalGeneration
 
@@ -65,22 +71,45 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def round_weights_(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Rounds every floating parameter to `dtype` and back to float32, in place."""
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(parameter.to(dtype).float())
+# name -> (shape, reader): the weights a layer-by-layer model reads (see `layerwise`).
+WeightSource = dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]]
 
 
-def load_converted(folder) -> NativeVLForConditionalGeneration:
-    """The converted folder loaded in float32 for checking; fails on any loading irregularity."""
-    model, info = NativeVLForConditionalGeneration.from_pretrained(
-        folder, dtype=torch.float32, output_loading_info=True
-    )
-    problems = {name: sorted(keys)[:20] for name, keys in info.items() if keys and name != "error_msgs"}
-    if problems or info.get("error_msgs"):
-        raise ConversionError(f"the converted folder does not load cleanly: {problems} {info.get('error_msgs')}")
-    return model.eval()
+def rounded(load: Callable[[], torch.Tensor], dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """A reader of the same tensor rounded to `dtype` (floating tensors; others unchanged)."""
+    return lambda: (lambda t: t.to(dtype) if t.is_floating_point() else t)(load())
+
+
+def checkpoint_weights(checkpoint: SourceCheckpoint, names: dict[str, str]) -> WeightSource:
+    """{name: (shape, reader)} for {name: checkpoint key}."""
+    return {name: (checkpoint.shape(key), lambda key=key: checkpoint.get(key)) for name, key in names.items()}
+
+
+def run_layerwise(model: torch.nn.Module, weights: WeightSource, label: str, call: Callable):
+    """`call(model)` with `model` (built on meta) reading its float32 weights from `weights` unit by unit."""
+    shapes = {name: shape for name, (shape, _) in weights.items()}
+    with layerwise(model, shapes, lambda name: weights[name][1](), label):
+        return call(model)
+
+
+def tie(weights: WeightSource, model: torch.nn.Module) -> WeightSource:
+    """Adds the tied names of `model` (`_tied_weights_keys`, e.g. lm_head.weight -> the embedding) to `weights`."""
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    if not getattr(model.config, "tie_word_embeddings", False) and not getattr(
+        model.config.get_text_config(), "tie_word_embeddings", False
+    ):
+        return weights
+    return {**weights, **{target: weights[source] for target, source in tied.items() if source in weights}}
+
+
+def converted_model(folder) -> tuple[NativeVLForConditionalGeneration, WeightSource]:
+    """The converted folder as a meta model (config.json read by `NativeVLConfig.from_pretrained`) and its weights
+    in float32, read from its safetensors files; the strict key and shape check happens when it runs."""
+    config = NativeVLConfig.from_pretrained(folder)
+    model = on_meta(lambda: NativeVLForConditionalGeneration(config))
+    checkpoint = SourceCheckpoint(folder)
+    weights = checkpoint_weights(checkpoint, {key: key for key in checkpoint.keys()})
+    return model, tie(weights, model)
 
 
 def check(measured: dict[str, float], atol: float) -> dict[str, float]:
@@ -93,20 +122,46 @@ def check(measured: dict[str, float], atol: float) -> dict[str, float]:
     return measured
 
 
+def transformers_names(model: torch.nn.Module, checkpoint: SourceCheckpoint) -> dict[str, str]:
+    """{parameter name in `model`: checkpoint key}, renamed as `from_pretrained` renames them (transformers' own
+    conversion mapping for the model, e.g. the Hub's `visual.*` -> `model.visual.*`), independent of nativevl's
+    key tables; rotary buffers are dropped."""
+    transforms = get_model_conversion_mapping(model)
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    meta_state = model.state_dict()
+    names = {}
+    for key in checkpoint.keys():
+        if key.endswith(".inv_freq"):
+            continue
+        name, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+        names[name] = key
+    return names
+
+
 @torch.no_grad()
-def verify_qwen2_vl(folder, source_folder, dtype: torch.dtype, atol: float) -> dict[str, float]:
-    """Logits of the converted model vs transformers' Qwen2-VL loaded from the source folder, one image + text."""
-    reference = Qwen2VLForConditionalGeneration.from_pretrained(source_folder, dtype=torch.float32).eval()
-    config = reference.config
+def verify_qwen2_vl(folder, source: SourceCheckpoint, dtype: torch.dtype, atol: float) -> dict[str, float]:
+    """Logits of the converted model vs transformers' Qwen2-VL with the source's weights (as `from_pretrained`
+    names them), one image + text; both run layer by layer in float32."""
+    source_folder = source.folder
+    config = Qwen2VLConfig.from_pretrained(source_folder)
+    reference = on_meta(lambda: Qwen2VLForConditionalGeneration(config))
+    weights = tie(checkpoint_weights(source, transformers_names(reference, source)), reference)
     batch = verification_batch(_nativevl_view(config))
     token_types = torch.zeros_like(batch["input_ids"])  # transformers wants the token types: 1 marks image tokens
     token_types[batch["input_ids"] == config.image_token_id] = 1
-    expected = unrounded = reference(**batch, mm_token_type_ids=token_types).logits
+
+    def forward(model):
+        return model(**batch, mm_token_type_ids=token_types).logits
+
+    label = f"source folder {source_folder}"
+    expected = unrounded = run_layerwise(reference, weights, label, forward)
     if dtype != torch.float32:
-        round_weights_(reference, dtype)
-        expected = reference(**batch, mm_token_type_ids=token_types).logits
+        in_dtype = {name: (shape, rounded(load, dtype)) for name, (shape, load) in weights.items()}
+        expected = run_layerwise(reference, in_dtype, label, forward)
     del reference
-    got = load_converted(folder)(**batch).logits
+    model, converted = converted_model(folder)
+    got = run_layerwise(model, converted, "converted folder", lambda model: model(**batch).logits)
     measured = {"logits vs transformers Qwen2VLForConditionalGeneration": max_abs_diff(got, expected)}
     if dtype != torch.float32:
         print(f"verify: rounding the weights to {dtype} moves the logits by up to {max_abs_diff(got, unrounded):.3e}")
@@ -120,40 +175,39 @@ def _nativevl_view(config) -> NativeVLConfig:
     return config_from_qwen2_vl(config)
 
 
-def qwen2_reference(checkpoint: SourceCheckpoint, config_dict: dict, dtype: torch.dtype) -> Qwen2ForCausalLM:
-    """transformers' `Qwen2ForCausalLM` (float32, weights rounded to `dtype`) holding the LLM tensors of a source
-    checkpoint (`model.embed_tokens|layers|norm.*`, `lm_head.weight`; other keys are not the LLM's)."""
+def qwen2_reference(
+    checkpoint: SourceCheckpoint, config_dict: dict, dtype: torch.dtype
+) -> tuple[Qwen2ForCausalLM, WeightSource]:
+    """transformers' `Qwen2ForCausalLM` (on meta) and, rounded to `dtype`, the LLM tensors of a source checkpoint
+    (`model.embed_tokens|layers|norm.*`, `lm_head.weight`; other keys are not the LLM's) under their own names."""
     fields = {k: v for k, v in config_dict.items() if k not in CONFIG_KEYS_NOT_QWEN2}
     keys = {k: k for k in checkpoint.keys() if QWEN2_LLM_KEY.fullmatch(k) and not k.endswith(".inv_freq")}
     config = Qwen2Config(**fields)
     config.vocab_size = checkpoint.shape(keys["model.embed_tokens.weight"])[0]
-    with no_init_weights():
-        model = Qwen2ForCausalLM(config)
-    state = {k: checkpoint.get(source).to(dtype).float() for k, source in keys.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise ConversionError(
-            f"the source LLM does not fit Qwen2ForCausalLM: missing {missing}, unexpected {unexpected}"
-        )
-    return model.eval()
+    model = on_meta(lambda: Qwen2ForCausalLM(config))
+    weights = {
+        name: (shape, rounded(load, dtype)) for name, (shape, load) in checkpoint_weights(checkpoint, keys).items()
+    }
+    return model, tie(weights, model)
 
 
 def vision_reference(
     tensors: dict, config: NativeVLConfig, dtype: torch.dtype
-) -> Qwen2VisionTransformerPretrainedModel:
-    """transformers' Qwen2-VL ViT (with merger) holding the converted model's `model.visual.*` source tensors."""
+) -> tuple[Qwen2VisionTransformerPretrainedModel, WeightSource]:
+    """transformers' Qwen2-VL ViT with merger (on meta) and, rounded to `dtype`, the converted model's
+    `model.visual.*` source tensors under the ViT's names."""
     fields = config.vision_config.to_dict()
     for key in ("model_type", "transformers_version", "architectures", "auto_map", "dtype"):
         fields.pop(key, None)
-    with no_init_weights():
-        model = Qwen2VisionTransformerPretrainedModel._from_config(Qwen2VLVisionConfig(**fields))
+    vision_config = Qwen2VLVisionConfig(**fields)
+    model = on_meta(lambda: Qwen2VisionTransformerPretrainedModel._from_config(vision_config))
     prefix = "model.visual."
-    state = {k[len(prefix) :]: t.load().to(dtype).float() for k, t in tensors.items() if k.startswith(prefix)}
-    model.load_state_dict(state, strict=True)
-    return model.float().eval()
+    weights = {
+        key[len(prefix) :]: (tuple(target.shape), rounded(target.load, dtype))
+        for key, target in tensors.items()
+        if key.startswith(prefix)
+    }
+    return model, weights
 
 
 @torch.no_grad()
@@ -168,33 +222,45 @@ def verify_llava_style(
     text_id_limit: int | None = None,
 ) -> dict[str, float]:
     """The checks for NativeRes-LLaVA and composed models (see the module docstring). `tensors` are the plan's
-    target tensors (target key -> TargetTensor), re-read from the source to compare with what was written.
-    `text_id_limit`: the first token id whose embedding / head row the conversion set (compose's added tokens);
+    target tensors (target key -> TargetTensor), re-read from the source to compare with what was written, one at a
+    time. `text_id_limit`: the first token id whose embedding / head row the conversion set (compose's added tokens);
     the text-only check uses text ids and compares logit columns below it."""
     text_batch = verification_batch(config, image=False, text_id_limit=text_id_limit)
     image_batch = verification_batch(config)
 
-    reference = qwen2_reference(llm_checkpoint, llm_config, dtype)
-    text_expected = reference(**text_batch).logits  # (1, 24, source vocab)
-    del reference
-    vit = vision_reference(tensors, config, dtype)
-    vision_expected = vit(image_batch["pixel_values"], grid_thw=image_batch["image_grid_thw"]).pooler_output
-    del vit
+    reference, weights = qwen2_reference(llm_checkpoint, llm_config, dtype)
+    label = f"LLM of {llm_checkpoint.folder}"
+    text_expected = run_layerwise(reference, weights, label, lambda m: m(**text_batch).logits)  # (1, 24, vocab)
+    vit, weights = vision_reference(tensors, config, dtype)
+    vision_expected = run_layerwise(
+        vit,
+        weights,
+        "vision tower tensors",
+        lambda m: m(image_batch["pixel_values"], grid_thw=image_batch["image_grid_thw"]).pooler_output,
+    )
+    del reference, vit, weights
 
-    model = load_converted(folder)
-    state = model.state_dict()
+    model, converted = converted_model(folder)
     differing, largest = [], 0.0
     for key, target in tensors.items():
-        diff = max_abs_diff(state[key], target.load().to(dtype).float()) if state[key].numel() else 0.0
-        if diff != 0.0:
-            differing.append(key)
+        written, source = converted[key][1](), target.load().to(dtype)
+        # torch.equal first: the expected difference is 0, and float32 temporaries of a 7B embedding cost 9 GB
+        diff = 0.0 if written.numel() == 0 or torch.equal(written, source) else max_abs_diff(written, source)
+        if diff != 0.0 or written.dtype != source.dtype:
+            differing.append(f"{key} ({written.dtype} vs {source.dtype})" if written.dtype != source.dtype else key)
         largest = max(largest, diff)
+        del written, source
     if differing:
         raise ConversionError(f"{len(differing)} converted tensor(s) differ from their source: {differing[:20]}")
     columns = min(text_expected.shape[-1], text_id_limit or text_expected.shape[-1])  # rows >= limit were changed
-    text_got, text_expected = model(**text_batch).logits[..., :columns], text_expected[..., :columns]
-    vision_got = model.model.visual(image_batch["pixel_values"], image_batch["image_grid_thw"]).pooler_output
-    logits = model(**image_batch).logits
+    text_expected = text_expected[..., :columns]
+
+    def forwards(model):
+        text_got = model(**text_batch).logits[..., :columns]
+        vision_got = model.model.visual(image_batch["pixel_values"], image_batch["image_grid_thw"]).pooler_output
+        return text_got, vision_got, model(**image_batch).logits
+
+    text_got, vision_got, logits = run_layerwise(model, converted, "converted folder", forwards)
     if not bool(torch.isfinite(logits).all()):
         raise ConversionError("the image + text forward of the converted model gives non-finite logits")
     return check(

@@ -8,7 +8,7 @@ The pieces every converter shares:
   names and shapes come from `NativeVLForConditionalGeneration(config)` built on the meta device (no memory).
 - `write_weights`: safetensors shards + `model.safetensors.index.json` laid out as `PreTrainedModel.save_pretrained`
   lays them out (same shard split from `huggingface_hub.split_state_dict_into_shards_factory`, same file names,
-  same index fields), holding one output shard in memory at a time.
+  same index fields), holding one tensor in memory at a time (`safetensors_io.save_streamed`).
 - `check_output`: what may not be written (an existing folder without overwrite, a source folder); the folder
   itself is written through `nativevl.conversion.atomic.atomic_output_dir` (complete or absent).
 - `write_config`, `write_processor_config`, `copy_files`: config.json with `auto_map` and the remote-code files,
@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import split_state_dict_into_shards_factory
-from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import GenerationConfig
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from nativevl.conversion.checkpoint import ConversionError, SourceCheckpoint, read_json
 from nativevl.conversion.keymap import KeyTable, map_keys
+from nativevl.conversion.safetensors_io import numel, save_streamed
 from nativevl.modeling import NativeVLConfig, NativeVLForConditionalGeneration
 from nativevl.modeling.modeling_nativevl import REMOTE_CODE_AUTO_MAP
 
@@ -87,15 +87,25 @@ def parse_size(value: str | int) -> int:
 
 @dataclass
 class TargetTensor:
-    """One tensor of the output: its shape, where it comes from (for messages) and how to read it."""
+    """One tensor of the output: its shape, where it comes from (for messages) and how to read it.
+
+    `source_dtype`: the dtype `load` returns when it is not floating point (such tensors keep it); None or a floating
+    dtype means the tensor is written in the conversion's output dtype."""
 
     shape: tuple[int, ...]
     load: Callable[[], torch.Tensor]
     origin: str
+    source_dtype: torch.dtype | None = None
+
+    def output_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype this tensor is written in when floating tensors are written in `dtype`."""
+        if self.source_dtype is None or self.source_dtype.is_floating_point:
+            return dtype
+        return self.source_dtype
 
 
 def from_checkpoint(checkpoint: SourceCheckpoint, key: str, label: str) -> TargetTensor:
-    return TargetTensor(checkpoint.shape(key), lambda: checkpoint.get(key), f"{label}:{key}")
+    return TargetTensor(checkpoint.shape(key), lambda: checkpoint.get(key), f"{label}:{key}", checkpoint.dtype(key))
 
 
 def map_checkpoint(checkpoint: SourceCheckpoint, table: KeyTable, label: str) -> dict[str, TargetTensor]:
@@ -135,38 +145,37 @@ def check_targets(tensors: dict[str, TargetTensor], expected: dict[str, tuple[in
         raise ValueError(f"{len(wrong)} tensor(s) have the wrong shape: {wrong[:20]}")
 
 
-def numel(shape: Iterable[int]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
-
-
 def write_weights(
     folder: Path, tensors: dict[str, TargetTensor], order: list[str], dtype: torch.dtype, max_shard_size: str | int
 ) -> list[str]:
     """Writes the tensors in `order` as safetensors shards (and the index when there are several); returns the
-    shard file names. Floating tensors are cast to `dtype`. Peak memory: one shard (plus one tensor being cast)."""
-    sizes = {key: numel(tensors[key].shape) * dtype.itemsize for key in order}
+    shard file names. Floating tensors are cast to `dtype`. Peak memory: one source tensor and its cast copy."""
+    dtypes = {key: tensors[key].output_dtype(dtype) for key in order}
+    sizes = {key: numel(tensors[key].shape) * dtypes[key].itemsize for key in order}
     split = split_state_dict_into_shards_factory(
         sizes,
         get_storage_size=lambda size: size,
         filename_pattern="model{suffix}.safetensors",
         max_shard_size=parse_size(max_shard_size),
     )
-    for filename, keys in tqdm(split.filename_to_tensors.items(), desc="Writing shards", unit="shard"):
-        shard = {}
-        for key in keys:
-            tensor = tensors[key].load()
-            if tuple(tensor.shape) != tuple(tensors[key].shape):
-                raise ConversionError(
-                    f"{tensors[key].origin} has shape {list(tensor.shape)} but its header said {list(tensors[key].shape)}"
-                )
-            if tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            shard[key] = tensor.contiguous()
-        save_file(shard, str(folder / filename), metadata={"format": "pt"})
-        del shard
+
+    def load(key: str) -> torch.Tensor:
+        tensor = tensors[key].load()
+        if tuple(tensor.shape) != tuple(tensors[key].shape):
+            raise ConversionError(
+                f"{tensors[key].origin} has shape {list(tensor.shape)} but its header said {list(tensors[key].shape)}"
+            )
+        floating = tensor.is_floating_point()
+        if floating != dtypes[key].is_floating_point or (not floating and tensor.dtype != dtypes[key]):
+            raise ConversionError(f"{tensors[key].origin} is {tensor.dtype} but its header said {dtypes[key]}")
+        return tensor.to(dtypes[key])
+
+    progress = tqdm(total=sum(sizes.values()), desc="Writing shards", unit="B", unit_scale=True)
+    for filename, keys in split.filename_to_tensors.items():
+        specs = {key: (tuple(tensors[key].shape), dtypes[key]) for key in keys}
+        save_streamed(folder / filename, specs, load, metadata={"format": "pt"})
+        progress.update(sum(sizes[key] for key in keys))
+    progress.close()
     if split.is_sharded:
         index = {
             "metadata": {"total_parameters": sum(numel(tensors[k].shape) for k in order), **split.metadata},

@@ -632,3 +632,105 @@ def test_converted_folders_load_as_remote_code_without_nativevl(qwen2_vl_convert
     assert result.returncode == 0, result.stderr[-3000:]
     for i, logits in enumerate(expected):
         torch.testing.assert_close(torch.load(tmp_path / f"out{i}.pt"), logits, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+
+STREAMING_CASES = {
+    "qwen2-vl": (["qwen2-vl", "--input", "{qwen2-vl}"], "qwen2-vl"),
+    "nativeres-llava": (["nativeres-llava", "--input", "{nativeres}", "--vision", "{nativeres-vit}"], "nativeres"),
+    "compose": (["compose", "--vision", "{qwen2-vl}", "--llm", "{qwen2}"], "qwen2"),
+}
+
+
+@pytest.mark.parametrize("case", list(STREAMING_CASES))
+def test_conversion_streams_one_tensor_at_a_time(every_source, tmp_path, monkeypatch, case):
+    """Converting and verifying (float32 sources, so no cast copies a tensor) keeps at most twice the largest
+    tensor's bytes of weights alive (a written tensor beside its source while they are compared, or one module's
+    weights while it runs): every tensor read from disk is counted until it is freed, and no other reader may run (a
+    `from_pretrained` or `safe_open` load would hold a whole model). The resharded source has shards smaller than
+    two of its largest tensors, so holding one shard plus one model is far above this bound."""
+    import gc
+    import weakref
+
+    import safetensors
+    import safetensors.torch
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from transformers import PreTrainedModel
+
+    from nativevl.conversion import checkpoint
+
+    args, resharded = STREAMING_CASES[case]
+    state = read_checkpoint(every_source / resharded)
+    shutil.copytree(every_source / resharded, tmp_path / resharded, ignore=shutil.ignore_patterns("*.safetensors"))
+    total_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    split = split_torch_state_dict_into_shards(
+        state, filename_pattern="model{suffix}.safetensors", max_shard_size=total_bytes // 8
+    )
+    for name, keys in split.filename_to_tensors.items():
+        save_file({k: state[k] for k in keys}, str(tmp_path / resharded / name), metadata={"format": "pt"})
+    index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+    (tmp_path / resharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert len(split.filename_to_tensors) >= 3
+    del state
+
+    alive, peak, largest, read_tensor = [0], [0], [0], checkpoint.read_tensor
+
+    def counted(path, data_start, entry):
+        tensor = read_tensor(path, data_start, entry)
+        size = tensor.numel() * tensor.element_size()
+        alive[0] += size
+        peak[0], largest[0] = max(peak[0], alive[0]), max(largest[0], size)
+        weakref.finalize(tensor.untyped_storage(), lambda: alive.__setitem__(0, alive[0] - size))
+        return tensor
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a whole-model loader (from_pretrained, safe_open) ran during the conversion")
+
+    monkeypatch.setattr(checkpoint, "read_tensor", counted)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    monkeypatch.setattr(safetensors.torch, "safe_open", refuse)
+    folders = {name: every_source / name for name in ("qwen2-vl", "nativeres", "nativeres-vit", "qwen2")}
+    folders[resharded] = tmp_path / resharded
+    argv = [str(folders[a[1:-1]]) if a.startswith("{") else a for a in args]
+    assert main([*argv, "--output", str(tmp_path / "out"), "--max-shard-size", "40KB"]) == 0
+    gc.collect()
+    assert 0 < peak[0] <= 2 * largest[0], f"peak {peak[0]} bytes of weights alive; the largest tensor is {largest[0]}"
+    assert alive[0] == 0, f"{alive[0]} bytes of read weights still alive after the conversion"
+
+
+def test_bench_convert_sources_convert_and_verify(tmp_path):
+    """benchmarks/bench_convert.py's real-shape sources, at tiny sizes: its Qwen2-VL layout (transformers') and its
+    NativeRes-LLaVA layout (the release's keys, mlp2x_gelu) convert strictly and pass verification."""
+    import runpy
+
+    bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bench_convert.py"))
+    for name in ("tiny", "tiny-nativeres"):
+        kind, text, vision, ids = bench["SHAPES"][name]
+        source = tmp_path / name
+        if kind == "qwen2-vl":
+            config, shapes = bench["qwen2_vl_source"](text, vision, ids)
+            args = ["qwen2-vl", "--input", str(source)]
+        else:
+            config, shapes = bench["nativeres_source"](text, vision)
+            (tmp_path / "vit").mkdir()
+            vit_config = bench["qwen2_vl_config"](bench["TEXT_2B"], vision, ids)
+            (tmp_path / "vit" / "config.json").write_text(vit_config.to_json_string())
+            args = ["nativeres-llava", "--input", str(source), "--vision", str(tmp_path / "vit")]
+        size = bench["write_source"](source, config, shapes, torch.bfloat16, 200_000)
+        files = list(source.glob("*.safetensors"))
+        headers = sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in files)  # length prefix + JSON
+        assert len(files) > 1 and size == sum(f.stat().st_size for f in files) - headers
+        assert main([*args, "--output", str(tmp_path / f"{name}-out")]) == 0
+        model = NativeVLForConditionalGeneration.from_pretrained(tmp_path / f"{name}-out")
+        assert sum(p.numel() for p in model.parameters()) == sum(_numel(shape) for shape in shapes.values())
+
+
+def _numel(shape) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n

@@ -36,15 +36,15 @@ def leftovers(parent: Path) -> list[str]:
 
 
 def test_failure_while_writing_shards_leaves_nothing(source, tmp_path, monkeypatch):
-    written = []
+    written, save_streamed = [], writer.save_streamed
 
-    def save_then_fail(tensors, filename, metadata=None):
+    def save_then_fail(path, specs, load, metadata=None):
         if written:
             raise RuntimeError("disk full (simulated)")
-        written.append(filename)
-        torch.save(tensors, filename)
+        written.append(path)
+        save_streamed(path, specs, load, metadata)
 
-    monkeypatch.setattr(writer, "save_file", save_then_fail)
+    monkeypatch.setattr(writer, "save_streamed", save_then_fail)
     with pytest.raises(RuntimeError, match="disk full"):
         convert(source, tmp_path / "out")
     assert len(written) == 1 and Path(written[0]).parent.name.startswith(".out.tmp-")

@@ -110,26 +110,94 @@ def test_cli_writes_a_final_remote_code_folder(setup, capsys):
     assert "packing fill rate: 100.0%" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_two_process_ddp_run(setup, tmp_path):
-    """`accelerate launch` with 2 CPU processes (gloo): ranks see different samples, end with identical weights."""
+WORKER = Path(__file__).parent / "ddp_worker.py"
+# 4 steps of global batch 4 (fp32): one process x 4 samples, or two processes x 2 samples, same samples per step
+RUN = ["--max_steps", "4", "--save_steps", "2", "--seed", "0", "--use_cpu", "true", "--dataloader_num_workers", "0"]
+
+
+def run_worker(setup, out: Path, launch: list[str], *extra: str, env: dict | None = None):
+    """`ddp_worker.py` on tiny_stage2 under `launch` (empty: one plain process); returns the finished process."""
     root, model, data = setup
+    command = [sys.executable, *launch, str(WORKER), str(RECIPES / "tiny_stage2.yaml"), "--model_name_or_path", model]
+    command += ["--dataset_path", data, "--output_dir", str(out), *RUN, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+def launch(*config: str) -> list[str]:
+    """accelerate's launcher for 2 CPU processes (gloo), fp32."""
+    return ["-m", "accelerate.commands.launch", *config, "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+
+
+def assert_same_run(out: Path, reference: Path, steps=(1, 2, 3, 4)) -> None:
+    """Same losses (1e-5) at `steps` and the same final remote-code folder (weights within 1e-5) as `reference`."""
+    losses = json.loads((out / "losses.json").read_text())
+    expected = json.loads((reference / "losses.json").read_text())
+    for step in steps:
+        assert losses[str(step)] == pytest.approx(expected[str(step)], abs=1e-5), (step, losses, expected)
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_nativevl.NativeVLForConditionalGeneration"
+    assert config == json.loads((reference / "final" / "config.json").read_text())
+    final, single = (
+        load_file(out / "final" / "model.safetensors"),
+        load_file(reference / "final" / "model.safetensors"),
+    )
+    assert sorted(final) == sorted(single)
+    for key in single:
+        torch.testing.assert_close(final[key], single[key], atol=1e-5, rtol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def one_process(setup, tmp_path_factory):
+    """The reference: one process, 4 samples per step."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    result = run_worker(setup, out, [], "--per_device_train_batch_size", "4")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+def test_two_process_ddp_matches_one_process(setup, one_process, tmp_path):
+    """`accelerate launch --multi_gpu` with 2 CPU processes (gloo, DDP): ranks see different samples and end with
+    identical weights; losses and the final folder equal one process at the same global batch."""
     out = tmp_path / "ddp"
-    worker = Path(__file__).parent / "ddp_worker.py"
-    # accelerate's torchrun launcher (--multi_gpu) with use_cpu: gloo process group over CPU processes
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(worker)]
-    command += [str(RECIPES / "tiny_stage2.yaml"), "--model_name_or_path", model, "--dataset_path", data]
-    command += ["--output_dir", str(out), "--max_steps", "3", "--save_strategy", "no", "--seed", "0"]
-    command += ["--use_cpu", "true", "--dataloader_num_workers", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    result = run_worker(setup, out, launch("--multi_gpu"), "--per_device_train_batch_size", "2")
     assert result.returncode == 0, result.stderr[-4000:]
     seen = [json.loads((out / f"seen_rank{r}.json").read_text()) for r in range(2)]
     assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(json.loads((one_process / "seen_rank0.json").read_text()))
     states = [load_file(out / f"state_rank{r}.safetensors") for r in range(2)]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    assert (out / "final" / "model.safetensors").exists()
+    assert_same_run(out, one_process)
+
+
+def test_two_process_fsdp_matches_one_process_and_resumes(setup, one_process, tmp_path):
+    """`accelerate launch --config_file training/accelerate/fsdp.yaml` (FSDP2, full sharding, sharded checkpoints)
+    over 2 CPU processes: the same losses and final folder as one process; a run resumed from its sharded
+    checkpoint-2 continues with the same losses and ends with the same folder."""
+    fsdp = launch("--config_file", str(RECIPES.parent / "accelerate" / "fsdp.yaml"))
+    env = {"NATIVEVL_FSDP_ON_CPU": "1"}  # see ddp_worker.py: accelerate would turn FSDP on CPU into DDP
+    out = tmp_path / "fsdp"
+    result = run_worker(setup, out, fsdp, "--per_device_train_batch_size", "2", env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "find_unused_parameters" not in result.stderr  # a DDP reducer would have warned: FSDP really ran
+    checkpoint = out / "checkpoint-2"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()
+    assert not (checkpoint / "model.safetensors").exists()  # sharded, not gathered
+    assert_same_run(out, one_process)
+    resumed = tmp_path / "resumed"
+    extra = ["--per_device_train_batch_size", "2", "--resume_from_checkpoint", str(checkpoint)]
+    result = run_worker(setup, resumed, fsdp, *extra, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert_same_run(resumed, one_process, steps=(3, 4))
+
+
+def test_fsdp_launch_that_would_run_ddp_is_refused(setup, tmp_path):
+    """On CPU processes accelerate turns an FSDP launch into DDP; `nativevl train` says so instead of training."""
+    fsdp = launch("--config_file", str(RECIPES.parent / "accelerate" / "fsdp.yaml"))
+    result = run_worker(setup, tmp_path / "refused", fsdp, "--per_device_train_batch_size", "2", "--max_steps", "1")
+    assert result.returncode != 0
+    assert "accelerate was launched with FSDP (ACCELERATE_USE_FSDP=true) but runs MULTI_CPU" in result.stderr
 
 
 def test_checkpoints_are_complete_or_absent(setup, monkeypatch):

@@ -41,6 +41,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from nativevl.conversion.export import save_folder
+from nativevl.conversion.layerwise import on_meta
 from nativevl.modeling import NativeVLForConditionalGeneration
 from nativevl.processing import NativeVLProcessor
 from nativevl.runs import RunFolderError, RunLock, check_fingerprint, file_digest, weights_fingerprint
@@ -250,6 +251,14 @@ class NativeVLTrainer(AtomicCheckpointMixin, SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rows = inputs["position_ids"].shape[-2] if "cu_seq_lens_q" in inputs else None
+        if self.is_fsdp_enabled:
+            # TRL's fused LM head reads `lm_head.weight` without calling `lm_head`, but accelerate's FSDP2 gives
+            # [final norm, lm_head] their own FSDP unit: the weight stays a sharded DTensor, TRL gathers it with
+            # `full_tensor()`, and its gradient is never reduced across ranks (each rank keeps its own). The model's
+            # own loss calls `lm_head`, so FSDP gathers and reduces it; same value (sum of token losses /
+            # num_items_in_batch), without TRL's entropy, token accuracy and token count logs.
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if rows is not None and self.model.training:
             # TRL counts position_ids.size(1) tokens for a batch without attention mask: for packed
@@ -318,7 +327,7 @@ def build_trainer(training_args: SFTConfig, args: NativeVLArguments) -> Trainer:
         eval_dataset = (
             load_examples(args.eval_dataset_path, args.allow_outside_paths) if args.eval_dataset_path else None
         )
-        return build_rglf_trainer(
+        trainer = build_rglf_trainer(
             training_args,
             model,
             processor,
@@ -326,6 +335,8 @@ def build_trainer(training_args: SFTConfig, args: NativeVLArguments) -> Trainer:
             eval_dataset,
             args,
         )
+        check_engine(trainer)
+        return trainer
     peft_config = None
     if args.lora is not None:
         from peft import LoraConfig
@@ -364,7 +375,7 @@ def build_trainer(training_args: SFTConfig, args: NativeVLArguments) -> Trainer:
         collator = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)
     eval_dataset = load_examples(args.eval_dataset_path, args.allow_outside_paths) if args.eval_dataset_path else None
     part_lrs = {part: getattr(args, f"{part}_lr") for part in PARTS}
-    return NativeVLTrainer(
+    trainer = NativeVLTrainer(
         model=model,
         args=training_args,
         train_dataset=load_examples(args.dataset_path, args.allow_outside_paths),
@@ -374,15 +385,40 @@ def build_trainer(training_args: SFTConfig, args: NativeVLArguments) -> Trainer:
         peft_config=peft_config,
         part_lrs=part_lrs,
     )
+    check_engine(trainer)
+    return trainer
+
+
+def check_engine(trainer: Trainer) -> None:
+    """Raises when `accelerate launch` asked for FSDP or DeepSpeed but the trainer runs something else: accelerate
+    1.x runs FSDP only on accelerator devices and, on CPU processes, silently falls back to DDP."""
+    state = trainer.accelerator.state
+    for engine, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(flag, "false").lower() == "true" and state.distributed_type.value != engine:
+            raise ValueError(
+                f"accelerate was launched with {engine} ({flag}=true) but runs {state.distributed_type.value} on "
+                f"{state.device}: accelerate runs {engine} on accelerator devices only (on CPU it falls back to DDP)"
+            )
 
 
 def export_final(trainer: NativeVLTrainer, args: NativeVLArguments, output_dir: str) -> str:
-    """Writes the trained model (LoRA merged) and its processor as a remote-code folder; returns its path."""
+    """Writes the trained model (LoRA merged) and its processor as a remote-code folder; returns its path.
+
+    Under FSDP the parameters are shards: every rank joins in gathering the full state dict (to rank 0's CPU), and
+    rank 0 writes it through a plain `NativeVLForConditionalGeneration` built on the meta device, so the folder is
+    the same as a single process writes."""
     model = trainer.model
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model = trainer.accelerator.unwrap_model(model)
     target = args.export_dir or os.path.join(output_dir, "final")
+    if trainer.is_fsdp_enabled:
+        state = trainer.accelerator.get_state_dict(trainer.model)  # collective; empty except on rank 0
+        if trainer.accelerator.is_main_process:
+            config = model.config
+            model = on_meta(lambda: NativeVLForConditionalGeneration(config))
+            model.load_state_dict(state, strict=True, assign=True)
+            model.tie_weights()
     if trainer.accelerator.is_main_process:
         save_folder(model, trainer.processing_class, target, overwrite=True, base_model=args.model_name_or_path)
     trainer.accelerator.wait_for_everyone()
