@@ -33,11 +33,11 @@ from nativevl.conversion.keymap import KeyTable, map_keys
 from nativevl.conversion.safetensors_io import numel, save_streamed
 from nativevl.modeling import NativeVLConfig, NativeVLForConditionalGeneration
 from nativevl.modeling.modeling_nativevl import REMOTE_CODE_AUTO_MAP
+from nativevl.processing import NativeVLImageProcessor, NativeVLProcessor
+from nativevl.processing.image_processing_nativevl import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 # Copied as files when the source has them; preprocessor_config.json is rewritten for nativevl's processor instead.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -243,7 +243,12 @@ def copy_files(source_folder: Path, folder: Path, names: Iterable[str] = TOKENIZ
 def processor_settings(folder: Path) -> dict:
     """min/max pixels and normalisation of a Qwen2-VL folder's preprocessor_config.json (`min_pixels` /
     `max_pixels`, which win, or `size: {shortest_edge, longest_edge}`); Qwen2-VL's defaults when absent."""
-    settings = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280, "image_mean": None, "image_std": None}
+    settings = {
+        "min_pixels": DEFAULT_MIN_PIXELS,
+        "max_pixels": DEFAULT_MAX_PIXELS,
+        "image_mean": None,
+        "image_std": None,
+    }
     path = folder / "preprocessor_config.json"
     if not path.exists():
         return settings
@@ -256,15 +261,6 @@ def processor_settings(folder: Path) -> dict:
     return settings
 
 
-def _optional_processing_class(name: str):
-    """`nativevl.processing.<name>` when that class exists yet, else None (the processors are written in parallel)."""
-    try:
-        import nativevl.processing as processing
-    except ImportError:
-        return None
-    return getattr(processing, name, None)
-
-
 def write_processor_config(
     folder: Path,
     config: NativeVLConfig,
@@ -273,12 +269,8 @@ def write_processor_config(
     image_mean: list[float] | None = None,
     image_std: list[float] | None = None,
 ) -> dict:
-    """preprocessor_config.json for nativevl's image processor with the source's pixel limits; returns its dict.
-
-    With `nativevl.processing.NativeVLImageProcessor` importable, the processor is built with these settings and
-    saved, and its remote-code file copied (as is `processing_nativevl.py` when `NativeVLProcessor` exists), with
-    `auto_map` entries for the classes whose files are in the folder. Without it, the dict is written directly.
-    """
+    """preprocessor_config.json for nativevl's image processor with the source's pixel limits (mean / std None:
+    OpenAI CLIP's), its and the processor's remote-code files, and `auto_map` for both; returns the written dict."""
     vision = config.vision_config
     fields = {
         "min_pixels": int(min_pixels),
@@ -286,27 +278,18 @@ def write_processor_config(
         "patch_size": vision.patch_size,
         "temporal_patch_size": vision.temporal_patch_size,
         "merge_size": vision.spatial_merge_size,
-        "image_mean": list(image_mean or OPENAI_CLIP_MEAN),
-        "image_std": list(image_std or OPENAI_CLIP_STD),
+        "image_mean": image_mean,
+        "image_std": image_std,
     }
-    auto_map = {
+    NativeVLImageProcessor(**fields).save_pretrained(folder)
+    copy_remote_code(folder, inspect.getfile(NativeVLImageProcessor))
+    copy_remote_code(folder, inspect.getfile(NativeVLProcessor))
+    path = folder / "preprocessor_config.json"
+    content = read_json(path)
+    content["auto_map"] = {
+        **(content.get("auto_map") or {}),
         "AutoImageProcessor": "image_processing_nativevl.NativeVLImageProcessor",
         "AutoProcessor": "processing_nativevl.NativeVLProcessor",
     }
-    path = folder / "preprocessor_config.json"
-    image_processor_class = _optional_processing_class("NativeVLImageProcessor")
-    if image_processor_class is None:
-        content = {"image_processor_type": "NativeVLImageProcessor", **fields, "auto_map": auto_map}
-        path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-        return content
-    image_processor_class(**fields).save_pretrained(folder)
-    copy_remote_code(folder, inspect.getfile(image_processor_class))
-    processor_class = _optional_processing_class("NativeVLProcessor")
-    if processor_class is None:
-        auto_map.pop("AutoProcessor")
-    else:
-        copy_remote_code(folder, inspect.getfile(processor_class))
-    content = read_json(path)
-    content["auto_map"] = {**(content.get("auto_map") or {}), **auto_map}
     path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
     return content

@@ -156,25 +156,23 @@ def test_model_card_defaults_and_no_verify(source, tmp_path):
     assert "not verified" in (tmp_path / "out" / "README.md").read_text()
 
 
-def test_processor_config_written_directly_without_processing_classes(source, tmp_path, monkeypatch):
-    """Before nativevl.processing has its classes, the config is the documented dict with both auto_map entries."""
-    monkeypatch.setattr(writer, "_optional_processing_class", lambda name: None)
+def test_processor_config_keeps_the_source_limits_and_clip_normalisation(source, tmp_path):
+    """preprocessor_config.json: the source's pixel limits, OpenAI CLIP mean / std, both processor classes'
+    remote code and auto_map entries."""
+    from nativevl.processing import NativeVLImageProcessor
+    from nativevl.processing.image_processing_nativevl import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
     assert convert(source, tmp_path / "out", "--no-verify") == 0
-    assert json.loads((tmp_path / "out" / "preprocessor_config.json").read_text()) == {
-        "image_processor_type": "NativeVLImageProcessor",
-        "min_pixels": 6272,
-        "max_pixels": 50176,
-        "patch_size": 14,
-        "temporal_patch_size": 2,
-        "merge_size": 2,
-        "image_mean": writer.OPENAI_CLIP_MEAN,
-        "image_std": writer.OPENAI_CLIP_STD,
-        "auto_map": {
-            "AutoImageProcessor": "image_processing_nativevl.NativeVLImageProcessor",
-            "AutoProcessor": "processing_nativevl.NativeVLProcessor",
-        },
+    folder = tmp_path / "out"
+    written = json.loads((folder / "preprocessor_config.json").read_text())
+    assert written["auto_map"] == {
+        "AutoImageProcessor": "image_processing_nativevl.NativeVLImageProcessor",
+        "AutoProcessor": "processing_nativevl.NativeVLProcessor",
     }
-    assert not (tmp_path / "out" / "processing_nativevl.py").exists()
+    loaded = NativeVLImageProcessor.from_pretrained(folder)
+    assert (loaded.min_pixels, loaded.max_pixels) == (6272, 50176)
+    assert loaded.image_mean == OPENAI_CLIP_MEAN and loaded.image_std == OPENAI_CLIP_STD
+    assert (folder / "processing_nativevl.py").exists() and (folder / "image_processing_nativevl.py").exists()
 
 
 def test_license_from_readme_then_config(tmp_path):
