@@ -130,6 +130,35 @@ def plan_compose(
         **{name: tokenizer.convert_tokens_to_ids(token) for name, token in TOKEN_ID_FIELDS.items()},
     )
 
+    tensors = composed_tensors(vision_checkpoint, llm_checkpoint, config, rows, old_rows, new_ids, seed)
+    out_dtype = dtype or llm_checkpoint.main_dtype()
+    settings = processor_settings(vision_folder)
+
+    def write_extras(staging: Path) -> None:
+        tokenizer.save_pretrained(staging)
+        write_generation_config(staging, config, llm_folder)
+        write_processor_config(staging, config, **settings)
+
+    def verify(staging: Path, atol: float) -> dict[str, float]:
+        limit = new_ids[0] if new_ids else None
+        return verify_llava_style(staging, tensors, config, out_dtype, llm_checkpoint, llm_config, atol, limit)
+
+    return ConversionPlan(
+        family="composed",
+        config=config,
+        tensors=tensors,
+        dtype=out_dtype,
+        sources={"vision": vision_folder, "llm": llm_folder},
+        write_extras=write_extras,
+        verify=verify,
+        card=composed_card(vision_folder, llm_folder, projector, seed, added, rows, old_rows, settings),
+        checkpoints=[vision_checkpoint, llm_checkpoint],
+    )
+
+
+def composed_tensors(vision_checkpoint, llm_checkpoint, config, rows: int, old_rows: int, new_ids, seed: int):
+    """The composed model's tensors: the ViT's and the LLM's through their key tables (the LM head dropped when
+    tied), embedding rows grown to `rows` with the mean row at `new_ids`, and a fresh projector (`seed`)."""
     tensors = map_checkpoint(vision_checkpoint, COMPOSE_VISION_KEY_TABLE, "vision")
     llm_table = QWEN2_LLM_KEY_TABLE
     if config.tie_word_embeddings:
@@ -144,53 +173,36 @@ def plan_compose(
                     lambda source=source: mean_filled_rows(source.load(), rows, new_ids),
                     f"{source.origin} (+{len(new_ids)} mean rows)",
                 )
-    if projector == "merger_mlp":
+    if config.projector_type == "merger_mlp":
         for key, tensor in fresh_projector(config, seed).items():
             tensors[key] = TargetTensor(tuple(tensor.shape), lambda tensor=tensor: tensor, f"new (seed {seed})")
-    out_dtype = dtype or llm_checkpoint.main_dtype()
-    settings = processor_settings(vision_folder)
+    return tensors
 
-    def write_extras(staging: Path) -> None:
-        tokenizer.save_pretrained(staging)
-        write_generation_config(staging, config, llm_folder)
-        write_processor_config(staging, config, **settings)
 
-    def verify(staging: Path, atol: float) -> dict[str, float]:
-        limit = new_ids[0] if new_ids else None
-        return verify_llava_style(staging, tensors, config, out_dtype, llm_checkpoint, llm_config, atol, limit)
-
+def composed_card(vision_folder: Path, llm_folder: Path, projector: str, seed: int, added, rows, old_rows, settings):
+    """The model card fields of a composed folder (sources, projector, added tokens, pixel limits, licences)."""
     vision_license, llm_license = source_license(vision_folder), source_license(llm_folder)
     if vision_license is None or vision_license == llm_license:
         license_name = llm_license or "other"
     else:
         license_name = vision_license if llm_license is None else "other"
-    return ConversionPlan(
-        family="composed",
-        config=config,
-        tensors=tensors,
-        dtype=out_dtype,
-        sources={"vision": vision_folder, "llm": llm_folder},
-        write_extras=write_extras,
-        verify=verify,
-        card={
-            "vision_source": vision_folder.name,
-            "llm_source": llm_folder.name,
-            "projector_note": (
-                f"a new `mlp2x_gelu` projector (Linear-GELU-Linear, initialised with seed {seed})"
-                if projector == "merger_mlp"
-                else "no projector (the merger's output is the LLM width)"
-            ),
-            "new_tokens": (
-                f"the LLM's, with {len(added)} token(s) added ({', '.join(f'`{t}`' for t in added)}); their embedding"
-                f" rows are the mean of the existing rows, the vocabulary is {rows} rows (was {old_rows})"
-                if added
-                else "the LLM's, which already has Qwen2-VL's vision tokens"
-            ),
-            "min_pixels": settings["min_pixels"],
-            "max_pixels": settings["max_pixels"],
-            "licenses": f"vision tower {vision_license or 'unknown'}, LLM {llm_license or 'unknown'}",
-            "license": license_name,
-            "base_model": [vision_folder.name, llm_folder.name],
-        },
-        checkpoints=[vision_checkpoint, llm_checkpoint],
-    )
+    return {
+        "vision_source": vision_folder.name,
+        "llm_source": llm_folder.name,
+        "projector_note": (
+            f"a new `mlp2x_gelu` projector (Linear-GELU-Linear, initialised with seed {seed})"
+            if projector == "merger_mlp"
+            else "no projector (the merger's output is the LLM width)"
+        ),
+        "new_tokens": (
+            f"the LLM's, with {len(added)} token(s) added ({', '.join(f'`{t}`' for t in added)}); their embedding"
+            f" rows are the mean of the existing rows, the vocabulary is {rows} rows (was {old_rows})"
+            if added
+            else "the LLM's, which already has Qwen2-VL's vision tokens"
+        ),
+        "min_pixels": settings["min_pixels"],
+        "max_pixels": settings["max_pixels"],
+        "licenses": f"vision tower {vision_license or 'unknown'}, LLM {llm_license or 'unknown'}",
+        "license": license_name,
+        "base_model": [vision_folder.name, llm_folder.name],
+    }
