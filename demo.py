@@ -179,49 +179,8 @@ def run_demo(out: Path, args: argparse.Namespace) -> int:
     print(f"      Q: {asked['question']}  expected: {asked['expected']!r}  answer: {asked['answer']!r}", flush=True)
 
     print("[4/4] evaluating on the held-out set ...", flush=True)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(final).eval()
-    processor = AutoProcessor.from_pretrained(final)
-    # every demo trains a new model, so its evaluation runs start over (overwrite) instead of being refused
-    common = dict(
-        batch_size=16,
-        max_new_tokens=16,
-        progress=False,
-        image_root=test_jsonl.parent,
-        model_path=str(final),
-        overwrite=True,
-    )
-    runs = {
-        "native": evaluate(model, processor, records, out / "runs" / "native", mode="native", **common),
-        "fixed": evaluate(
-            model,
-            processor,
-            records,
-            out / "runs" / "fixed",
-            mode="fixed",
-            images_kwargs={"fixed_pixels": FIXED_PIXELS},
-            **common,
-        ),
-        "blank": evaluate(
-            model, processor, records, out / "runs" / "blank", mode="native", blank_images=True, **common
-        ),
-    }
-    print("\nnative resolution:\n" + print_report(runs["native"]))
-    rows = []
-    for name, scores in runs.items():
-        kinds = scores.get("kind_accuracy") or {}
-        rows.append(
-            f"  {name:7} Acc {scores['accuracy']:5.1f}  ACV {_num(scores['acv'])}  RCV {_num(scores['rcv'])}  "
-            f"RC {_num(kinds.get('rc'))}  SC {_num(kinds.get('sc'))}  visual tokens/item {scores['mean_visual_tokens']:.1f}"
-        )
-    print("summary (accuracy in %, ACV/RCV = 100 x std / mean over area / aspect bins):\n" + "\n".join(rows))
-    margin = runs["native"]["accuracy"] - runs["blank"]["accuracy"]
-    print(
-        f"uses the image: native {runs['native']['accuracy']:.1f} vs blank images {runs['blank']['accuracy']:.1f} ({margin:+.1f} points)"
-    )
-    for name in runs:
-        print(f"heatmap ({name}): {out / 'runs' / name / 'heatmap.png'}")
+    runs = evaluate_three_ways(final, records, test_jsonl.parent, out)
+    print_summary(runs, out)
     summary = {
         "training": stats,
         "pipeline": asked,
@@ -237,3 +196,44 @@ def _num(value, spec: str = "5.1f") -> str:
     """`value` formatted by `spec`, or a dash of the same width when it is None (e.g. no loss logged yet: a run
     shorter than `logging_steps`)."""
     return format(value, spec) if value is not None else "-".rjust(len(format(0.0, spec)))
+
+
+def evaluate_three_ways(final: Path, records: list, image_root: Path, out: Path) -> dict[str, dict]:
+    """Scores of the trained model in native mode, in fixed mode and with blank images (the control)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(final).eval()
+    processor = AutoProcessor.from_pretrained(final)
+    # every demo trains a new model, so its evaluation runs start over (overwrite) instead of being refused
+    common = dict(
+        batch_size=16, max_new_tokens=16, progress=False, image_root=image_root, model_path=str(final), overwrite=True
+    )
+    fixed = {"fixed_pixels": FIXED_PIXELS}
+    return {
+        "native": evaluate(model, processor, records, out / "runs" / "native", mode="native", **common),
+        "fixed": evaluate(
+            model, processor, records, out / "runs" / "fixed", mode="fixed", images_kwargs=fixed, **common
+        ),
+        "blank": evaluate(
+            model, processor, records, out / "runs" / "blank", mode="native", blank_images=True, **common
+        ),
+    }
+
+
+def print_summary(runs: dict[str, dict], out: Path) -> None:
+    """The native run's report, one summary row per run, the blank-image margin and the heatmap paths."""
+    print("\nnative resolution:\n" + print_report(runs["native"]))
+    rows = []
+    for name, scores in runs.items():
+        kinds = scores.get("kind_accuracy") or {}
+        rows.append(
+            f"  {name:7} Acc {scores['accuracy']:5.1f}  ACV {_num(scores['acv'])}  RCV {_num(scores['rcv'])}  "
+            f"RC {_num(kinds.get('rc'))}  SC {_num(kinds.get('sc'))}  visual tokens/item {scores['mean_visual_tokens']:.1f}"
+        )
+    print("summary (accuracy in %, ACV/RCV = 100 x std / mean over area / aspect bins):\n" + "\n".join(rows))
+    margin = runs["native"]["accuracy"] - runs["blank"]["accuracy"]
+    print(
+        f"uses the image: native {runs['native']['accuracy']:.1f} vs blank images {runs['blank']['accuracy']:.1f} ({margin:+.1f} points)"
+    )
+    for name in runs:
+        print(f"heatmap ({name}): {out / 'runs' / name / 'heatmap.png'}")
