@@ -375,7 +375,15 @@ class NativeVLProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw"]
+        return [
+            "input_ids",
+            "attention_mask",
+            "position_ids",
+            "pixel_values",
+            "image_grid_thw",
+            "pixel_values_videos",
+            "video_grid_thw",
+        ]
 
 
 def _is_frame(x) -> bool:
