@@ -198,6 +198,17 @@ def test_tied_and_untied_heads_survive_save_and_load(tmp_path, tie):
         assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
 
 
+def test_save_and_load_give_the_same_outputs(built, tmp_path):
+    tester, model = built
+    model.save_pretrained(tmp_path)
+    loaded = NativeVLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    inputs = tester.inputs()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+    for field in ("projector_type", "position_scheme", "granularity", "image_token_id", "tie_word_embeddings"):
+        assert getattr(loaded.config, field) == getattr(model.config, field), field
+
+
 def test_tp_plan():
     assert NativeVLForConditionalGeneration._tp_plan == {"lm_head": "colwise_gather_output"}
 
