@@ -15,15 +15,21 @@ caches, gradient checkpointing), generation, loss.
 This file is remote code: it is copied flat into a model folder and imports only torch, transformers and its
 sibling `configuration_nativevl.py`.
 
-transformers internals it relies on (tests/test_conformance.py checks each by name on every tested release):
+transformers internals the remote-code files (modeling/ and processing/) rely on beyond its public classes
+(tests/test_conformance.py imports each by name on every tested release):
 - `models.qwen2_vl.modeling_qwen2_vl.Qwen2VLTextModel`, reused as the decoder; the name of its KV-cache argument
-  (`cache` from 5.24, `past_key_values` before: `CACHE_NAME`), also the field of `BaseModelOutputWithPast`.
-- `utils.output_capturing.capture_outputs` with `_can_record_outputs` (vision hidden states and attentions).
+  (`cache` from 5.24, `past_key_values` before: `CACHE_NAME`), also the field of `BaseModelOutputWithPast`;
+  `models.qwen2_vl.configuration_qwen2_vl.Qwen2VLTextConfig` / `Qwen2VLVisionConfig`, subclassed.
+- `utils.output_capturing.capture_outputs` with `_can_record_outputs` (vision hidden states and attentions),
+  `utils.can_return_tuple`, `utils.TransformersKwargs`, `processing_utils.Unpack`,
+  `modeling_layers.GradientCheckpointingLayer`, `initialization`, `activations.ACT2FN`.
 - `GenerationMixin._prepare_position_ids_for_generation` (overridden for M-RoPE) and `generate`'s
   `mm_encoder_outputs` (the vision tower runs once before the prefill, through `get_image_features`).
 - `PreTrainedModel._can_set_attn_implementation` (overridden), `AttentionInterface` /
   `masking_utils.ALL_MASK_ATTENTION_FUNCTIONS` / `sdpa_mask` / `integrations.sdpa_attention.sdpa_attention_forward`
   (the `nativevl_varlen` attention), `modeling_utils.slice_logits_to_keep`.
+- processing: `processing_utils.ProcessorMixin`, `TextKwargs`, `ImagesKwargs`,
+  `image_processing_utils.BaseImageProcessor`.
 """
 
 import inspect

@@ -5,6 +5,7 @@ One battery (`NativeVLModelTester`) over four configs: Qwen2-VL's merger + M-RoP
 test names the contract it holds.
 """
 
+import importlib
 import inspect
 import typing
 
@@ -369,6 +370,16 @@ def test_transformers_internals_are_where_the_remote_code_expects_them():
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
     from transformers.utils.output_capturing import capture_outputs
 
+    for module, names in {
+        "transformers.processing_utils": ("ProcessorMixin", "TextKwargs", "ImagesKwargs", "Unpack"),
+        "transformers.image_processing_utils": ("BaseImageProcessor",),
+        "transformers.utils": ("TransformersKwargs", "can_return_tuple"),
+        "transformers.modeling_layers": ("GradientCheckpointingLayer",),
+        "transformers.modeling_utils": ("slice_logits_to_keep",),
+        "transformers.models.qwen2_vl.configuration_qwen2_vl": ("Qwen2VLTextConfig", "Qwen2VLVisionConfig"),
+    }.items():
+        imported = importlib.import_module(module)
+        assert all(hasattr(imported, name) for name in names), (module, names)
     assert callable(sdpa_attention_forward) and callable(sdpa_mask) and callable(capture_outputs)
     assert hasattr(AttentionInterface, "register") and hasattr(ALL_MASK_ATTENTION_FUNCTIONS, "register")
     assert hasattr(GenerationMixin, "_prepare_position_ids_for_generation")
