@@ -211,9 +211,8 @@ class NativeVLModel(NativeVLPreTrainedModel):
         self.multi_modal_projector = NativeVLProjector(config) if config.projector_type == "merger_mlp" else None
         self.language_model = NativeVLTextModel._from_config(config.text_config)
         self.granularity_router = NativeVLGranularityRouter(config) if config.granularity is not None else None
-        self.rope_deltas = (
-            None  # (batch, 1), set at every prefill from the ids it ran with, used to place decoded tokens
-        )
+        # (batch, 1): set at every prefill from the position ids it ran with, used to place decoded tokens
+        self.rope_deltas = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
