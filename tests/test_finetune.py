@@ -1,0 +1,253 @@
+"""Fine-tuning as users do it: every folder nativevl produces (export, convert qwen2-vl / nativeres-llava / compose,
+train output) through `nativevl train` and TRL's plain `SFTTrainer` recipe, and every data format people have.
+
+The converted sources keep real-world chat templates without `{% generation %}` markers (Qwen2-VL-Instruct's for
+qwen2-vl and compose, the release prompt format for nativeres-llava). Their tokenizers are word-level over "w<i>"
+words, so the data's question and answers are such words.
+"""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import COLOURS, recipe_trainer
+from PIL import Image
+from test_conversion import write_nativeres, write_qwen2_llm, write_qwen2_vl
+
+from nativevl.conversion.cli import main as convert_main
+from nativevl.conversion.export import save_folder
+from nativevl.modeling.configuration_nativevl import IGNORE_INDEX
+from nativevl.processing import NativeVLProcessor
+from nativevl.testing import build_tiny, build_tiny_tokenizer
+from nativevl.training.data import load_training_data
+from nativevl.training.packing import PackingCollator, assistant_spans
+from nativevl.training.train import main as train_main
+
+
+# Qwen2-VL-7B-Instruct's chat template as released (no generation markers).
+QWEN2_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+ANSWERS = {name: f"w{10 + i}" for i, name in enumerate(sorted(COLOURS))}
+QUESTION = "w5 w6"
+STEPS = ["--max_steps", "4", "--save_strategy", "no", "--per_device_train_batch_size", "4"]
+
+
+def write_images(folder: Path, n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """n one-colour PNGs under folder/images; returns (relative path, answer word) per image."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng, items = random.Random(seed), []
+    for i in range(n):
+        name = rng.choice(sorted(COLOURS))
+        Image.new("RGB", (rng.randint(28, 80), rng.randint(28, 80)), COLOURS[name]).save(
+            folder / "images" / f"{i}.png"
+        )
+        items.append((f"images/{i}.png", ANSWERS[name]))
+    return items
+
+
+def trl_record(path: str, answer: str) -> dict:
+    user = [{"type": "image"}, {"type": "text", "text": QUESTION}]
+    return {
+        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+        "images": [path],
+    }
+
+
+def write_jsonl(path: Path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def set_template(folder: Path, template: str) -> None:
+    """Gives a source folder's tokenizer `template` (as chat_template.jinja, what save_pretrained writes)."""
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").write_text(template)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """One folder per source kind nativevl produces (a train output is made by the test that needs it)."""
+    root = tmp_path_factory.mktemp("sources")
+    save_folder(*build_tiny(max_pixels=112 * 112), root / "export")
+    write_qwen2_vl(root / "src-qwen2-vl", "hub")
+    set_template(root / "src-qwen2-vl", QWEN2_VL_TEMPLATE)
+    write_nativeres(root / "src-nativeres", root / "src-nativeres-vit", "merger_mlp")
+    # The LLM gets a byte-level BPE tokenizer, as Qwen2's (a qwen2 config.json makes AutoTokenizer rebuild any
+    # tokenizer as Qwen2's BPE, which drops the test's word-level words), and ChatML that places images: compose
+    # keeps the LLM's template, and a text-only Qwen2 template renders no image.
+    write_qwen2_llm(root / "src-llm", hidden=48)
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = QWEN2_VL_TEMPLATE
+    tokenizer.save_pretrained(root / "src-llm")
+    commands = {
+        "qwen2-vl": ["qwen2-vl", "--input", str(root / "src-qwen2-vl")],
+        "nativeres-llava": ["nativeres-llava", "--input", str(root / "src-nativeres"), "--vision",
+                            str(root / "src-nativeres-vit")],
+        "compose": ["compose", "--vision", str(root / "src-qwen2-vl"), "--llm", str(root / "src-llm")],
+    }  # fmt: skip
+    for kind, command in commands.items():
+        assert convert_main([*command, "--output", str(root / kind), "--no-verify"]) == 0
+    data = root / "data"
+    items = write_images(data, 16)
+    train = write_jsonl(data / "train.jsonl", [trl_record(p, a) for p, a in items])
+    return root, data, train, items
+
+
+def trained(trainer) -> tuple[list[float], bool]:
+    """Runs `trainer`; returns its logged losses and whether every trainable parameter moved off its start."""
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    moved = bool(before) and all(not torch.equal(before[n], after[n].detach()) for n in before)
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e], moved
+
+
+def assert_learns(trainer) -> None:
+    losses, moved = trained(trainer)
+    assert len(losses) == 4 and all(loss > 0 for loss in losses), losses
+    assert losses[-1] < losses[0], losses
+    assert moved
+
+
+@pytest.mark.parametrize("kind", ["export", "qwen2-vl", "nativeres-llava", "compose", "train-output"])
+def test_every_source_kind_fine_tunes(folders, kind):
+    root, _, train, _ = folders
+    model = root / kind
+    if kind == "train-output":
+        argv = [str(Path(__file__).parents[1] / "training/recipes/tiny_stage2.yaml"), "--model_name_or_path"]
+        argv += [str(root / "export"), "--dataset_path", train, "--output_dir", str(root / "first"), *STEPS]
+        assert train_main(argv) == 0
+        model = root / "first" / "final"
+    trainer, _ = recipe_trainer(root, str(model), train, "tiny_stage2.yaml", f"run-{kind}", *STEPS)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    words = trainer.processing_class.tokenizer.decode(batch["input_ids"][batch["labels"] != IGNORE_INDEX])
+    assert [w.strip() for w in words.split("<|im_end|>")] == [folders[3][0][1], folders[3][1][1], ""], words
+    assert_learns(trainer)
+
+
+def test_assistant_spans_without_markers_match_the_marked_template():
+    """The Qwen2-VL template (no markers) gives the same assistant tokens as nativevl's marked ChatML, plus the
+    newline after `<|im_end|>` that the unmarked template renders inside the turn."""
+    _, marked = build_tiny()
+    unmarked = NativeVLProcessor(marked.image_processor, marked.tokenizer, chat_template=QWEN2_VL_TEMPLATE)
+    image = Image.new("RGB", (40, 40), COLOURS["red"])
+    example = {
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+            {"role": "user", "content": [{"type": "text", "text": "Sure?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "yes, red"}]},
+        ],
+        "images": [image],
+    }
+    prompt, spans = assistant_spans(example["messages"], QWEN2_VL_TEMPLATE)
+    assert [prompt[a:b] for a, b in spans] == ["red<|im_end|>\n", "yes, red<|im_end|>\n"]
+    texts = []
+    for processor in (marked, unmarked):
+        encoded = PackingCollator(processor).encode(example)
+        texts.append(processor.tokenizer.decode(encoded["input_ids"][encoded["labels"] != IGNORE_INDEX]))
+    assert texts == ["red<|im_end|>yes, red<|im_end|>", "red<|im_end|>\nyes, red<|im_end|>\n"]
+    everything = PackingCollator(unmarked, assistant_only_loss=False).encode(example)
+    assert int((everything["labels"] != IGNORE_INDEX).sum()) > 3 * int((encoded["labels"] != IGNORE_INDEX).sum())
+
+
+def test_converted_folder_without_markers_unpacked_is_refused_or_trains_everything(folders):
+    """TRL's padded collator needs markers for assistant-only loss: refused with the way out; with
+    assistant_only_loss false it trains on every text token."""
+    root, _, train, _ = folders
+    model = str(root / "qwen2-vl")
+    with pytest.raises(ValueError, match="has none: use multimodal_packing=true"):
+        recipe_trainer(root, model, train, "tiny_stage2.yaml", "unpacked", "--multimodal_packing", "false", *STEPS)
+    off = ["--multimodal_packing", "false", "--assistant_only_loss", "false", *STEPS]
+    trainer, _ = recipe_trainer(root, model, train, "tiny_stage2.yaml", "unpacked-all", *off)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    assert int((batch["labels"] != IGNORE_INDEX).sum()) == int(batch["attention_mask"].sum())
+    assert_learns(trainer)
+
+
+def test_batch_with_nothing_to_train_on_is_an_error(folders):
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    from nativevl.training.train import CheckedCollator
+
+    root, _, train, _ = folders
+    processor = NativeVLProcessor.from_pretrained(root / "qwen2-vl")
+    dataset, _ = load_training_data(train)
+    silent = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)  # no markers: mask all 0
+    assert (silent([dataset[0]])["labels"] == IGNORE_INDEX).all()
+    with pytest.raises(ValueError, match="batch of 1 sample.s. has no token to train on"):
+        CheckedCollator(silent)([dataset[0]])
+    one_token = {"messages": [{"role": "assistant", "content": [{"type": "text", "text": "w5"}]}], "images": []}
+    plain = "{% for m in messages %}{{ m['content'][0]['text'] }}{% endfor %}"
+    bare = NativeVLProcessor(processor.image_processor, processor.tokenizer, chat_template=plain)
+    with pytest.raises(ValueError, match="has no token to train on"):
+        PackingCollator(bare, assistant_only_loss=False)([one_token])  # its only token starts the segment
+
+
+def test_truncation_allowed_unless_it_cuts_image_tokens():
+    _, processor = build_tiny(max_pixels=56 * 56)
+    text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>" + "x" * 50
+    image = Image.new("RGB", (56, 56))
+    full = processor(images=[image], text=[text])["input_ids"].shape[1]
+    cut = processor(images=[image], text=[text], truncation=True, max_length=full - 20)
+    assert cut["input_ids"].shape[1] == full - 20
+    with pytest.raises(
+        ValueError, match=r"sample 0: truncation to max_length=5 would cut through its image/video tok"
+    ):
+        processor(images=[image], text=[text], truncation=True, max_length=5)
+
+
+def test_trl_documented_recipe_with_default_sftconfig(folders, tmp_path):
+    """`SFTTrainer(model=..., args=SFTConfig(output_dir=...), train_dataset=ds, processing_class=processor)`: TRL's
+    defaults (max_length 1024, its own collator), on the folders a user loads; only the steps and lr are set."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import SFTConfig, SFTTrainer
+
+    root, _, train, _ = folders
+    dataset, _ = load_training_data(train)
+    for kind in ("export", "qwen2-vl"):
+        model = AutoModelForImageTextToText.from_pretrained(root / kind, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(root / kind, trust_remote_code=True)
+        config = SFTConfig(output_dir=str(tmp_path / kind), max_steps=4, learning_rate=1e-3, logging_steps=1,
+                           per_device_train_batch_size=4, report_to="none", save_strategy="no", use_cpu=True)  # fmt: skip
+        assert config.max_length == 1024
+        assert_learns(SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor))
+
+
+@pytest.mark.parametrize("switch", ["padding_free", "packing"])
+def test_trl_packing_switches_use_the_packing_collator(folders, tmp_path, switch):
+    from trl import SFTConfig
+
+    from nativevl.modeling import NativeVLForConditionalGeneration
+    from nativevl.training.train import NativeVLTrainer
+
+    root, _, train, _ = folders
+    dataset, _ = load_training_data(train)
+    model = NativeVLForConditionalGeneration.from_pretrained(root / "export")
+    processor = NativeVLProcessor.from_pretrained(root / "export")
+    kwargs = dict(output_dir=str(tmp_path), max_steps=4, learning_rate=1e-3, logging_steps=1, report_to="none",
+                  per_device_train_batch_size=4, save_strategy="no", use_cpu=True, assistant_only_loss=True)  # fmt: skip
+    trainer = NativeVLTrainer(
+        model=model, args=SFTConfig(**kwargs, **{switch: True}), train_dataset=dataset, processing_class=processor
+    )
+    assert isinstance(trainer.data_collator, PackingCollator)
+    assert trainer.data_collator.max_tokens == (1024 if switch == "packing" else None)
+    assert_learns(trainer)
+    with pytest.raises(ValueError, match="PackingCollator, but data_collator is a dict"):
+        NativeVLTrainer(model=model, args=SFTConfig(**kwargs, **{switch: True}), train_dataset=dataset,
+                        processing_class=processor, data_collator={})  # fmt: skip
