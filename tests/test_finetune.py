@@ -251,3 +251,101 @@ def test_trl_packing_switches_use_the_packing_collator(folders, tmp_path, switch
     with pytest.raises(ValueError, match="PackingCollator, but data_collator is a dict"):
         NativeVLTrainer(model=model, args=SFTConfig(**kwargs, **{switch: True}), train_dataset=dataset,
                         processing_class=processor, data_collator={})  # fmt: skip
+
+
+def structured(record: dict) -> dict:
+    """A TRL record with every content a list of parts (Arrow needs one type per column)."""
+    messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
+                for m in record["messages"]]  # fmt: skip
+    return {**record, "messages": messages}
+
+
+def with_pil(record: dict, data: Path) -> dict:
+    return {**structured(record), "images": [Image.open(data / p).convert("RGB") for p in record["images"]]}
+
+
+def write_format(name: str, data: Path, items: list[tuple[str, str]]) -> list[str]:
+    """Writes `items` as data of format `name` under `data` (images already there); returns the data arguments."""
+    import datasets
+
+    trl = [trl_record(p, a) for p, a in items]
+    if name == "trl-image-string-content":
+        records = [{"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": a}],
+                    "image": p} for p, a in items]  # fmt: skip
+        return ["--dataset_path", write_jsonl(data / "trl_string.jsonl", records)]
+    if name in ("llava-json", "sharegpt-jsonl"):
+        marker = "<image>\n" if name == "llava-json" else ""
+        records = [{"id": i, "image": p if name == "llava-json" else [p], "conversations": [
+                    {"from": "human", "value": marker + QUESTION}, {"from": "gpt", "value": a}]}
+                   for i, (p, a) in enumerate(items)]  # fmt: skip
+        if name == "sharegpt-jsonl":
+            return ["--dataset_path", write_jsonl(data / "sharegpt.jsonl", records)]
+        (data / "llava.json").write_text(json.dumps(records))
+        return ["--dataset_path", str(data / "llava.json")]
+    if name == "parquet":
+        datasets.Dataset.from_list([structured(r) for r in trl]).to_parquet(data / "train.parquet")
+        return ["--dataset_path", str(data / "train.parquet")]
+    if name == "save-to-disk-dict":
+        splits = {"train": [with_pil(r, data) for r in trl], "validation": [with_pil(r, data) for r in trl[:3]]}
+        datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(data / "dd")
+        return ["--dataset_path", str(data / "dd")]
+    if name == "dataset-name":  # a Hub-style folder: parquet shards with the images inside
+        (data / "hub" / "data").mkdir(parents=True)
+        dataset = datasets.Dataset.from_list([with_pil(r, data) for r in trl])
+        dataset.to_parquet(data / "hub" / "data" / "train-00000-of-00001.parquet")
+        return ["--dataset_name", str(data / "hub")]
+    if name == "synth-rc":
+        from nativevl.evaluation.synth_rc import generate_benchmark
+
+        return ["--dataset_path", str(generate_benchmark(data / "synth", per_cell=1, kinds=["sc"], scale=0.05))]
+    raise AssertionError(name)
+
+
+FORMATS = ["trl-image-string-content", "llava-json", "sharegpt-jsonl", "parquet", "save-to-disk-dict",
+           "dataset-name", "synth-rc"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_every_data_format_fine_tunes(folders, name):
+    """Each format becomes TRL's conversation (the same as the TRL JSONL's for the colour items) and trains."""
+    from nativevl.training.train import build_trainer, parse
+
+    root, data, train, items = folders
+    extra = write_format(name, data, items)
+    recipe = Path(__file__).parents[1] / "training" / "recipes" / "tiny_stage2.yaml"
+    argv = [str(recipe), "--model_name_or_path", str(root / "export"), *extra, "--output_dir", str(root / name)]
+    trainer = build_trainer(*parse([*argv, "--seed", "0", "--dataloader_num_workers", "0", *STEPS]))
+    if name != "synth-rc":
+        reference, _ = load_training_data(train)
+        assert trainer.train_dataset["messages"] == reference["messages"]
+        assert all(len(images) == 1 for images in trainer.train_dataset["images"])
+    else:
+        first = trainer.train_dataset[0]["messages"]
+        assert [p["type"] for p in first[0]["content"]] == ["image", "text"] and first[1]["role"] == "assistant"
+    assert (trainer.eval_dataset is not None) == (name == "save-to-disk-dict")
+    if trainer.eval_dataset is not None:
+        assert len(trainer.eval_dataset) == 3
+    assert_learns(trainer)
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"messages": [{"role": "user", "content": "w5"}]}, "line 1: field messages has no assistant turn"),
+        ({"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "w5"}]},
+         "line 1: field messages holds 1 image part(s) but field images has 0"),
+        ({"conversations": [{"from": "human", "value": "<image> w5"}, {"from": "bot", "value": "w6"}]},
+         "line 1: field conversations[1] needs from (human|user|gpt|assistant|model|system)"),
+        ({"image": "images/0.png", "conversations": [{"from": "human", "value": "<image><image>"},
+                                                     {"from": "gpt", "value": "w6"}]},
+         "line 1: field conversations holds 2 <image> marker(s) but image has 1"),
+        ({"text": "w5"}, "line 1: no field messages (TRL), conversations (LLaVA / ShareGPT) or question + answers"),
+        ({"question": "w5", "answers": [], "image": "images/0.png"}, "line 1: field answers must be a non-empty"),
+    ],
+)  # fmt: skip
+def test_bad_records_are_named_before_training(folders, record, message):
+    _, data, _, _ = folders
+    path = Path(write_jsonl(data / "bad.jsonl", [record]))
+    with pytest.raises(ValueError) as error:
+        load_training_data(str(path))
+    assert str(error.value).startswith(f"{path} {message}"), str(error.value)
