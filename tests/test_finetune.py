@@ -349,3 +349,52 @@ def test_bad_records_are_named_before_training(folders, record, message):
     with pytest.raises(ValueError) as error:
         load_training_data(str(path))
     assert str(error.value).startswith(f"{path} {message}"), str(error.value)
+
+
+# Fresh interpreter with nativevl blocked: the merged folder and the adapter (on its base folder) load through
+# transformers + PEFT alone and give the same logits.
+LOAD_WITHOUT_NATIVEVL = r"""
+import json, sys
+class Block:
+    def find_spec(self, name, path, target=None):
+        if name == "nativevl" or name.startswith("nativevl."):
+            raise ImportError("nativevl is blocked in this process")
+sys.meta_path.insert(0, Block())
+import torch
+from peft import PeftModel
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+final, base, adapter = sys.argv[1:4]
+processor = AutoProcessor.from_pretrained(final, trust_remote_code=True)
+message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
+text = processor.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
+inputs = processor(images=[Image.new("RGB", (60, 40), (220, 30, 30))], text=[text])
+merged = AutoModelForImageTextToText.from_pretrained(final, trust_remote_code=True).eval()
+adapted = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base, trust_remote_code=True), adapter)
+with torch.no_grad():
+    a, b = merged(**inputs).logits, adapted.eval()(**inputs).logits
+    with adapted.disable_adapter():
+        c = adapted(**inputs).logits
+print(json.dumps({"max_diff": float((a - b).abs().max()), "trained": float((a - c).abs().max()),
+                  "nativevl": any(m.startswith("nativevl") for m in sys.modules),
+                  "lora": sum("lora_" in n for n, _ in adapted.named_parameters())}))
+"""
+
+
+def test_lora_adapter_at_output_dir_and_merged_folder_load_without_nativevl(folders):
+    import subprocess
+    import sys
+
+    root, _, train, _ = folders
+    out = root / "lora"
+    recipe = Path(__file__).parents[1] / "training" / "recipes" / "tiny_lora.yaml"
+    argv = [str(recipe), "--model_name_or_path", str(root / "export"), "--dataset_path", train, "--output_dir"]
+    assert train_main([*argv, str(out), "--max_steps", "2", "--save_strategy", "no", "--learning_rate", "1e-2"]) == 0
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    command = [sys.executable, "-c", LOAD_WITHOUT_NATIVEVL, str(out / "final"), str(root / "export"), str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["lora"] > 0 and not loaded["nativevl"]
+    assert loaded["max_diff"] < 1e-4 < loaded["trained"], loaded  # the same model, and not the base one
