@@ -8,6 +8,7 @@ words, so the data's question and answers are such words.
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -398,3 +399,38 @@ def test_lora_adapter_at_output_dir_and_merged_folder_load_without_nativevl(fold
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded["lora"] > 0 and not loaded["nativevl"]
     assert loaded["max_diff"] < 1e-4 < loaded["trained"], loaded  # the same model, and not the base one
+
+
+def test_wheel_installs_and_trains_with_a_bundled_recipe(folders, tmp_path):
+    """`pip wheel` of the source, installed into a fresh venv (torch & co. from the system's site-packages), runs
+    `nativevl train` with a recipe read from the installed package."""
+    import os
+    import subprocess
+    import sys
+
+    root, _, train, _ = folders
+    source = tmp_path / "src"  # the build writes build/ and *.egg-info next to setup.cfg: not into the checkout
+    skip = shutil.ignore_patterns("tests", "build", "dist", "*.egg-info", "__pycache__", ".*", "runs")
+    shutil.copytree(Path(__file__).parents[1], source, ignore=skip)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    base = getattr(sys, "_base_executable", sys.executable)
+
+    def run(*command: str, cwd: Path = tmp_path) -> str:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+        assert result.returncode == 0, (command, result.stdout[-2000:], result.stderr[-3000:])
+        return result.stdout
+
+    run(base, "-m", "venv", "--system-site-packages", "--without-pip", str(tmp_path / "venv"))
+    python = str(tmp_path / "venv" / "bin" / "python")
+    run(python, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source), "-w", str(tmp_path))
+    (wheel,) = tmp_path.glob("nativevl-*.whl")
+    run(python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel))
+    where = "import nativevl, pathlib; print(pathlib.Path(nativevl.__file__).parent)"
+    package = Path(run(python, "-c", where).strip())
+    assert package.is_relative_to(tmp_path / "venv"), package
+    recipe = package / "training" / "recipes" / "tiny_stage2.yaml"
+    assert recipe.is_file() and (package / "training" / "accelerate" / "ddp.yaml").is_file()
+    out = tmp_path / "out"
+    run(str(tmp_path / "venv" / "bin" / "nativevl"), "train", str(recipe), "--model_name_or_path", str(root / "export"),
+        "--dataset_path", train, "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "no")  # fmt: skip
+    assert (out / "final" / "model.safetensors").is_file()
