@@ -434,3 +434,35 @@ def test_wheel_installs_and_trains_with_a_bundled_recipe(folders, tmp_path):
     run(str(tmp_path / "venv" / "bin" / "nativevl"), "train", str(recipe), "--model_name_or_path", str(root / "export"),
         "--dataset_path", train, "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "no")  # fmt: skip
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_apply_chat_template_assistant_mask_through_text_replacement_offsets():
+    """transformers' public route: `apply_chat_template(..., return_assistant_tokens_mask=True)` asks the processor
+    for `return_text_replacement_offsets` and shifts the marked spans past the expanded image placeholders."""
+    _, processor = build_tiny()
+    image_part = {"type": "image", "image": Image.new("RGB", (60, 60))}
+    conversation = [
+        {"role": "user", "content": [image_part, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+    ]
+    out = processor.apply_chat_template(
+        [conversation], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, mask = out["input_ids"][0], torch.as_tensor(out["assistant_masks"][0]).bool()
+    assert int((ids == processor.image_token_id).sum()) > 1  # expanded: the spans had to move
+    assert processor.tokenizer.decode(ids[mask]) == "red<|im_end|>"
+    plain = processor(images=[image_part["image"]], text=["<|vision_start|><|image_pad|><|vision_end|>"])
+    assert "text_replacement_offsets" not in plain  # only on request
+
+
+def test_assistant_only_loss_false_reaches_the_packing_collator(folders):
+    root, _, train, _ = folders
+    model = str(root / "qwen2-vl")
+    only, _ = recipe_trainer(root, model, train, "tiny_stage2.yaml", "only", *STEPS)
+    every, _ = recipe_trainer(
+        root, model, train, "tiny_stage2.yaml", "every", "--assistant_only_loss", "false", *STEPS
+    )
+    assert only.data_collator.assistant_only_loss and not every.data_collator.assistant_only_loss
+    example = [only.train_dataset[0]]
+    n_only, n_every = ((c.data_collator(example)["labels"] != IGNORE_INDEX).sum() for c in (only, every))
+    assert 0 < n_only < n_every
