@@ -466,3 +466,13 @@ def test_assistant_only_loss_false_reaches_the_packing_collator(folders):
     example = [only.train_dataset[0]]
     n_only, n_every = ((c.data_collator(example)["labels"] != IGNORE_INDEX).sum() for c in (only, every))
     assert 0 < n_only < n_every
+
+
+def test_bad_parquet_row_is_named(tmp_path):
+    import datasets
+
+    turns = [[{"role": "user", "content": "w5"}, {"role": "assistant", "content": "w6"}],
+             [{"role": "user", "content": "w5"}, {"role": "user", "content": "w6"}]]  # fmt: skip
+    datasets.Dataset.from_list([{"messages": m} for m in turns]).to_parquet(tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match=r"t\.parquet row 1: field messages has no assistant turn to train on"):
+        load_training_data(str(tmp_path / "t.parquet"))

@@ -52,20 +52,21 @@ def load_training_data(path: str, allow_outside_paths: bool = False, from_hub_la
         else:
             splits = {"train": loaded}
         converted = {
-            name: convert(((f"{source} split {name} row {i}", r) for i, r in enumerate(split)), len(split), base,
-                          allow_outside_paths, f"{source.name}/{name}")
+            name: convert_table(split, f"{source} split {name}", base, allow_outside_paths)
             for name, split in splits.items()
-        }  # fmt: skip
+        }
         train = converted.pop("train")
         return train, next(iter(converted.values()), None)
     suffix = source.suffix.lower()
     if suffix == ".jsonl":
-        records, total = _jsonl_records(source), sum(1 for _ in open(source, "rb"))
+        with open(source, "rb") as f:
+            total = sum(1 for line in f if line.strip())
+        records = _jsonl_records(source)
     elif suffix == ".json":
         records, total = _json_records(source)
     elif suffix == ".parquet":
         table = datasets.load_dataset("parquet", data_files=str(source), split="train")
-        records, total = ((f"{source} row {i}", r) for i, r in enumerate(table)), len(table)
+        return convert_table(table, str(source), base, allow_outside_paths), None
     else:
         raise ValueError(f"{source}: unknown data file type {suffix!r}; expected .jsonl, .json, .parquet or a folder")
     return convert(records, total, base, allow_outside_paths, source.name), None
@@ -93,7 +94,8 @@ def _json_records(source: Path):
 
 
 def convert(records, total: int, base: Path, allow_outside_paths: bool, name: str):
-    """A `datasets.Dataset` of `to_conversation` of every `(where, record)`, with a progress bar."""
+    """A `datasets.Dataset` of `to_conversation` of every `(where, record)` of a JSON / JSONL file (image paths,
+    small enough to hold), with a progress bar."""
     import datasets
 
     rows = [
@@ -103,6 +105,19 @@ def convert(records, total: int, base: Path, allow_outside_paths: bool, name: st
     if not rows:
         raise ValueError(f"{name}: no records")
     return datasets.Dataset.from_list(rows)
+
+
+def convert_table(table, where: str, base: Path, allow_outside_paths: bool):
+    """`to_conversation` over the rows of a `datasets.Dataset` through `map` (one pass with a progress bar, written
+    to the datasets cache rather than held in memory); errors name `where` and the row."""
+    if not len(table):
+        raise ValueError(f"{where}: no records")
+    return table.map(
+        lambda record, i: to_conversation(dict(record), f"{where} row {i}", base, allow_outside_paths),
+        with_indices=True,
+        remove_columns=table.column_names,
+        desc=f"checking {where}",
+    )
 
 
 def to_conversation(record, where: str, base: Path, allow_outside_paths: bool = False) -> dict:
