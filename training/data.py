@@ -1,7 +1,8 @@
 """Training data in the formats people have, checked in one pass before training starts.
 
-Every record becomes TRL's conversational vision format, `{"messages": [...], "images": [...]}`, each content a list
-of `{"type": "image" | "text", "text": str | None}` parts (one image part per image, in order):
+Every record becomes TRL's conversational vision format, `{"id": str, "messages": [...], "images": [...]}` (`id` the
+record's own, else where it was read), each content a list of `{"type": "image" | "text", "text": str | None}` parts
+(one image part per image, in order):
 
 - TRL conversational records: `messages` with `images` (a list) or `image` (one); string content is wrapped, and
   when no message holds an image part the images go in front of the first user message's text, as TRL's
@@ -121,7 +122,7 @@ def convert_table(table, where: str, base: Path, allow_outside_paths: bool):
 
 
 def to_conversation(record, where: str, base: Path, allow_outside_paths: bool = False) -> dict:
-    """One record (TRL, LLaVA / ShareGPT or synth-rc) as `{"messages": [...], "images": [...]}`; relative image
+    """One record (TRL, LLaVA / ShareGPT or synth-rc) as `{"id", "messages", "images"}`; relative image
     paths made absolute under `base`. Raises ValueError starting with `where` and naming the field."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
@@ -147,10 +148,8 @@ def to_conversation(record, where: str, base: Path, allow_outside_paths: bool = 
         raise ValueError(
             f"{where}: field messages has no assistant turn to train on (roles {[m['role'] for m in messages]})"
         )
-    return {
-        "messages": messages,
-        "images": [_resolve(im, where, i, base, allow_outside_paths) for i, im in enumerate(images)],
-    }
+    images = [_resolve(image, where, i, base, allow_outside_paths) for i, image in enumerate(images)]
+    return {"id": str(record.get("id", where)), "messages": messages, "images": images}
 
 
 def _text_part(text: str) -> dict:
