@@ -306,6 +306,10 @@ def write_processor_config(
         auto_map.pop("AutoProcessor")
     else:
         copy_remote_code(folder, inspect.getfile(processor_class))
+        # the processor's own settings: its position ids follow the model's scheme (1-D for NativeRes-LLaVA)
+        own = {"position_scheme": config.position_scheme, "processor_class": "NativeVLProcessor"}
+        own["auto_map"] = {"AutoProcessor": auto_map["AutoProcessor"]}
+        (folder / "processor_config.json").write_text(json.dumps(own, indent=2, sort_keys=True) + "\n")
     content = read_json(path)
     content["auto_map"] = {**(content.get("auto_map") or {}), **auto_map}
     path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")

@@ -221,7 +221,7 @@ def test_trl_documented_recipe_with_default_sftconfig(folders, tmp_path):
 
     root, _, train, _ = folders
     dataset, _ = load_training_data(train)
-    for kind in ("export", "qwen2-vl"):
+    for kind in ("export", "qwen2-vl", "nativeres-llava", "compose"):
         model = AutoModelForImageTextToText.from_pretrained(root / kind, trust_remote_code=True)
         processor = AutoProcessor.from_pretrained(root / kind, trust_remote_code=True)
         config = SFTConfig(output_dir=str(tmp_path / kind), max_steps=4, learning_rate=1e-3, logging_steps=1,

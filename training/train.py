@@ -156,7 +156,7 @@ def load_model_and_processor(args: NativeVLArguments):
         if v is not None
     }
     processor = NativeVLProcessor.from_pretrained(args.model_name_or_path)
-    # the model's config decides the position ids; converted folders' processor configs do not record the scheme
+    # the model's config decides the position ids (folders converted before processor_config.json held the scheme)
     processor.position_scheme = model.config.position_scheme
     for key, value in overrides.items():
         setattr(processor.image_processor, key, value)
