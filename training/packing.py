@@ -65,10 +65,6 @@ def _load_image(image, where: str):
     return image
 
 
-def _roles(messages: list[dict]) -> list:
-    return [m.get("role") for m in messages]
-
-
 def assistant_spans(messages: list[dict], chat_template: str, index: int = 0) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns.
 
@@ -191,7 +187,9 @@ class PackingCollator:
         if self.assistant_only_loss:
             keep = self._assistant_mask(out["offset_mapping"][0].tolist(), spans, out["text_replacement_offsets"][0])
             if not keep.any():
-                raise ValueError(f"sample {index} has no assistant tokens to train on (roles: {_roles(messages)})")
+                raise ValueError(
+                    f"sample {index} has no assistant tokens to train on (roles: {[m.get('role') for m in messages]})"
+                )
         else:
             keep = torch.ones_like(input_ids, dtype=torch.bool)
         for token_id in self.vision_token_ids:
