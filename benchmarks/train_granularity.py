@@ -43,9 +43,9 @@ COMMON = ["--max_steps", "100000", "--save_strategy", "no", "--dataloader_num_wo
 
 def feedback_summary(trainer, jsonl: Path, limit: int, batch_size: int = 16) -> dict:
     """Per kind: how often each level has the lowest answer loss (the RGLF target) and the mean loss per level."""
-    from nativevl.training.train import load_examples
+    from nativevl.training.data import load_training_data
 
-    examples = load_examples(str(jsonl))
+    examples, _ = load_training_data(str(jsonl))
     # spread over all cells (the file runs cell by cell, rc and sc alternating): take (rc, sc) pairs at a stride
     stride = max(1, len(examples) // limit) * 2
     examples = examples.select(sorted({i + j for i in range(0, len(examples) - 1, stride) for j in (0, 1)})[:limit])

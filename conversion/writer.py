@@ -284,6 +284,13 @@ def write_processor_config(
     NativeVLImageProcessor(**fields).save_pretrained(folder)
     copy_remote_code(folder, inspect.getfile(NativeVLImageProcessor))
     copy_remote_code(folder, inspect.getfile(NativeVLProcessor))
+    # the processor's own settings: its position ids follow the model's scheme (1-D for NativeRes-LLaVA)
+    own = {
+        "position_scheme": config.position_scheme,
+        "processor_class": "NativeVLProcessor",
+        "auto_map": {"AutoProcessor": "processing_nativevl.NativeVLProcessor"},
+    }
+    (folder / "processor_config.json").write_text(json.dumps(own, indent=2, sort_keys=True) + "\n")
     path = folder / "preprocessor_config.json"
     content = read_json(path)
     content["auto_map"] = {

@@ -168,7 +168,11 @@ class NativeVLProcessor(ProcessorMixin):
                 across the batch): each image gets the placeholders of its pooled grid (AVG-LLaVA levels; see the
                 model's `level_grid`), and `image_granularity` (one level per image grid; crop tiles share their
                 image's level) is returned so the model pools to the same level and the position ids match.
-            **kwargs: tokenizer arguments (`padding_side`, `truncation` is refused: it would cut through images).
+            **kwargs: tokenizer arguments (`padding_side`, `truncation` with `max_length`: allowed when it cuts text
+                only, ValueError naming the sample when it would cut image or video tokens;
+                `return_text_replacement_offsets=True` adds `text_replacement_offsets`, per text the placeholders
+                expanded, `{"span": (start, end), "new_span": (start, end)}` in characters, as transformers'
+                processors return it).
 
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask` (batch, seq); `pixel_values` (patches, 1176) and
@@ -181,10 +185,8 @@ class NativeVLProcessor(ProcessorMixin):
         """
         if text is None:
             raise ValueError("NativeVLProcessor needs text with one placeholder per image or video")
-        if kwargs.get("truncation"):
-            raise ValueError("truncation would cut through image tokens; limit images with max_image_tokens instead")
-        kwargs.pop("truncation", None)
         kwargs.pop("audio", None)
+        return_replacements = kwargs.pop("return_text_replacement_offsets", False)
         texts = [text] if isinstance(text, str) else list(text)
         images_kwargs, kwargs = self._split_kwargs(dict(images_kwargs or {}), kwargs)
         flat_images, image_counts = _flatten(images), [t.count(self.image_token) for t in texts]
@@ -220,12 +222,29 @@ class NativeVLProcessor(ProcessorMixin):
             video_tokens = grid_token_counts(out["video_grid_thw"].tolist(), self.image_processor.merge_size)
         texts, replacements = self._expand(texts, image_tokens, video_tokens)
         data.update(self.tokenizer(texts, padding=padding, return_tensors="np", **kwargs))
+        if kwargs.get("truncation"):
+            self._check_truncation(texts, data["input_ids"], data["attention_mask"], kwargs.get("max_length"))
         data["position_ids"] = self._position_ids(data, grid_levels)
         features = BatchFeature(data=data, tensor_type=return_tensors)
-        if kwargs.get("return_offsets_mapping"):
-            # how far each placeholder moved, for `apply_chat_template(..., return_assistant_tokens_mask=True)`
+        if return_replacements:
+            # transformers' `return_text_replacement_offsets`: where each placeholder moved (per text, in order),
+            # what `apply_chat_template(..., return_assistant_tokens_mask=True)` reads
             features["text_replacement_offsets"] = replacements
         return features
+
+    def _check_truncation(self, texts: list[str], input_ids: np.ndarray, attention_mask: np.ndarray, max_length):
+        """Truncation as TRL + Qwen2-VL do it: allowed when it cuts text only; raises ValueError naming the sample
+        whose image or video tokens (`input_ids` (batch, seq), placeholders already expanded in `texts`) it cuts."""
+        vision = (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
+        kept = (vision & (attention_mask == 1)).sum(-1)
+        for i, text in enumerate(texts):
+            wanted = text.count(self.image_token) + text.count(self.video_token)
+            if kept[i] != wanted:
+                raise ValueError(
+                    f"sample {i}: truncation to max_length={max_length} would cut through its image/video tokens "
+                    f"(keeps {int(kept[i])} of {wanted}); raise max_length, or shrink the images (max_image_tokens, "
+                    "max_pixels)"
+                )
 
     def _split_kwargs(self, images_kwargs: dict, kwargs: dict) -> tuple[dict, dict]:
         """Image processor arguments (merged into `images_kwargs`) and tokenizer arguments; anything else is

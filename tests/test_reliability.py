@@ -402,7 +402,10 @@ def test_train_cli_errors_are_one_line_and_write_nothing(model_dir, tmp_path, ca
     bad = {
         "malformed.jsonl": (lines[0] + "\n{not json\n", "malformed.jsonl line 2 is not UTF-8 JSON"),
         "latin1.jsonl": (lines[0] + "\n", "latin1.jsonl line 1 is not UTF-8 JSON"),
-        "missing.jsonl": (lines[0].replace("images/0.png", "images/9.png") + "\n", "line 1: image 'images/9.png' is"),
+        "missing.jsonl": (
+            lines[0].replace("images/0.png", "images/9.png") + "\n",
+            "line 1: field images[0] 'images/9.png' is not a file",
+        ),
         "outside.jsonl": (lines[0].replace("images/0.png", "../outside.png") + "\n", "lies outside the dataset"),
     }
     recipe = Path(nativevl.__file__).parent / "training" / "recipes" / "tiny_stage2.yaml"

@@ -15,6 +15,7 @@ images; the conversational format is TRL's (`{"messages": [...], "images": [...]
 import copy
 import io
 import random
+import re
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +25,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from nativevl.modeling.configuration_nativevl import IGNORE_INDEX
 
 
+GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
 VISION_KEYS = ("pixel_values", "image_grid_thw", "image_granularity", "pixel_values_videos", "video_grid_thw")
 
 
@@ -63,11 +65,47 @@ def _load_image(image, where: str):
     return image
 
 
+def assistant_spans(messages: list[dict], chat_template: str, index: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns.
+
+    With `{% generation %}` markers in the template the spans are the marked ones (TRL's contract). Without them
+    (e.g. a converted Qwen2-VL or NativeRes-LLaVA folder keeps its source's template) they are derived from the
+    rendering itself: for the assistant message k, the text `messages[: k + 1]` adds to `messages[:k]` rendered
+    with the generation prompt. Raises ValueError naming sample `index` when a template does not render a
+    conversation as the concatenation of its prefixes (the spans would be wrong).
+    """
+    prompts, generation = render_jinja_template(
+        conversations=[copy.deepcopy(messages)], chat_template=chat_template, return_assistant_tokens_mask=True
+    )
+    prompt = prompts[0]
+    if GENERATION_MARKER.search(chat_template):
+        return prompt, [tuple(span) for span in generation[0]]
+    spans = []
+    for k, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        (before,), _ = render_jinja_template(
+            conversations=[copy.deepcopy(messages[:k])], chat_template=chat_template, add_generation_prompt=True
+        )
+        (after,), _ = render_jinja_template(
+            conversations=[copy.deepcopy(messages[: k + 1])], chat_template=chat_template
+        )
+        if not (after.startswith(before) and prompt.startswith(after)):
+            raise ValueError(
+                f"sample {index}: the chat template does not render the conversation as the concatenation of its "
+                f"prefixes (assistant message {k}: ...{before[-40:]!r} is not a prefix of ...{after[-40:]!r} or that of "
+                "the whole prompt), so its assistant tokens cannot be found; add {% generation %} markers to the "
+                "template or pass assistant_only_loss=False"
+            )
+        spans.append((len(before), len(after)))
+    return prompt, spans
+
+
 class PackingCollator:
     """Collates TRL conversational vision examples into packed, padding-free batches for `model(**batch)`.
 
     Args:
-        processor: a `NativeVLProcessor` (its chat template needs `{% generation %}` markers for assistant-only loss).
+        processor: a `NativeVLProcessor`; assistant turns are found by `assistant_spans` (markers not needed).
         max_tokens: most tokens (text and image tokens) per row; None puts every sample of the batch in one row.
         assistant_only_loss: train on assistant tokens only (default); False trains on every text token.
         messages_key, images_key: example fields holding the conversation and its images.
@@ -132,16 +170,13 @@ class PackingCollator:
         images = [
             _load_image(im, f"sample {index} image {i}") for i, im in enumerate(example.get(self.images_key) or [])
         ]
-        prompts, spans = render_jinja_template(
-            conversations=[copy.deepcopy(messages)],
-            chat_template=self.processor.chat_template,
-            return_assistant_tokens_mask=True,
-        )
+        prompt, spans = assistant_spans(messages, self.processor.chat_template, index)
         try:
             out = self.processor(
                 images=images or None,
-                text=prompts,
+                text=[prompt],
                 return_offsets_mapping=True,
+                return_text_replacement_offsets=True,
                 return_tensors="pt",
                 padding=False,
                 granularity=granularity if images else None,
@@ -150,11 +185,11 @@ class PackingCollator:
             raise ValueError(f"sample {index}: {error}") from error
         input_ids = out["input_ids"][0]
         if self.assistant_only_loss:
-            keep = self._assistant_mask(
-                out["offset_mapping"][0].tolist(), spans[0], out["text_replacement_offsets"][0]
-            )
+            keep = self._assistant_mask(out["offset_mapping"][0].tolist(), spans, out["text_replacement_offsets"][0])
             if not keep.any():
-                raise ValueError(f"sample {index} has no assistant tokens to train on")
+                raise ValueError(
+                    f"sample {index} has no assistant tokens to train on (roles: {[m.get('role') for m in messages]})"
+                )
         else:
             keep = torch.ones_like(input_ids, dtype=torch.bool)
         for token_id in self.vision_token_ids:
@@ -190,7 +225,9 @@ class PackingCollator:
 
     @staticmethod
     def _assistant_mask(offsets: list, spans: list, replacements: list) -> torch.Tensor:
-        """True on tokens overlapping a `{% generation %}` span, with spans shifted past expanded placeholders."""
+        """True on tokens overlapping an assistant span (characters of the rendered prompt), the spans shifted past
+        the placeholders the processor expanded (its `text_replacement_offsets`, transformers' public contract of
+        `return_text_replacement_offsets`, as `ProcessorMixin.apply_chat_template` reads it)."""
         ends = [r["span"][1] for r in replacements]
         gained = [0] + [r["new_span"][1] - r["span"][1] for r in replacements]
         mask = torch.zeros(len(offsets), dtype=torch.bool)
@@ -229,6 +266,11 @@ class PackingCollator:
             if cursor < width:  # padding tail: a segment of its own, positions restart, nothing to learn
                 position_ids[:, r, cursor:] = torch.arange(width - cursor)
                 seqlens.append(width - cursor)
+        if not (labels != IGNORE_INDEX).any():
+            raise ValueError(
+                f"batch of {len(examples)} sample(s) has no token to train on: every label is ignored (prompt, "
+                f"image or first tokens only; lengths {lengths})"
+            )
         self.filled_tokens += sum(lengths)
         self.row_tokens += len(rows) * width
         cu_seqlens = torch.tensor([0] + seqlens).cumsum(0).to(torch.int32)

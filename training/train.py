@@ -22,13 +22,22 @@ sample at every level, loss averaged over levels; or one random level per image)
     nativevl train training/recipes/tiny_rglf.yaml --model_name_or_path runs/avg1/final \
         --dataset_path data/train.jsonl --output_dir runs/avg2 --max_steps 20
 
-Data: a JSONL file or a `datasets` folder (`save_to_disk`) of TRL conversational vision examples,
-`{"messages": [...], "images": [path | bytes, ...]}`; relative image paths are resolved against the JSONL's folder.
-The final model is written as a remote-code folder (`<output_dir>/final` unless `--export_dir`), LoRA merged in.
+Data (`training/data.py`, checked in one pass before training): `--dataset_path` a `.jsonl`, `.json`, `.parquet`
+file or a `save_to_disk` folder (a `DatasetDict` gives its train split, and its eval split to evaluation), or
+`--dataset_name` a local folder of data files; records in TRL's conversational format (`messages` + `images` or
+`image`), LLaVA / ShareGPT's (`conversations` of from/value with `<image>` markers) or `nativevl synth-rc`'s
+`data.jsonl`. Relative image paths are resolved against the data's folder.
+
+Loss: assistant tokens only with `assistant_only_loss: true` (the recipes), found from the rendered conversation
+(`{% generation %}` markers not needed, so converted folders keep their source's template); `false` trains on every
+text token. A batch with nothing to train on is an error.
+
+The final model is written as a remote-code folder (`<output_dir>/final` unless `--export_dir`), LoRA merged in;
+a LoRA run also leaves its adapter at `output_dir` (`adapter_config.json`, `adapter_model.safetensors`, PEFT's
+layout), as TRL's `save_model` does.
 """
 
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -43,10 +52,12 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from nativevl.conversion.export import save_folder
 from nativevl.conversion.layerwise import on_meta
 from nativevl.modeling import NativeVLForConditionalGeneration
+from nativevl.modeling.configuration_nativevl import IGNORE_INDEX
 from nativevl.processing import NativeVLProcessor
 from nativevl.runs import RunFolderError, RunLock, check_fingerprint, file_digest, weights_fingerprint
 from nativevl.training.checkpoints import AtomicCheckpointMixin
-from nativevl.training.packing import PackingCollator
+from nativevl.training.data import load_training_data
+from nativevl.training.packing import GENERATION_MARKER, PackingCollator
 
 
 PARTS = ("vision_tower", "merger", "projector", "llm")
@@ -65,8 +76,13 @@ class NativeVLArguments:
     """nativevl's own training options (TRL's `SFTConfig` holds the rest)."""
 
     model_name_or_path: str = field(metadata={"help": "nativevl folder to start from (e.g. `nativevl export --tiny`)"})
-    dataset_path: str = field(metadata={"help": "JSONL file or datasets folder of {messages, images} examples"})
-    eval_dataset_path: str | None = field(default=None, metadata={"help": "optional evaluation data, same format"})
+    dataset_path: str | None = field(
+        default=None, metadata={"help": ".jsonl / .json / .parquet file or save_to_disk folder (training/data.py)"}
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "instead of dataset_path: a local folder of data files (load_dataset)"}
+    )
+    eval_dataset_path: str | None = field(default=None, metadata={"help": "optional evaluation data, same formats"})
     train_vision_tower: bool = field(default=False, metadata={"help": "train the ViT blocks and patch embedding"})
     train_merger: bool = field(default=False, metadata={"help": "train the 2x2 patch merger"})
     train_projector: bool = field(default=True, metadata={"help": "train the MLP projector (merger_mlp models)"})
@@ -140,6 +156,8 @@ def load_model_and_processor(args: NativeVLArguments):
         if v is not None
     }
     processor = NativeVLProcessor.from_pretrained(args.model_name_or_path)
+    # the model's config decides the position ids (folders converted before processor_config.json held the scheme)
+    processor.position_scheme = model.config.position_scheme
     for key, value in overrides.items():
         setattr(processor.image_processor, key, value)
     processor.image_processor.validate()  # the overrides, now rather than at the first batch
@@ -165,66 +183,48 @@ def set_trainable_parts(model, args: NativeVLArguments) -> dict[str, int]:
     return counts
 
 
-def load_examples(path: str, allow_outside_paths: bool = False):
-    """A `datasets.Dataset` of {messages, images} from a JSONL file (image paths made absolute) or a saved folder.
-
-    A JSONL file is checked line by line first (`check_examples`): ValueError naming the file and line for a line
-    that is not UTF-8 JSON, and for an image path that is missing or lies outside the file's folder (unless
-    `allow_outside_paths`)."""
-    import datasets
-
-    source = Path(path)
-    if not source.exists():
-        raise FileNotFoundError(f"dataset {path} does not exist")
-    if source.is_dir():
-        return datasets.load_from_disk(str(source))
-    check_examples(source, allow_outside_paths)
-    dataset = datasets.load_dataset("json", data_files=str(source), split="train")
-    base = source.parent.resolve()
-    if "images" not in dataset.column_names:
-        return dataset.map(lambda _: {"images": []})
-
-    def absolute(example):
-        images = example["images"] or []
-        return {"images": [str(base / im) if isinstance(im, str) and not os.path.isabs(im) else im for im in images]}
-
-    return dataset.map(absolute)
-
-
-def check_examples(source: Path, allow_outside_paths: bool = False) -> None:
-    """Raises ValueError naming `source` and the line for a line that is not a UTF-8 JSON object with a `messages`
-    list, or whose `images` entry is a path outside `source`'s folder (unless `allow_outside_paths`; the error is
-    the same whether or not that file exists) or not a regular file."""
-    base = source.parent.resolve()
-    with open(source, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            where = f"{source} line {line_no}"
-            try:
-                example = json.loads(raw.decode("utf-8")) if raw.strip() else None
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise ValueError(f"{where} is not UTF-8 JSON: {err}") from None
-            if example is None:
-                continue
-            if not isinstance(example, dict) or not isinstance(example.get("messages"), list):
-                raise ValueError(f"{where}: expected an object with a messages list, got {raw[:80]!r}")
-            for image in example.get("images") or []:
-                if not isinstance(image, str):
-                    continue
-                path = base / image
-                if not allow_outside_paths and not path.resolve().is_relative_to(base):
-                    raise ValueError(
-                        f"{where}: image path {image!r:.80} lies outside the dataset folder {base}; pass "
-                        "--allow_outside_paths true to read it"
-                    )
-                if not path.is_file():
-                    raise ValueError(f"{where}: image {image!r:.80} is not a file ({path})")
+def load_data(args: NativeVLArguments):
+    """(train, eval) datasets of `args` (`training/data.py`): `eval_dataset_path` when given, else the eval split
+    of a `DatasetDict`, else None. Raises ValueError unless exactly one of dataset_path / dataset_name is given."""
+    if (args.dataset_path is None) == (args.dataset_name is None):
+        raise ValueError(
+            f"give exactly one of --dataset_path ({args.dataset_path!r}) and --dataset_name ({args.dataset_name!r})"
+        )
+    train, evaluation = load_training_data(
+        args.dataset_path or args.dataset_name, args.allow_outside_paths, from_hub_layout=args.dataset_path is None
+    )
+    if args.eval_dataset_path:
+        evaluation, _ = load_training_data(args.eval_dataset_path, args.allow_outside_paths)
+    return train, evaluation
 
 
 class NativeVLTrainer(AtomicCheckpointMixin, SFTTrainer):
-    """`SFTTrainer` with per-part learning rates and checkpoints written atomically; everything else is TRL's."""
+    """`SFTTrainer` with per-part learning rates and checkpoints written atomically; everything else is TRL's.
+
+    TRL refuses `packing=True` and `padding_free=True` for vision data; here they mean nativevl's `PackingCollator`
+    (rows of at most `max_length` tokens with `packing`, one row per batch with `padding_free` alone), loss on the
+    assistant tokens when `assistant_only_loss`. A collator of another kind with those flags is refused."""
 
     def __init__(self, *args, part_lrs: dict[str, float | None] | None = None, **kwargs):
         self.part_lrs = part_lrs or {}
+        config, collator = kwargs.get("args"), kwargs.get("data_collator")
+        if config is not None and (config.packing or config.padding_free):
+            if collator is not None and not isinstance(collator, PackingCollator):
+                raise ValueError(
+                    f"packing={config.packing} padding_free={config.padding_free} pack vision data with nativevl's "
+                    f"PackingCollator, but data_collator is a {type(collator).__name__}; drop it, or set both off"
+                )
+            if collator is None:
+                kwargs["data_collator"] = PackingCollator(
+                    kwargs["processing_class"],
+                    max_tokens=config.max_length if config.packing else None,
+                    assistant_only_loss=config.assistant_only_loss,
+                    seed=config.seed,
+                )
+            config.packing = config.padding_free = False  # TRL's own refuse vision data
+            config.assistant_only_loss = False  # the collator's; TRL would look for {% generation %} markers
+            config.remove_unused_columns = False
+            config.dataset_kwargs = {**(config.dataset_kwargs or {}), "skip_prepare_dataset": True}
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model=None):
@@ -272,9 +272,9 @@ class NativeVLTrainer(AtomicCheckpointMixin, SFTTrainer):
 def run_fingerprint(args: NativeVLArguments) -> dict:
     """What a training run's checkpoints depend on: the starting weights, the data and the options that change
     what is trained (`nativevl.runs`)."""
-    data = Path(args.dataset_path)
+    data = Path(args.dataset_path or args.dataset_name)
     if data.is_dir():
-        dataset = {p.name: file_digest(p) for p in sorted(data.iterdir()) if p.is_file()}
+        dataset = {str(p.relative_to(data)): file_digest(p) for p in sorted(data.rglob("*")) if p.is_file()}
     else:
         dataset = file_digest(data)
     model = Path(args.model_name_or_path)
@@ -309,7 +309,9 @@ def check_output_dir(training_args: SFTConfig, args: NativeVLArguments) -> None:
             shutil.rmtree(checkpoint)
 
 
-def build_trainer(training_args: SFTConfig, args: NativeVLArguments) -> Trainer:
+def build_trainer(training_args: SFTConfig, args: NativeVLArguments, data: tuple | None = None) -> Trainer:
+    """The trainer of a run; `data` the (train, eval) datasets when already loaded (`load_data`)."""
+    train_dataset, eval_dataset = load_data(args) if data is None else data
     check_output_dir(training_args, args)
     if args.stage not in ("sft", "rglf"):
         raise ValueError(f"stage must be 'sft' or 'rglf', got {args.stage!r}")
@@ -324,17 +326,7 @@ def build_trainer(training_args: SFTConfig, args: NativeVLArguments) -> Trainer:
     if args.stage == "rglf":
         from nativevl.training.rglf import build_rglf_trainer
 
-        eval_dataset = (
-            load_examples(args.eval_dataset_path, args.allow_outside_paths) if args.eval_dataset_path else None
-        )
-        trainer = build_rglf_trainer(
-            training_args,
-            model,
-            processor,
-            load_examples(args.dataset_path, args.allow_outside_paths),
-            eval_dataset,
-            args,
-        )
+        trainer = build_rglf_trainer(training_args, model, processor, train_dataset, eval_dataset, args)
         check_engine(trainer)
         return trainer
     peft_config = None
@@ -359,10 +351,13 @@ def build_trainer(training_args: SFTConfig, args: NativeVLArguments) -> Trainer:
     training_args.packing = False  # TRL's own packing refuses vision data; PackingCollator does it instead
     training_args.padding_free = False
     training_args.max_length = None  # samples are never truncated through an image; rows are bounded instead
+    assistant_only = training_args.assistant_only_loss
+    training_args.assistant_only_loss = False  # the collator's job; TRL's check would demand generation markers
     if args.multimodal_packing:
         collator = PackingCollator(
             processor,
             max_tokens=args.max_tokens_per_row,
+            assistant_only_loss=assistant_only,
             granularity_training=args.granularity_training,
             num_levels=model.config.granularity,
             seed=training_args.seed,
@@ -370,15 +365,22 @@ def build_trainer(training_args: SFTConfig, args: NativeVLArguments) -> Trainer:
     else:
         if args.granularity_training is not None:
             raise ValueError("granularity_training needs multimodal_packing (PackingCollator)")
+        if assistant_only and not GENERATION_MARKER.search(processor.chat_template):
+            raise ValueError(
+                f"multimodal_packing=false uses TRL's padded collator, whose assistant-only loss needs "
+                f"{{% generation %}} markers, and the chat template of {args.model_name_or_path} has none: use "
+                "multimodal_packing=true (finds the assistant turns without markers) or assistant_only_loss=false"
+            )
         from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-        collator = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)
-    eval_dataset = load_examples(args.eval_dataset_path, args.allow_outside_paths) if args.eval_dataset_path else None
+        collator = CheckedCollator(
+            DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=assistant_only)
+        )
     part_lrs = {part: getattr(args, f"{part}_lr") for part in PARTS}
     trainer = NativeVLTrainer(
         model=model,
         args=training_args,
-        train_dataset=load_examples(args.dataset_path, args.allow_outside_paths),
+        train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,
         data_collator=collator,
@@ -387,6 +389,22 @@ def build_trainer(training_args: SFTConfig, args: NativeVLArguments) -> Trainer:
     )
     check_engine(trainer)
     return trainer
+
+
+class CheckedCollator:
+    """Wraps a collator: ValueError for a batch whose labels are all ignored (it would train nothing, silently)."""
+
+    def __init__(self, collator) -> None:
+        self.collator = collator
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collator(examples)
+        if not (batch["labels"] != IGNORE_INDEX).any():
+            raise ValueError(
+                f"batch of {len(examples)} sample(s) has no token to train on: every label is ignored "
+                f"(input_ids {tuple(batch['input_ids'].shape)})"
+            )
+        return batch
 
 
 def check_engine(trainer: Trainer) -> None:
@@ -444,14 +462,12 @@ def resume_argument(value: str | bool | None) -> str | bool | None:
 
 def main(argv: list[str] | None = None) -> int:
     training_args, args = parse(list(sys.argv[1:] if argv is None else argv))
-    for path in (args.dataset_path, args.eval_dataset_path):  # bad data fails before output_dir is touched
-        if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"dataset {path} does not exist")
-        if path is not None and Path(path).is_file():
-            check_examples(Path(path), args.allow_outside_paths)
+    data = load_data(args)  # bad data fails before output_dir is touched
     with RunLock(training_args.output_dir) if training_args.process_index == 0 else contextlib.nullcontext():
-        trainer = build_trainer(training_args, args)
+        trainer = build_trainer(training_args, args, data)
         trainer.train(resume_from_checkpoint=resume_argument(training_args.resume_from_checkpoint))
+        if args.lora is not None:
+            trainer.save_model(training_args.output_dir)  # the adapter where TRL leaves it (PEFT's layout)
         target = export_final(trainer, args, training_args.output_dir)
     collator = trainer.data_collator
     if trainer.accelerator.is_main_process:
