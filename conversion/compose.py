@@ -35,7 +35,7 @@ from nativevl.conversion.writer import (
 )
 from nativevl.modeling import NativeVLConfig, NativeVLForConditionalGeneration
 from nativevl.modeling.modeling_nativevl import NativeVLProjector
-from nativevl.processing.processing_nativevl import QWEN2_VL_VISION_TOKENS
+from nativevl.processing.processing_nativevl import CHAT_TEMPLATE, QWEN2_VL_VISION_TOKENS
 
 
 # Qwen2-VL's special tokens beyond Qwen2's ChatML ones, in Qwen2-VL's id order (151646..151656).
@@ -135,6 +135,9 @@ def plan_compose(
     settings = processor_settings(vision_folder)
 
     def write_extras(staging: Path) -> None:
+        # a text-only LLM's template cannot place images: the composed VLM gets nativevl's ChatML, which renders
+        # image / video parts as Qwen2-VL does and marks assistant turns for assistant-only training
+        tokenizer.chat_template = CHAT_TEMPLATE
         tokenizer.save_pretrained(staging)
         write_generation_config(staging, config, llm_folder)
         write_processor_config(staging, config, **settings)

@@ -463,6 +463,12 @@ def test_compose_shapes_new_rows_projector_and_forward(compose_sources):
     new_ids = tokenizer.convert_tokens_to_ids(list(QWEN2_VL_SPECIAL_TOKENS))
     assert new_ids == list(range(100, 111)) and len(tokenizer) == 111
     assert (config.image_token_id, config.vision_start_token_id) == (109, 106)
+    # the LLM's text-only ChatML cannot place an image; the composed folder renders it as Qwen2-VL does
+    from nativevl.processing import NativeVLProcessor
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w7"}]}]
+    prompt = NativeVLProcessor.from_pretrained(root / "out").apply_chat_template(messages, tokenize=False)
+    assert prompt == "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>w7<|im_end|>\n"
     embed, head = model.get_input_embeddings().weight, model.lm_head.weight
     assert embed.shape == (111, 48) and head.shape == (111, 48)
     old_embed, old_head = llm.get_input_embeddings().weight, llm.lm_head.weight
