@@ -221,8 +221,12 @@ class NativeVLModel(NativeVLPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def _encode(self, pixel_values: torch.Tensor, grid_thw: torch.LongTensor, **kwargs) -> NativeVLVisionModelOutput:
-        """Vision tower + projector: `pooler_output` (sum t*h*w/4, LLM width), level 0, all grids concatenated."""
+    def _encode(
+        self, pixel_values: torch.Tensor, grid_thw: torch.LongTensor, grid_name: str = "image_grid_thw", **kwargs
+    ) -> NativeVLVisionModelOutput:
+        """Vision tower + projector: `pooler_output` (sum t*h*w/4, LLM width), level 0, all grids concatenated.
+        Bad grids raise here, naming the caller's argument (`grid_name`)."""
+        check_grids(pixel_values, grid_thw, self.config.vision_config.spatial_merge_size, grid_name)
         capture = {k: v for k, v in kwargs.items() if k in ("output_hidden_states", "output_attentions")}
         outputs = self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid_thw, **capture)
         if self.multi_modal_projector is not None:
@@ -257,8 +261,6 @@ class NativeVLModel(NativeVLPreTrainedModel):
         tower's output with `pooler_output` a tuple of one (tokens_i, LLM width) tensor per grid, pooled to
         `image_granularity` (None: level 0; an int or one level per grid) when given; `hidden_states` /
         `attentions` of the tower with `output_hidden_states` / `output_attentions`."""
-        merge = self.config.vision_config.spatial_merge_size
-        check_grids(pixel_values, image_grid_thw, merge, "image_grid_thw")
         levels = self.resolve_granularity(image_granularity, image_grid_thw)
         return self.pool_image_outputs(self._encode(pixel_values, image_grid_thw, **kwargs), image_grid_thw, levels)
 
@@ -270,12 +272,8 @@ class NativeVLModel(NativeVLPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | NativeVLVisionModelOutput:
         """As `get_image_features` for videos (never pooled): `pooler_output` one tensor per video."""
-        check_grids(
-            pixel_values_videos, video_grid_thw, self.config.vision_config.spatial_merge_size, "video_grid_thw"
-        )
-        return self.pool_image_outputs(
-            self._encode(pixel_values_videos, video_grid_thw, **kwargs), video_grid_thw, None
-        )
+        outputs = self._encode(pixel_values_videos, video_grid_thw, "video_grid_thw", **kwargs)
+        return self.pool_image_outputs(outputs, video_grid_thw, None)
 
     def get_rope_index(
         self,
@@ -680,7 +678,6 @@ class NativeVLModel(NativeVLPreTrainedModel):
                 "call choose_granularity(..., cu_seq_lens_q=...) and pack the samples at the levels it returns"
             )
         from_levels = self.resolve_granularity(image_granularity, image_grid_thw)
-        check_grids(pixel_values, image_grid_thw, self.config.vision_config.spatial_merge_size, "image_grid_thw")
         image_out = self._encode(pixel_values, image_grid_thw, **capture)
         with torch.no_grad():
             levels = self.router_logits(
@@ -896,7 +893,6 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
         from_levels = self.model.resolve_granularity(kwargs.pop("image_granularity", None), grids)
         mask = kwargs.get("attention_mask")
         with torch.no_grad():
-            check_grids(pixel_values, grids, self.config.vision_config.spatial_merge_size, "image_grid_thw")
             image_out = self.model._encode(pixel_values, grids)
             levels = self.model.router_logits(
                 input_ids, image_out.pooler_output, grids, mask, image_granularity=from_levels

@@ -22,7 +22,7 @@ from transformers.processing_utils import ProcessorMixin, TextKwargs
 from transformers.utils import logging
 
 from .image_processing_nativevl import image_size
-from .processing_positions_nativevl import batch_mrope_positions, grid_token_counts, level_grid
+from .processing_positions_nativevl import batch_mrope_positions, grid_token_counts, level_grid, placeholder_kinds
 
 
 logger = logging.get_logger(__name__)
@@ -99,12 +99,12 @@ def mrope_position_ids(
     merge_size: int,
     image_granularity: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """M-RoPE ids (3, batch, seq) of a padded batch (0 on padding), by the model's own rule
-    (`batch_mrope_positions` of the shared positions file): placeholders are found by token id, and only for a
-    kind the batch has grids of."""
-    kinds = np.where(input_ids == image_token_id, 1, np.where(input_ids == video_token_id, 2, 0))
-    kinds = np.where((kinds == 1) & (len(image_grids) == 0), 0, kinds)
-    kinds = np.where((kinds == 2) & (len(video_grids) == 0), 0, kinds)
+    """M-RoPE ids (3, batch, seq) of a padded batch (0 on padding), by the model's own functions of the shared
+    positions file: `placeholder_kinds` (by token id, only for a kind the batch has grids of), then
+    `batch_mrope_positions`."""
+    kinds = placeholder_kinds(
+        torch.from_numpy(input_ids), image_token_id, video_token_id, len(image_grids) > 0, len(video_grids) > 0
+    ).numpy()
     positions, _ = batch_mrope_positions(
         kinds, attention_mask, image_grids, video_grids, merge_size, image_granularity
     )
