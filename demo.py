@@ -1,19 +1,25 @@
-"""`nativevl demo`: a native-resolution VLM trained and evaluated end to end on a CPU, with no download.
+"""`nativevl demo`: a native-resolution VLM trained from scratch and evaluated end to end on a CPU, with no download.
 
 1. Generates a synthetic resolution-centric training set and a held-out test set over the 35 area x aspect cells
-   (`nativevl.evaluation.synth_rc`, images at 1/8 linear scale so a laptop CPU keeps up): RC items ask for small
-   text, SC items for the background colour or the large shape.
+   (`nativevl.evaluation.synth_rc`, images at 1/8 linear scale so a laptop CPU keeps up): RC items ask for a short
+   number, code or word printed at a fixed pixel height (9 px capitals) somewhere in the image, SC items for the
+   background colour or the large shape.
 2. Trains a small nativevl model from scratch through the `nativevl train` path (TRL SFTTrainer, padding-free
-   multimodal packing), stopping when its share of the time budget is spent, and exports a remote-code folder.
+   multimodal packing, the `tiny_scratch` recipe: random frozen ViT with centred tokens, LLM trained) for a fixed
+   number of steps, and exports a remote-code folder.
 3. Answers a question about a freshly generated image through `pipeline("image-text-to-text")`.
-4. Evaluates the model in native and fixed mode, and with blank images (does it use the image at all?), and prints
-   the per-bin table, Acc / ACV / RCV and the heatmap paths. Every figure printed is measured in this run.
+4. Evaluates the model in native, fixed and crop mode and with blank images (does it use the image at all?) and
+   prints the summary, the RC accuracy per area and aspect bin with native minus fixed, and the heatmap paths
+   (the native-minus-fixed heatmap of RC items is NativeRes-LLaVA's figure). Every figure printed is measured in
+   this run.
 
     nativevl demo                       # about 10 minutes on 2 cores, writes ./nativevl-demo
-    nativevl demo --minutes 3 --out /tmp/demo
+    nativevl demo --steps 300 --out /tmp/demo
 
-A rerun into the same --out starts over (new data, a new model, evaluation runs redone); one with other options
-is refused (`--overwrite` allows it), and so is a second demo writing into the folder at the same time.
+Training runs for `--steps` steps, so its figures do not depend on the machine's load; `--max-minutes` caps its
+wall-clock time, and a run stopped by the cap says so. A rerun into the same --out starts over (new data, a new
+model, evaluation runs redone); one with other options is refused (`--overwrite` allows it), and so is a second
+demo writing into the folder at the same time.
 """
 
 import argparse
@@ -26,30 +32,46 @@ import torch
 from transformers import TrainerCallback
 
 from nativevl.conversion.export import save_folder
-from nativevl.evaluation.run import evaluate, load_records, print_report
-from nativevl.evaluation.synth_rc import generate_benchmark, make_item
+from nativevl.evaluation.metrics import AREA_BINS, ASPECT_BINS, summarize
+from nativevl.evaluation.report import AREA_LABELS, ASPECT_LABELS, grid_difference, render_heatmap
+from nativevl.evaluation.run import evaluate, load_records, read_predictions
+from nativevl.evaluation.synth_rc import KINDS, generate_benchmark, make_item
 from nativevl.runs import LOCK_FILE, RunFolderError, RunLock, check_fingerprint
 from nativevl.testing import build_tiny
 from nativevl.training.train import build_trainer, export_final, parse
 
 
-RECIPE = Path(__file__).parent / "training" / "recipes" / "tiny_stage3.yaml"
+RECIPES = Path(__file__).parent / "training" / "recipes"
+RECIPE = RECIPES / "tiny_stage3.yaml"
+SCRATCH_RECIPE = RECIPES / "tiny_scratch.yaml"
 SCALE = 1 / 8  # linear scale of the synthetic images: nominal cell sizes / 8 (areas / 64)
+# the demo's RC items: short text at a fixed pixel height (9 px capitals) in images whose sides are multiples of
+# 28 px (native mode feeds them unresampled), starting at a random merged-token cell (benchmarks/RESULTS.md,
+# "Reading from scratch": a from-scratch ViT does not learn to read glyphs at arbitrary pixel offsets in CPU budgets)
+READING = dict(rc_contents=["short_number", "short_code", "word"], rc_placement="grid", text_size=13, snap=28)
 FIXED_PIXELS = 56 * 56  # the Fixed baseline at this scale: 4 LLM tokens per image, aspect kept
+# the Crop baseline at this scale (LLaVA-NeXT's 336 px tiles / 8 -> 56): a 56x56 global view plus 2-4 56x56 tiles
+CROP = {
+    "crop_base_size": 56,
+    "crop_grid_pinpoints": [[56 * h, 56 * w] for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))],
+}
+DEFAULT_STEPS = 2000  # about 6.5 minutes of training on the reference machine (2 cores), 10 minutes in all
 RUN_FILE = "demo_run.json"  # the options of the demo that wrote an --out folder (`nativevl.runs.check_fingerprint`)
+EXTREMES = {"large area (E, F, G)": ("area", ("E", "F", "G")), "extreme aspect (BH, BW)": ("aspect", ("BH", "BW"))}
 
 
-class TimeBudget(TrainerCallback):
-    """Stops training once `seconds` have passed since the first step."""
+class WallClockCap(TrainerCallback):
+    """Stops training once `seconds` have passed since the first step; `hit` tells whether it did."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.start = None
+        self.hit = False
 
     def on_step_end(self, args, state, control, **kwargs):
         self.start = self.start or time.monotonic()
         if time.monotonic() - self.start > self.seconds:
-            control.should_training_stop = True
+            control.should_training_stop = self.hit = True
         return control
 
 
@@ -68,39 +90,35 @@ def write_training_set(folder: Path, per_cell: int, seed: int, scale: float = SC
     return out
 
 
-def train(out: Path, train_jsonl: Path, seconds: float, seed: int) -> tuple[Path, dict]:
-    """Trains from a fresh tiny model for `seconds` through the `nativevl train` path; returns the final folder."""
+def train(out: Path, train_jsonl: Path, steps: int, max_seconds: float, seed: int) -> tuple[Path, dict]:
+    """Trains a fresh tiny model for `steps` steps (the `tiny_scratch` recipe, nothing overridden but the step
+    count) through the `nativevl train` path, stopping early after `max_seconds`; returns the final folder."""
     save_folder(*build_tiny(seed=seed, max_pixels=448 * 448), out / "init", overwrite=True)
-    argv = [str(RECIPE), "--model_name_or_path", str(out / "init"), "--dataset_path", str(train_jsonl)]
-    argv += ["--output_dir", str(out / "train"), "--max_steps", "100000", "--save_strategy", "no", "--seed", str(seed)]
-    # from scratch, every part at one learning rate; the step count is unknown in advance, so a constant schedule
-    argv += ["--learning_rate", "1e-3", "--vision_tower_lr", "1e-3", "--merger_lr", "1e-3", "--warmup_steps", "30"]
-    argv += [
-        "--lr_scheduler_type",
-        "constant_with_warmup",
-        "--logging_steps",
-        "50",
-        "--per_device_train_batch_size",
-        "16",
-    ]
-    argv += ["--dataloader_num_workers", "0", "--disable_tqdm", "true"]
-    trainer, final, stats = train_for(argv, seconds)
+    argv = [str(SCRATCH_RECIPE), "--model_name_or_path", str(out / "init"), "--dataset_path", str(train_jsonl)]
+    argv += ["--output_dir", str(out / "train"), "--max_steps", str(steps), "--seed", str(seed), "--overwrite", "true"]
+    trainer, final, stats = train_for(argv, max_seconds)
     stats["fill_rate"] = trainer.data_collator.fill_rate
     return final, stats
 
 
 def train_for(argv: list[str], seconds: float):
-    """One `nativevl train` run (recipe + overrides in `argv`) stopped after `seconds` of training; exports the
-    final folder. Returns the trainer, the folder and stats (steps, seconds, first / last / mean of last 10 loss)."""
+    """One `nativevl train` run (recipe + overrides in `argv`) until its `max_steps` or, earlier, after `seconds`
+    of training; exports the final folder. Returns the trainer, the folder and stats (steps, seconds, steps per
+    second, whether the wall-clock cap stopped it, first / last / mean of the last 10 logged losses)."""
     training_args, args = parse(argv)
     trainer = build_trainer(training_args, args)
-    trainer.add_callback(TimeBudget(seconds))
+    cap = WallClockCap(seconds)
+    trainer.add_callback(cap)
     result = trainer.train()
     final = Path(export_final(trainer, args, training_args.output_dir))
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    seconds_run = result.metrics["train_runtime"]
     stats = {
         "steps": trainer.state.global_step,
-        "seconds": round(result.metrics["train_runtime"], 1),
+        "max_steps": training_args.max_steps,
+        "seconds": round(seconds_run, 1),
+        "steps_per_second": round(trainer.state.global_step / seconds_run, 2) if seconds_run else None,
+        "stopped_by_wall_clock": cap.hit,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "mean_last_10_losses": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
@@ -108,17 +126,31 @@ def train_for(argv: list[str], seconds: float):
     return trainer, final, stats
 
 
-def ask_pipeline(final: Path, seed: int) -> dict:
-    """One fresh SC image through `pipeline("image-text-to-text")` (remote code, as a user would load it)."""
+def ask_pipeline(final: Path, seed: int) -> list[dict]:
+    """Two fresh images, one RC and one SC, through `pipeline("image-text-to-text")` (remote code, loaded as a user
+    would load it, batch of 2)."""
     from transformers import pipeline
 
-    image, record = make_item("sc", 96, 64, random.Random(f"demo-pipeline/{seed}"))
+    items = [make_item(kind, 196, 84, random.Random(f"demo-pipeline/{seed}/{kind}"), **_item_args()) for kind in KINDS]
     pipe = pipeline("image-text-to-text", model=str(final), trust_remote_code=True)
-    message = [
-        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": record["question"]}]}
+    messages = [
+        [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": r["question"]}]}]
+        for image, r in items
     ]
-    answer = pipe(text=message, max_new_tokens=12, do_sample=False)[0]["generated_text"][-1]["content"]
-    return {"question": record["question"], "expected": record["answers"][0], "answer": answer.strip()}
+    outputs = pipe(text=messages, max_new_tokens=12, generate_kwargs={"do_sample": False}, batch_size=2)
+    return [
+        {
+            "question": r["question"],
+            "expected": r["answers"][0],
+            "answer": o[0]["generated_text"][-1]["content"].strip(),
+        }
+        for (_, r), o in zip(items, outputs, strict=True)
+    ]
+
+
+def _item_args() -> dict:
+    """`make_item` keyword arguments of the demo's RC items (READING without the benchmark-level `snap`)."""
+    return {k: v for k, v in READING.items() if k != "snap"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,14 +158,15 @@ def main(argv: list[str] | None = None) -> int:
         prog="nativevl demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="nativevl-demo", help="output folder (data, model, runs)")
-    parser.add_argument("--minutes", type=float, default=10.0, help="total time budget; training gets what is left")
-    parser.add_argument("--train-per-cell", type=int, default=40, help="training items per cell and kind")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps (16 samples each)")
+    parser.add_argument("--max-minutes", type=float, default=30.0, help="wall-clock cap on training (minutes)")
+    parser.add_argument("--train-per-cell", type=int, default=120, help="training items per cell and kind")
     parser.add_argument("--test-per-cell", type=int, default=4, help="held-out items per cell and kind")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="reuse an --out folder of a demo with other options")
     args = parser.parse_args(argv)
-    if args.minutes <= 0:
-        parser.error(f"--minutes must be positive, got {args.minutes}")
+    if args.steps < 1 or args.max_minutes <= 0:
+        parser.error(f"--steps must be >= 1 and --max-minutes positive, got {args.steps} and {args.max_minutes}")
     if args.train_per_cell < 1 or args.test_per_cell < 1:
         parser.error(
             f"--train-per-cell and --test-per-cell must be >= 1, got {args.train_per_cell}, {args.test_per_cell}"
@@ -145,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if foreign and not args.overwrite:
         raise RunFolderError(f"--out {out} is not empty and not a demo folder (no {RUN_FILE}); --overwrite uses it")
     with RunLock(out):
-        options = {k: getattr(args, k) for k in ("minutes", "train_per_cell", "test_per_cell", "seed")}
+        options = {k: getattr(args, k) for k in ("steps", "max_minutes", "train_per_cell", "test_per_cell", "seed")}
         check_fingerprint(out / RUN_FILE, options, args.overwrite)
         return run_demo(out, args)
 
@@ -156,36 +189,40 @@ def run_demo(out: Path, args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
 
     print(f"[1/4] generating data in {out / 'data'} ...", flush=True)
-    train_jsonl = write_training_set(out / "data" / "train", args.train_per_cell, args.seed)
+    train_jsonl = write_training_set(out / "data" / "train", args.train_per_cell, args.seed, **READING)
     test_jsonl = generate_benchmark(
-        out / "data" / "test", per_cell=args.test_per_cell, seed=args.seed + 1, scale=SCALE
+        out / "data" / "test", per_cell=args.test_per_cell, seed=args.seed + 1, scale=SCALE, **READING
     )
     n_train, records = sum(1 for _ in open(train_jsonl)), load_records(test_jsonl)
     print(f"      {n_train} training items, {len(records)} held-out items (35 cells x 2 kinds)", flush=True)
 
-    budget = args.minutes * 60
-    eval_reserve = max(45.0, 0.2 * budget)  # three evaluation runs and the pipeline call
-    seconds = max(10.0, budget - (time.monotonic() - start) - eval_reserve)
-    print(f"[2/4] training a {RECIPE.stem} model from scratch for {seconds:.0f} s ...", flush=True)
-    final, stats = train(out, train_jsonl, seconds, args.seed)
+    print(f"[2/4] training a fresh model for {args.steps} steps ({SCRATCH_RECIPE.name}) ...", flush=True)
+    final, stats = train(out, train_jsonl, args.steps, args.max_minutes * 60, args.seed)
+    capped = f" (stopped by --max-minutes {args.max_minutes:g} after {stats['steps']} of {args.steps})"
     print(
-        f"      {stats['steps']} steps in {stats['seconds']} s, loss {_num(stats['first_loss'], '.3f')} -> "
-        f"{_num(stats['last_loss'], '.3f')}, packing fill rate {stats['fill_rate']:.1%}; model: {final}",
+        f"      {stats['steps']} steps in {stats['seconds']} s ({stats['steps_per_second']} steps/s)"
+        f"{capped if stats['stopped_by_wall_clock'] else ''}, loss {_num(stats['first_loss'], '.3f')} -> "
+        f"{_num(stats['mean_last_10_losses'], '.3f')} (mean of the last 10 logged), packing fill rate "
+        f"{stats['fill_rate']:.1%}; model: {final}",
         flush=True,
     )
 
-    print("[3/4] pipeline('image-text-to-text') on a fresh image:", flush=True)
+    print("[3/4] pipeline('image-text-to-text') on two fresh images:", flush=True)
     asked = ask_pipeline(final, args.seed)
-    print(f"      Q: {asked['question']}  expected: {asked['expected']!r}  answer: {asked['answer']!r}", flush=True)
+    for qa in asked:
+        print(f"      Q: {qa['question']}  expected: {qa['expected']!r}  answer: {qa['answer']!r}", flush=True)
 
-    print("[4/4] evaluating on the held-out set ...", flush=True)
-    runs = evaluate_three_ways(final, records, test_jsonl.parent, out)
-    print_summary(runs, out)
-    summary = {
-        "training": stats,
-        "pipeline": asked,
-        "runs": {k: {m: v[m] for m in ("accuracy", "acv", "rcv")} for k, v in runs.items()},
-    }
+    print("[4/4] evaluating on the held-out set in native, fixed and crop mode and with blank images ...", flush=True)
+    runs = evaluate_modes(final, records, test_jsonl.parent, out)
+    rc = {name: rc_summary(out / "runs" / name) for name in runs}
+    print(summary_text(runs, rc, out))
+    summary = {"training": stats, "pipeline": asked, "runs": {}}
+    for name, scores in runs.items():
+        kinds = scores.get("kind_accuracy") or {}
+        summary["runs"][name] = {m: scores[m] for m in ("accuracy", "acv", "rcv", "mean_visual_tokens")}
+        summary["runs"][name] |= {"rc": kinds.get("rc"), "sc": kinds.get("sc")}
+        summary["runs"][name] |= {f"rc_{m}": rc[name][m] for m in ("acv", "rcv", "area_accuracy", "aspect_accuracy")}
+    summary["rc_native_minus_fixed"] = extremes_gap(rc["native"], rc["fixed"])
     summary["minutes"] = round((time.monotonic() - start) / 60, 2)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done in {summary['minutes']} min; summary: {out / 'summary.json'}")
@@ -198,8 +235,8 @@ def _num(value, spec: str = "5.1f") -> str:
     return format(value, spec) if value is not None else "-".rjust(len(format(0.0, spec)))
 
 
-def evaluate_three_ways(final: Path, records: list, image_root: Path, out: Path) -> dict[str, dict]:
-    """Scores of the trained model in native mode, in fixed mode and with blank images (the control)."""
+def evaluate_modes(final: Path, records: list, image_root: Path, out: Path) -> dict[str, dict]:
+    """Scores of the trained model in native, fixed and crop mode and with blank images (the control)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(final).eval()
@@ -208,32 +245,71 @@ def evaluate_three_ways(final: Path, records: list, image_root: Path, out: Path)
     common = dict(
         batch_size=16, max_new_tokens=16, progress=False, image_root=image_root, model_path=str(final), overwrite=True
     )
-    fixed = {"fixed_pixels": FIXED_PIXELS}
+    settings = {
+        "native": dict(mode="native"),
+        "fixed": dict(mode="fixed", images_kwargs={"fixed_pixels": FIXED_PIXELS}),
+        "crop": dict(mode="crop", images_kwargs=CROP),
+        "blank": dict(mode="native", blank_images=True),
+    }
     return {
-        "native": evaluate(model, processor, records, out / "runs" / "native", mode="native", **common),
-        "fixed": evaluate(
-            model, processor, records, out / "runs" / "fixed", mode="fixed", images_kwargs=fixed, **common
-        ),
-        "blank": evaluate(
-            model, processor, records, out / "runs" / "blank", mode="native", blank_images=True, **common
-        ),
+        name: evaluate(model, processor, records, out / "runs" / name, **kw, **common) for name, kw in settings.items()
     }
 
 
-def print_summary(runs: dict[str, dict], out: Path) -> None:
-    """The native run's report, one summary row per run, the blank-image margin and the heatmap paths."""
-    print("\nnative resolution:\n" + print_report(runs["native"]))
-    rows = []
+def rc_summary(run_dir: Path) -> dict:
+    """The RC-Bench summary (`summarize`) of a run's RC items alone."""
+    rows = [row for row in read_predictions(run_dir / "predictions.jsonl").values() if row.get("kind") == "rc"]
+    return summarize(rows).to_dict()
+
+
+def extremes_gap(native: dict, fixed: dict) -> dict[str, dict]:
+    """RC accuracy of native and fixed, and native minus fixed, pooled over the large-area and the extreme-aspect
+    bins (EXTREMES)."""
+    gaps = {}
+    for label, (axis, bins) in EXTREMES.items():
+        pooled = {}
+        for name, scores in (("native", native), ("fixed", fixed)):
+            acc, count = scores[f"{axis}_accuracy"], scores[f"{axis}_count"]
+            n = sum(count[b] for b in bins)
+            pooled[name] = sum(acc[b] * count[b] for b in bins if count[b]) / n if n else None
+        diff = None if None in pooled.values() else pooled["native"] - pooled["fixed"]
+        gaps[label] = pooled | {"native_minus_fixed": diff, "items": sum(native[f"{axis}_count"][b] for b in bins)}
+    return gaps
+
+
+def summary_text(runs: dict[str, dict], rc: dict[str, dict], out: Path) -> str:
+    """The summary rows, RC accuracy per bin with native minus fixed, the pooled extremes, the blank-image margin
+    and the heatmap paths; writes the RC native-minus-fixed heatmap."""
+    lines = ["", "summary (accuracy in %; ACV / RCV = 100 x std / mean of RC accuracy over area / aspect bins):"]
     for name, scores in runs.items():
         kinds = scores.get("kind_accuracy") or {}
-        rows.append(
-            f"  {name:7} Acc {scores['accuracy']:5.1f}  ACV {_num(scores['acv'])}  RCV {_num(scores['rcv'])}  "
-            f"RC {_num(kinds.get('rc'))}  SC {_num(kinds.get('sc'))}  visual tokens/item {scores['mean_visual_tokens']:.1f}"
+        lines.append(
+            f"  {name:7} Acc {scores['accuracy']:5.1f}  RC {_num(kinds.get('rc'))}  SC {_num(kinds.get('sc'))}  "
+            f"RC ACV {_num(rc[name]['acv'])}  RC RCV {_num(rc[name]['rcv'])}  "
+            f"visual tokens/item {scores['mean_visual_tokens']:5.1f}"
         )
-    print("summary (accuracy in %, ACV/RCV = 100 x std / mean over area / aspect bins):\n" + "\n".join(rows))
+    lines.append("\nRC accuracy per bin (native / fixed / crop, and native minus fixed):")
+    for axis, bins, labels in (("area", AREA_BINS, AREA_LABELS), ("aspect", ASPECT_BINS, ASPECT_LABELS)):
+        for b, label in zip(bins, labels, strict=True):
+            accs = [rc[name][f"{axis}_accuracy"][b] for name in ("native", "fixed", "crop")]
+            diff = None if None in accs[:2] else accs[0] - accs[1]
+            row = " / ".join(_num(a) for a in accs)
+            lines.append(
+                f"  {axis:6} {b:2} {label:8} {row}   {_num(diff, '+6.1f')}  ({rc['native'][f'{axis}_count'][b]} items)"
+            )
+    for label, gap in extremes_gap(rc["native"], rc["fixed"]).items():
+        lines.append(
+            f"  {label}: native {_num(gap['native'])} vs fixed {_num(gap['fixed'])}, "
+            f"{_num(gap['native_minus_fixed'], '+.1f')} points ({gap['items']} RC items)"
+        )
     margin = runs["native"]["accuracy"] - runs["blank"]["accuracy"]
-    print(
-        f"uses the image: native {runs['native']['accuracy']:.1f} vs blank images {runs['blank']['accuracy']:.1f} ({margin:+.1f} points)"
+    lines.append(
+        f"uses the image: native {runs['native']['accuracy']:.1f} vs blank images {runs['blank']['accuracy']:.1f} "
+        f"({margin:+.1f} points)"
     )
-    for name in runs:
-        print(f"heatmap ({name}): {out / 'runs' / name / 'heatmap.png'}")
+    png = out / "runs" / "rc_native_minus_fixed.png"
+    diff = grid_difference(rc["native"]["cell_accuracy"], rc["fixed"]["cell_accuracy"])
+    render_heatmap(diff, png, "RC items: native minus fixed (accuracy points)", diverging=True)
+    lines.append(f"heatmap (RC, native minus fixed): {png}")
+    lines += [f"heatmap ({name}): {out / 'runs' / name / 'heatmap.png'}" for name in runs]
+    return "\n".join(lines)

@@ -62,6 +62,10 @@ _WORDS = (
     "RED FOX BLUE MOON GOLD STAR SILVER RIVER GREEN PARK NORTH GATE WEST WING OPEN DOOR FAST LANE OLD TOWN "
     "DARK ROAD NEW PORT SUN CITY HIGH STREET LAKE VIEW STONE BRIDGE"
 ).split()
+_SHORT_WORDS = (
+    "SUN MAP KEY BOX CAT DOG RED SEA SKY OAK BUS CUP PEN INK HAT JAM LOG NET OWL RUN TEN VAN WAX ZOO ARM BAY "
+    "FIG GUM HEN ICE"
+).split()
 _RC_QUESTIONS = {
     "tile": "What colour is the tile in the top-left corner? Answer with one word.",
     "digit": "What is the digit written in the image?",
@@ -69,6 +73,9 @@ _RC_QUESTIONS = {
     "date": "What date is written in the image?",
     "code": "What is the code written in the image?",
     "phrase": "What words are written in the image?",
+    "short_number": "What is the number written in the image?",
+    "short_code": "What is the code written in the image?",
+    "word": "What word is written in the image?",
 }
 _COLOR_QUESTION = "What is the main colour of this image? Answer with one word."
 _SHAPE_QUESTION = "Which shape is shown in the image: a circle, a square or a triangle? Answer with one word."
@@ -116,7 +123,7 @@ def sample_cell_size(area: str, aspect: str, rng: random.Random, max_area: float
 RC_CONTENTS = tuple(_RC_QUESTIONS)
 DEFAULT_RC_CONTENTS = ("number", "date", "code", "phrase")  # "tile" and "digit" (one character) when asked for
 TILE = 28  # px side of a "tile" item's squares: one merged token (patch 14 x merge 2) of an unresampled image
-RC_PLACEMENTS = ("random", "corner")
+RC_PLACEMENTS = ("random", "corner", "grid")
 
 
 def _rc_text(rng: random.Random, contents: Sequence[str] = DEFAULT_RC_CONTENTS) -> tuple[str, str]:
@@ -135,6 +142,12 @@ def _rc_text(rng: random.Random, contents: Sequence[str] = DEFAULT_RC_CONTENTS) 
         digits = "".join(rng.choice(string.digits) for _ in range(rng.randint(2, 4)))
         mixed = "".join(rng.sample(letters + digits, len(letters) + len(digits)))
         return kind, f"{letters}-{digits}" if rng.random() < 0.5 else mixed
+    if kind == "short_number":  # "47" or "305"
+        return kind, str(rng.randint(10, 999))
+    if kind == "short_code":  # "K42"
+        return kind, rng.choice(_CODE_LETTERS) + "".join(rng.choice(string.digits) for _ in range(2))
+    if kind == "word":  # "OWL"
+        return kind, rng.choice(_SHORT_WORDS)
     return kind, " ".join(rng.sample(_WORDS, 2))  # "SILVER MOON"
 
 
@@ -203,6 +216,9 @@ def _make_rc(
     y = rng.randint(TEXT_MARGIN, height - TEXT_MARGIN - cap)
     if placement == "corner":  # like a date stamp: always at the top-left, TEXT_MARGIN px from both borders
         x = y = TEXT_MARGIN
+    elif placement == "grid":  # a random TILE-px cell, TEXT_MARGIN px in from its top-left corner
+        x = TEXT_MARGIN + TILE * rng.randint(0, (width - 2 * TEXT_MARGIN - (x1 - x0)) // TILE)
+        y = TEXT_MARGIN + TILE * rng.randint(0, (height - 2 * TEXT_MARGIN - cap) // TILE)
     draw.text((x - x0, y - y0), text, font=font, fill=tuple(rng.randint(0, 70) for _ in range(3)))
     record = {"question": _RC_QUESTIONS[content], "answers": [text], "content": content}
     return image, record | {"text_box": [x, y, x + x1 - x0, y + y1 - y0]}
@@ -249,7 +265,9 @@ def make_item(
     words), `kind`, `content` (tile/digit/number/date/code/phrase or color/shape) and, for text, `text_box` = [x0, y0,
     x1, y1] in px: rows exactly those of the ink (height `cap_height(text_size)`), columns from the font metrics
     (may include 1-3 px of side bearing). `rc_contents`: the RC content types to draw from; `rc_placement`:
-    "random" (anywhere) or "corner" (top-left, TEXT_MARGIN px in, like a date stamp). Deterministic given the
+    "random" (anywhere), "corner" (top-left, TEXT_MARGIN px in, like a date stamp) or "grid" (TEXT_MARGIN px in
+    from the corner of a random TILE-px cell: on an unresampled `snap=28` image the text starts at the same place
+    inside a merged token wherever it is drawn). Deterministic given the
     state of `rng`; usable to build training sets."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

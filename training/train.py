@@ -58,6 +58,7 @@ from nativevl.runs import RunFolderError, RunLock, check_fingerprint, file_diges
 from nativevl.training.checkpoints import AtomicCheckpointMixin
 from nativevl.training.data import load_training_data
 from nativevl.training.packing import GENERATION_MARKER, PackingCollator
+from nativevl.training.vision_init import center_vision_tokens, input_dependent_share, training_images, vision_tokens
 
 
 PARTS = ("vision_tower", "merger", "projector", "llm")
@@ -117,6 +118,13 @@ class NativeVLArguments:
     )
     granularity_training: str | None = field(
         default=None, metadata={"help": "AVG-LLaVA stage 1 (sft): all (every level, loss averaged) | random"}
+    )
+    center_vision_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "from scratch: before training, centre the vision tokens over this many training images "
+            "(`training/vision_init.py`); 0: off"
+        },
     )
     rglf_margin: float = field(default=1.0, metadata={"help": "RGLF ranking margin per unit of loss gap"})
     rglf_rank_weight: float = field(default=1.0, metadata={"help": "weight of the RGLF ranking loss"})
@@ -181,6 +189,22 @@ def set_trainable_parts(model, args: NativeVLArguments) -> dict[str, int]:
     if not any(counts.values()):
         raise ValueError(f"no parameter trains: select at least one of train_{{{', '.join(PARTS)}}} with parameters")
     return counts
+
+
+def center_on_training_images(model, processor, dataset, limit: int) -> None:
+    """`center_vision_tokens` over the first `limit` training images; prints the input-dependent share of the
+    vision tokens before and after (`training/vision_init.py`)."""
+    images = training_images(dataset, limit)
+    if not images:
+        raise ValueError(f"center_vision_tokens={limit} needs training images, and the training data has none")
+    before = input_dependent_share(vision_tokens(model, processor, images))
+    removed = center_vision_tokens(model, processor, images)
+    after = input_dependent_share(vision_tokens(model, processor, images))
+    print(
+        f"centred the vision tokens over {len(images)} training images: mean of norm {removed:.3g} removed, "
+        f"input-dependent share {before:.1%} -> {after:.1%}",
+        flush=True,
+    )
 
 
 def load_data(args: NativeVLArguments):
@@ -279,6 +303,7 @@ def run_fingerprint(args: NativeVLArguments) -> dict:
         dataset = file_digest(data)
     model = Path(args.model_name_or_path)
     options = ("stage", "lora", "lora_r", "granularity", "granularity_training", "image_mode", "multimodal_packing")
+    options += ("center_vision_tokens",)
     return {
         "model": weights_fingerprint(model) if model.is_dir() else args.model_name_or_path,
         "dataset": dataset,
@@ -346,6 +371,8 @@ def build_trainer(training_args: SFTConfig, args: NativeVLArguments, data: tuple
         )
     else:
         set_trainable_parts(model, args)
+    if args.center_vision_tokens:
+        center_on_training_images(model, processor, train_dataset, args.center_vision_tokens)
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     training_args.packing = False  # TRL's own packing refuses vision data; PackingCollator does it instead
