@@ -17,7 +17,7 @@ from test_packing import example
 from nativevl import NativeVLForConditionalGeneration
 from nativevl.modeling import get_rope_index, level_grid, pool_grid
 from nativevl.modeling.granularity_nativevl import compact_image_placeholders, drop_surplus_placeholders
-from nativevl.modeling.positions_nativevl import pooled_grid_thw
+from nativevl.modeling.positions_nativevl import pooled_grid_thw, repeat_per_grid, sum_per_image
 from nativevl.processing.processing_nativevl import level_grid as processor_level_grid
 from nativevl.processing.processing_nativevl import mrope_position_ids
 from nativevl.testing import build_tiny
@@ -467,6 +467,16 @@ def test_router_reads_the_same_instruction_as_when_it_took_labels(tiny):
         )
     assert auto.image_granularity.tolist() == chosen.tolist() == [2, 2]  # as inside the packed row
     assert unmasked.tolist() == [2, 1]  # reading the answer too would change the choice
+
+
+def test_repeat_per_grid_maps_images_to_their_grids():
+    assert repeat_per_grid([1, 2], [3, 1], 4) == [1, 1, 1, 2]
+    assert repeat_per_grid([0, 2, 1], None, 3) == [0, 2, 1]  # no counts: one grid per image
+    assert sum_per_image(torch.tensor([1, 2, 3, 4]), torch.tensor([3, 1])).tolist() == [6, 4]
+    with pytest.raises(ValueError, match=r"1 value\(s\) \[1\] for 2 image\(s\) \(image_num_grids \[3, 1\]\)"):
+        repeat_per_grid([1], [3, 1], 4)
+    with pytest.raises(ValueError, match=r"image_num_grids \[3, 2\] must be >= 1 each and add up to the 4 image"):
+        repeat_per_grid([1, 2], [3, 2], 4)
 
 
 def crop_mode(processor):
