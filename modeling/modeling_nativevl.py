@@ -753,25 +753,43 @@ class NativeVLModel(NativeVLPreTrainedModel):
                 "granularity='auto' takes padded or single rows (attention_mask or no position_ids); for packed rows "
                 "call choose_granularity(..., cu_seq_lens_q=...) and pack the samples at the levels it returns"
             )
-        from_levels = self.resolve_granularity(image_granularity, image_grid_thw, image_num_grids)
         image_out = self._encode(pixel_values, image_grid_thw, **capture)
+        levels, mask = self.route_images(
+            input_ids, image_out, image_grid_thw, attention_mask, instruction_mask, image_granularity, image_num_grids
+        )
+        pad, image_id = self.config.text_config.pad_token_id, self.config.image_token_id
+        dropped = (input_ids == image_id) & ~mask.bool()
+        input_ids = input_ids.masked_fill(dropped, pad if pad is not None and pad != image_id else 0)
+        return input_ids, mask, self.pool_image_outputs(image_out, image_grid_thw, levels, image_num_grids)
+
+    def route_images(
+        self,
+        input_ids: torch.LongTensor,
+        image_outputs: NativeVLVisionModelOutput,
+        image_grid_thw: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+        image_granularity: torch.LongTensor | None = None,
+        image_num_grids: torch.LongTensor | None = None,
+    ) -> tuple[torch.LongTensor, torch.Tensor]:
+        """The router's choice for a prompt expanded for `image_granularity` (None: level 0) and the level-0
+        `image_outputs` of `_encode`: levels (num_images,) long (the router runs without gradient; arguments as
+        `router_logits`) and the attention mask (batch, seq) with each image's surplus placeholders zeroed."""
+        from_levels = self.resolve_granularity(image_granularity, image_grid_thw, image_num_grids)
         with torch.no_grad():
             levels = self.router_logits(
                 input_ids,
-                image_out.pooler_output,
+                image_outputs.pooler_output,
                 image_grid_thw,
                 attention_mask,
                 instruction_mask,
                 image_granularity=from_levels,
                 image_num_grids=image_num_grids,
             ).argmax(-1)
-        mask = self.surplus_placeholder_mask(
+        kept = self.surplus_placeholder_mask(
             input_ids, attention_mask, image_grid_thw, from_levels, levels, image_num_grids
         )
-        pad, image_id = self.config.text_config.pad_token_id, self.config.image_token_id
-        dropped = (input_ids == image_id) & ~mask.bool()
-        input_ids = input_ids.masked_fill(dropped, pad if pad is not None and pad != image_id else 0)
-        return input_ids, mask, self.pool_image_outputs(image_out, image_grid_thw, levels, image_num_grids)
+        return levels, kept
 
     def surplus_placeholder_mask(
         self,
@@ -1003,22 +1021,14 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
     def _generate_routed(self, input_ids: torch.LongTensor, *args, **kwargs):
         """`generate(granularity="auto")` (see `generate`): route, compact the prompt, generate on pooled features."""
         pixel_values, grids = kwargs.pop("pixel_values"), kwargs.get("image_grid_thw")
-        num_grids = kwargs.get("image_num_grids")
-        from_levels = self.model.resolve_granularity(kwargs.pop("image_granularity", None), grids, num_grids)
-        mask = kwargs.get("attention_mask")
+        num_grids, mask = kwargs.get("image_num_grids"), kwargs.get("attention_mask")
         with torch.no_grad():
             image_out = self.model._encode(pixel_values, grids)
-            levels = self.model.router_logits(
-                input_ids,
-                image_out.pooler_output,
-                grids,
-                mask,
-                image_granularity=from_levels,
-                image_num_grids=num_grids,
-            ).argmax(-1)
+        levels, kept = self.model.route_images(
+            input_ids, image_out, grids, mask, None, kwargs.pop("image_granularity", None), num_grids
+        )
         pad = self.generation_config.pad_token_id
         pad = pad if pad is not None else (self.config.text_config.pad_token_id or 0)
-        kept = self.model.surplus_placeholder_mask(input_ids, mask, grids, from_levels, levels, num_grids)
         pad = int(pad if not isinstance(pad, torch.Tensor) else pad.flatten()[0])
         compact_ids, compact_mask = compact_image_placeholders(input_ids, mask, kept, pad)
         kwargs.pop("position_ids", None)  # the processor's ids describe the full grids; recomputed for the levels
