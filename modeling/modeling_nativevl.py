@@ -82,9 +82,10 @@ class NativeVLModelOutputWithPast(BaseModelOutputWithPast):
     """`BaseModelOutputWithPast` (transformers' own, so the cache field is the release's) plus:
     `rope_deltas` (batch, 1): largest position + 1 minus sequence length; `image_granularity` (num_images,) long:
     the level each image was fed at; `visual_tokens` (num_images,) long: the LLM tokens each image used, its grids
-    summed (crop mode: global view and tiles) (both None without images); `attention_mask` (batch, seq): the mask the LLM ran with when `granularity="auto"` zeroed
-    surplus placeholders (None otherwise); `image_outputs` / `video_outputs`: the vision tower's outputs
-    (`NativeVLVisionModelOutput`, with its hidden states and attentions when requested)."""
+    summed (crop mode: global view and tiles) (both None without images); `attention_mask` (batch, seq): the mask
+    the LLM ran with when `granularity="auto"` zeroed surplus placeholders (None otherwise); `image_outputs` /
+    `video_outputs`: the vision tower's outputs (`NativeVLVisionModelOutput`, with its hidden states and attentions
+    when requested)."""
 
     rope_deltas: torch.LongTensor | None = None
     image_granularity: torch.LongTensor | None = None
@@ -299,8 +300,8 @@ class NativeVLModel(NativeVLPreTrainedModel):
         """transformers' `Qwen2VLModel.get_rope_index` contract: position ids (3, batch, seq) long (0 on padding)
         and rope_deltas (batch, 1). `mm_token_type_ids` (batch, seq), 0 text / 1 image / 2 video, may be omitted
         (placeholders are then found by token id, and only when grids of their kind are given). Extra keywords:
-        `image_granularity` (num_images,) levels and `image_num_grids` (num_images,) grids per image. Under `position_scheme="1d"` the three rows are the plain
-        positions the model uses and the deltas are 0."""
+        `image_granularity` (num_images,) levels and `image_num_grids` (num_images,) grids per image. Under
+        `position_scheme="1d"` the three rows are the plain positions the model uses and the deltas are 0."""
         if self.config.position_scheme == "1d":
             batch, seq_len = input_ids.shape
             mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
@@ -585,8 +586,9 @@ class NativeVLModel(NativeVLPreTrainedModel):
     ) -> tuple | NativeVLModelOutputWithPast:
         """input_ids: (batch, seq). pixel_values: (num_patches, 1176) for all images of the batch, image_grid_thw
         (num_grids, 3), image_num_grids (num_images,) the grids of each image (crop mode makes one image a global
-        view plus tiles; None: one grid per image); videos likewise (zero rows count as none). `mm_encoder_outputs`: {"image"|"video": output
-        of `get_image_features` / `get_video_features`} in place of pixels (what `generate` passes). position_ids:
+        view plus tiles; None: one grid per image); videos likewise (zero rows count as none).
+        `mm_encoder_outputs`: {"image"|"video": output of `get_image_features` / `get_video_features`} in place of
+        pixels (what `generate` passes). position_ids:
         (batch, seq), (3, batch, seq), the processor's (batch, seq, 3), or (4, batch, seq) with plain per-sample
         positions first (packed rows); computed from the placeholders when None. `mm_token_type_ids` (batch, seq):
         0 text / 1 image / 2 video; without it placeholders are found by token id. The KV cache is `cache` (5.24 on)

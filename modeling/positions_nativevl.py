@@ -62,7 +62,7 @@ def repeat_per_grid(values: Sequence[int], image_num_grids: Sequence[int] | None
         raise ValueError(f"image_num_grids {counts} must be >= 1 each and add up to the {num_grids} image grid(s)")
     if len(values) != len(counts):
         raise ValueError(
-            f"{len(values)} value(s) {values} for {len(counts)} image(s) (image_num_grids {counts}): give one per image"
+            f"{len(values)} value(s) {values} for {len(counts)} image(s) (image_num_grids {counts}): one per image"
         )
     return [v for v, n in zip(values, counts, strict=True) for _ in range(n)]
 
@@ -117,10 +117,11 @@ def batch_mrope_positions(
     levels_per_grid: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """M-RoPE ids of a padded batch: kinds (batch, seq) (0 text / 1 image / 2 video), attention_mask (batch, seq)
-    (0 on left or right padding; None: no padding), grids in placeholder order sample after sample, levels_per_grid
-    one granularity level per image grid (crop tiles repeat their image's level: `repeat_per_grid`). Returns ids (3, batch, seq) int64, 0 on padding (as transformers'
-    Qwen2-VL), and rope deltas (batch,): largest id + 1 - unpadded length. Raises when a grid finds no
-    placeholders or placeholders no grid."""
+    (0 on left or right padding; None: no padding), grids in placeholder order sample after sample,
+    levels_per_grid one granularity level per image grid (crop tiles repeat their image's level:
+    `repeat_per_grid`). Returns ids (3, batch, seq) int64, 0 on padding (as transformers' Qwen2-VL), and rope
+    deltas (batch,): largest id + 1 - unpadded length. Raises when a grid finds no placeholders or placeholders no
+    grid."""
     image_left = [list(g) for g in pooled_grids(image_grids, levels_per_grid, merge_size)]
     video_left = [list(g) for g in video_grids]
     batch, seq_len = kinds.shape
@@ -168,8 +169,8 @@ def rope_index(
     levels_per_grid: torch.LongTensor | None = None,
 ) -> tuple[torch.LongTensor, torch.LongTensor]:
     """`batch_mrope_positions` on tensors: kinds (batch, seq) from `placeholder_kinds`, grids (num, 3), mask
-    (batch, seq), levels_per_grid (num_image_grids,) (`grid_levels`). Returns position ids (3, batch, seq) and rope_deltas (batch, 1)
-    long on the device of `kinds`."""
+    (batch, seq), levels_per_grid (num_image_grids,) (`grid_levels`). Returns position ids (3, batch, seq) and
+    rope_deltas (batch, 1) long on the device of `kinds`."""
     positions, deltas = batch_mrope_positions(
         kinds.cpu().numpy(),
         None if attention_mask is None else attention_mask.cpu().numpy(),

@@ -181,10 +181,12 @@ class NativeVLProcessor(ProcessorMixin):
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask` (batch, seq); `pixel_values` (patches, 1176),
             `image_grid_thw` (grids, 3) and `image_num_grids` (images,) (grids per image: 1, or the global view
-            plus the tiles in crop mode; the model maps per-image levels to grids with it) when images are given; `pixel_values_videos`, `video_grid_thw` for videos;
+            plus the tiles in crop mode; the model maps per-image levels to grids with it) when images are given;
+            `pixel_values_videos`, `video_grid_thw` for videos;
             `position_ids` (batch, seq, 3) M-RoPE ids (temporal, height, width) for `position_scheme="mrope"`,
             batch first so that any collator pads them along the sequence (the model also takes transformers'
-            (3, batch, seq)), or (batch, seq) for `"1d"`; `image_granularity` (images,) long when `granularity` is given.
+            (3, batch, seq)), or (batch, seq) for `"1d"`; `image_granularity` (images,) long when `granularity` is
+            given.
             The image and video keys are always present (zero rows without images / videos), so per-sample outputs
             collate into one batch. Unknown keyword arguments are dropped with a warning naming them.
         """

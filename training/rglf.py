@@ -2,8 +2,9 @@
 
 Everything but the granularity router is frozen. For each batch the model itself scores every granularity level:
 the batch is packed once per level (every image forced to that level) and each sample's average answer loss is
-computed without gradient. The router (`NativeVLModel.router_logits`, one decision per image (crop mode: the mean of its
-grids' logits), instruction tokens of its own sample only) is then trained to rank the levels as the feedback does:
+computed without gradient. The router (`NativeVLModel.router_logits`, one decision per image (crop mode: the mean
+of its grids' logits), instruction tokens of its own sample only) is then trained to rank the levels as the
+feedback does:
 
     rank = mean over ordered pairs (i, j) of one image with loss_i < loss_j of
            max(0, margin * (loss_j - loss_i) - (p_i - p_j))          (p = softmax of the router logits)
