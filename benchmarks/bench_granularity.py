@@ -25,8 +25,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from nativevl.evaluation.metrics import score_sample
 from nativevl.evaluation.run import load_image, load_records
 from nativevl.evaluation.synth_rc import generate_benchmark
-from nativevl.modeling.granularity_nativevl import compact_image_placeholders, drop_surplus_placeholders
-from nativevl.modeling.positions_nativevl import image_token_counts
+from nativevl.modeling.granularity_nativevl import compact_image_placeholders
+from nativevl.modeling.positions_nativevl import grid_levels, image_token_counts, sum_per_image
 
 
 def prompts(processor, questions: list[str]) -> list[str]:
@@ -45,8 +45,10 @@ def answer(model, processor, images, questions, setting, max_new_tokens: int):
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
     if setting == "router":
         out = model.generate(**batch, granularity="auto", **kwargs)
-        merge = model.config.vision_config.spatial_merge_size
-        tokens = image_token_counts(batch["image_grid_thw"], out.image_granularity, merge)
+        merge, grids = model.config.vision_config.spatial_merge_size, batch["image_grid_thw"]
+        num_grids = batch["image_num_grids"]
+        per_grid = image_token_counts(grids, grid_levels(out.image_granularity, num_grids, len(grids)), merge)
+        tokens = sum_per_image(torch.tensor(per_grid), num_grids).tolist()  # per image
         levels = out.image_granularity.tolist()
     else:
         out = model.generate(**batch, **kwargs)
@@ -61,7 +63,7 @@ def prefill_seconds(model, processor, images, questions, repeats: int = 3, force
     """Best-of-`repeats` seconds of one prefill: full grid, and router path (choice + compacted prefill); `force`
     replaces the router's choice by that level for every image (the router still runs)."""
     batch = processor(images=[[im] for im in images], text=prompts(processor, questions), padding_side="left")
-    core, merge = model.model, model.config.vision_config.spatial_merge_size
+    core, num_grids = model.model, batch["image_num_grids"]
     full, routed = [], []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -73,15 +75,14 @@ def prefill_seconds(model, processor, images, questions, repeats: int = 3, force
         )
         if force is not None:
             levels = torch.full_like(levels, force)
-        kept = drop_surplus_placeholders(
-            batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"], None, levels,
-            model.config.image_token_id, merge,
-        )  # fmt: skip
+        kept = core.surplus_placeholder_mask(
+            batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"], None, levels, num_grids
+        )
         ids, mask = compact_image_placeholders(
             batch["input_ids"], batch["attention_mask"], kept, processor.tokenizer.pad_token_id
         )
         image_out = core.pool_image_outputs(
-            BaseModelOutputWithPooling(pooler_output=features), batch["image_grid_thw"], levels
+            BaseModelOutputWithPooling(pooler_output=features), batch["image_grid_thw"], levels, num_grids
         )  # the features the router saw, pooled: the vision tower runs once, as in generate(granularity="auto")
         model(
             input_ids=ids, attention_mask=mask, image_grid_thw=batch["image_grid_thw"],

@@ -60,11 +60,13 @@ from .granularity_nativevl import (
 from .positions_nativevl import (
     channels_first_position_ids,
     first_image_tokens,
+    grid_levels,
     image_token_counts,
     placeholder_kinds,
     rope_deltas_from_positions,
     rope_index,
     split_by_image,
+    sum_per_image,
     text_positions,
 )
 from .vision_nativevl import NativeVLVisionModel, NativeVLVisionModelOutput, check_grids
@@ -78,11 +80,12 @@ CACHE_NAME = "cache" if "cache" in inspect.signature(Qwen2VLTextModel.forward).p
 @dataclass
 class NativeVLModelOutputWithPast(BaseModelOutputWithPast):
     """`BaseModelOutputWithPast` (transformers' own, so the cache field is the release's) plus:
-    `rope_deltas` (batch, 1): largest position + 1 minus sequence length; `image_granularity` (num_grids,) long: the
-    level each image grid was fed at; `visual_tokens` (num_grids,) long: the LLM tokens each grid used (both None
-    without images); `attention_mask` (batch, seq): the mask the LLM ran with when `granularity="auto"` zeroed
-    surplus placeholders (None otherwise); `image_outputs` / `video_outputs`: the vision tower's outputs
-    (`NativeVLVisionModelOutput`, with its hidden states and attentions when requested)."""
+    `rope_deltas` (batch, 1): largest position + 1 minus sequence length; `image_granularity` (num_images,) long:
+    the level each image was fed at; `visual_tokens` (num_images,) long: the LLM tokens each image used, its grids
+    summed (crop mode: global view and tiles) (both None without images); `attention_mask` (batch, seq): the mask
+    the LLM ran with when `granularity="auto"` zeroed surplus placeholders (None otherwise); `image_outputs` /
+    `video_outputs`: the vision tower's outputs (`NativeVLVisionModelOutput`, with its hidden states and attentions
+    when requested)."""
 
     rope_deltas: torch.LongTensor | None = None
     image_granularity: torch.LongTensor | None = None
@@ -172,12 +175,14 @@ def get_rope_index(
     attention_mask: torch.Tensor | None = None,
     image_granularity: torch.LongTensor | None = None,
     mm_token_type_ids: torch.Tensor | None = None,
+    image_num_grids: torch.LongTensor | None = None,
 ) -> tuple[torch.LongTensor, torch.LongTensor]:
     """M-RoPE position ids of a (possibly padded) batch, computed from the placeholder tokens alone.
 
-    input_ids: (batch, seq). image_grid_thw / video_grid_thw: (num, 3) in the order the placeholders appear,
+    input_ids: (batch, seq). image_grid_thw / video_grid_thw: (num_grids, 3) in the order the placeholders appear,
     sample after sample. attention_mask: (batch, seq), 0 on padding (left or right). image_granularity:
-    (num_images,) long levels (an image of level l is placed as its pooled grid); None: level 0 everywhere.
+    (num_images,) long levels (each grid of an image of level l is placed as its pooled grid); None: level 0
+    everywhere. image_num_grids: (num_images,) grids per image (crop mode); None: one grid per image.
     mm_token_type_ids: (batch, seq), 0 text / 1 image / 2 video; None: found by token id (`placeholder_kinds`).
     Returns position_ids (3, batch, seq) long (0 on padding, as in transformers' Qwen2-VL) and rope_deltas
     (batch, 1): largest id + 1 - length, so the token at cache position p of sample b decodes at p + deltas[b].
@@ -188,9 +193,8 @@ def get_rope_index(
         input_ids, config.image_token_id, config.video_token_id, has_images, has_videos, mm_token_type_ids
     )
     mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
-    return rope_index(
-        kinds, config.vision_config.spatial_merge_size, image_grid_thw, video_grid_thw, mask, image_granularity
-    )
+    levels = grid_levels(image_granularity, image_num_grids, image_grid_thw.shape[0]) if has_images else None
+    return rope_index(kinds, config.vision_config.spatial_merge_size, image_grid_thw, video_grid_thw, mask, levels)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,19 +238,25 @@ class NativeVLModel(NativeVLPreTrainedModel):
         return outputs
 
     def pool_image_outputs(
-        self, outputs: NativeVLVisionModelOutput, image_grid_thw: torch.LongTensor, levels: torch.LongTensor | None
+        self,
+        outputs: NativeVLVisionModelOutput,
+        image_grid_thw: torch.LongTensor,
+        levels: torch.LongTensor | None,
+        image_num_grids: torch.LongTensor | None = None,
     ) -> NativeVLVisionModelOutput:
         """Splits `outputs.pooler_output` (sum t*h*w/4, D), level-0 tokens of all grids, into one tensor per grid,
-        each average-pooled to its level (`pool_grid`); records the levels in `image_granularity`."""
+        each average-pooled to its image's level (`pool_grid`; levels (num_images,), image_num_grids
+        (num_images,) grids per image, None: one); records both in `image_granularity` / `image_num_grids`."""
         features = outputs.pooler_output
         if not isinstance(features, torch.Tensor):
             features = torch.cat(features)
         merge = self.config.vision_config.spatial_merge_size
         parts, grids = split_by_image(features, image_grid_thw, merge)
-        if levels is not None and bool((levels != 0).any()):
-            parts = [pool_grid(p, g, int(lv))[0] for p, g, lv in zip(parts, grids, levels.tolist(), strict=True)]
+        per_grid = grid_levels(levels, image_num_grids, len(grids))
+        if per_grid is not None and bool((per_grid != 0).any()):
+            parts = [pool_grid(p, g, int(lv))[0] for p, g, lv in zip(parts, grids, per_grid.tolist(), strict=True)]
         outputs.pooler_output = tuple(parts)
-        outputs.image_granularity = levels
+        outputs.image_granularity, outputs.image_num_grids = levels, image_num_grids
         return outputs
 
     @can_return_tuple
@@ -255,14 +265,17 @@ class NativeVLModel(NativeVLPreTrainedModel):
         pixel_values: torch.Tensor,
         image_grid_thw: torch.LongTensor | None = None,
         image_granularity: torch.LongTensor | int | None = None,
+        image_num_grids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | NativeVLVisionModelOutput:
         """Qwen2-VL's contract: pixel_values (num_patches, 1176), image_grid_thw (num_grids, 3). Returns the vision
-        tower's output with `pooler_output` a tuple of one (tokens_i, LLM width) tensor per grid, pooled to
-        `image_granularity` (None: level 0; an int or one level per grid) when given; `hidden_states` /
+        tower's output with `pooler_output` a tuple of one (tokens_i, LLM width) tensor per grid, pooled to its
+        image's level when `image_granularity` is given (None: level 0; an int or one level per image; the grids
+        of each image from `image_num_grids` (num_images,), None: one grid per image); `hidden_states` /
         `attentions` of the tower with `output_hidden_states` / `output_attentions`."""
-        levels = self.resolve_granularity(image_granularity, image_grid_thw)
-        return self.pool_image_outputs(self._encode(pixel_values, image_grid_thw, **kwargs), image_grid_thw, levels)
+        levels = self.resolve_granularity(image_granularity, image_grid_thw, image_num_grids)
+        outputs = self._encode(pixel_values, image_grid_thw, **kwargs)
+        return self.pool_image_outputs(outputs, image_grid_thw, levels, image_num_grids)
 
     @can_return_tuple
     def get_video_features(
@@ -286,9 +299,9 @@ class NativeVLModel(NativeVLPreTrainedModel):
     ) -> tuple[torch.LongTensor, torch.LongTensor]:
         """transformers' `Qwen2VLModel.get_rope_index` contract: position ids (3, batch, seq) long (0 on padding)
         and rope_deltas (batch, 1). `mm_token_type_ids` (batch, seq), 0 text / 1 image / 2 video, may be omitted
-        (placeholders are then found by token id, and only when grids of their kind are given). Extra keyword:
-        `image_granularity` (num_grids,) levels. Under `position_scheme="1d"` the three rows are the plain
-        positions the model uses and the deltas are 0."""
+        (placeholders are then found by token id, and only when grids of their kind are given). Extra keywords:
+        `image_granularity` (num_images,) levels and `image_num_grids` (num_images,) grids per image. Under
+        `position_scheme="1d"` the three rows are the plain positions the model uses and the deltas are 0."""
         if self.config.position_scheme == "1d":
             batch, seq_len = input_ids.shape
             mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
@@ -297,9 +310,17 @@ class NativeVLModel(NativeVLPreTrainedModel):
                 positions = positions.masked_fill(~mask.bool(), 0)
             zeros = torch.zeros(batch, 1, dtype=torch.long, device=input_ids.device)
             return positions.unsqueeze(0).expand(3, -1, -1).clone(), zeros
-        levels = self.resolve_granularity(kwargs.get("image_granularity"), image_grid_thw)
+        num_grids = kwargs.get("image_num_grids")
+        levels = self.resolve_granularity(kwargs.get("image_granularity"), image_grid_thw, num_grids)
         return get_rope_index(
-            input_ids, self.config, image_grid_thw, video_grid_thw, attention_mask, levels, mm_token_type_ids
+            input_ids,
+            self.config,
+            image_grid_thw,
+            video_grid_thw,
+            attention_mask,
+            levels,
+            mm_token_type_ids,
+            num_grids,
         )
 
     def _scatter(self, inputs_embeds, input_ids, token_id, features, name) -> torch.Tensor:
@@ -319,22 +340,34 @@ class NativeVLModel(NativeVLPreTrainedModel):
         mask = mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
         return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
 
-    def resolve_granularity(self, granularity, image_grid_thw: torch.LongTensor | None) -> torch.LongTensor | None:
-        """Per-grid levels (num_grids,) long from None (None: full grid), an int (every grid) or a sequence /
-        tensor (one level per image grid). Raises on levels outside 0..L-1 (when the config sets L) or below 0."""
+    def resolve_granularity(
+        self,
+        granularity,
+        image_grid_thw: torch.LongTensor | None,
+        image_num_grids: torch.LongTensor | None = None,
+    ) -> torch.LongTensor | None:
+        """Per-image levels (num_images,) long from None (None: full grids), an int (every image) or a sequence /
+        tensor (one level per image). The images are the entries of `image_num_grids` (num_images,) (grids per
+        image, as the processor returns it: crop mode makes one image several grids), or without it the rows of
+        `image_grid_thw`. Raises on a count that does not match or levels outside 0..L-1 (when the config sets L)."""
         if granularity is None or image_grid_thw is None:
             return None
         if isinstance(granularity, str):
             raise ValueError(
                 f"granularity must be None, 'auto', an int level or per-image levels, got {granularity!r}"
             )
-        n = image_grid_thw.shape[0]
+        n_grids = image_grid_thw.shape[0]
+        n = n_grids if image_num_grids is None else image_num_grids.shape[0]
         if isinstance(granularity, int):
             levels = torch.full((n,), granularity, dtype=torch.long)
         else:
             levels = torch.as_tensor(granularity, dtype=torch.long).flatten().cpu()
         if levels.shape[0] != n:
-            raise ValueError(f"granularity gives {levels.shape[0]} level(s) but there are {n} image grid(s)")
+            grids = "" if image_num_grids is None else f" (image_num_grids {image_num_grids.tolist()})"
+            raise ValueError(
+                f"granularity gives {levels.shape[0]} level(s) but there are {n} image(s) in {n_grids} grid(s)"
+                f"{grids}: give one level per image"
+            )
         top = self.config.granularity
         if levels.numel() and (int(levels.min()) < 0 or (top is not None and int(levels.max()) >= top)):
             raise ValueError(f"granularity levels {levels.tolist()} must lie in 0..{(top or 1) - 1 if top else 'inf'}")
@@ -346,17 +379,21 @@ class NativeVLModel(NativeVLPreTrainedModel):
         image_features: torch.Tensor,
         image_grid_thw: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
         cu_seq_lens_q: torch.Tensor | None = None,
         image_granularity: torch.LongTensor | None = None,
+        image_num_grids: torch.LongTensor | None = None,
     ) -> torch.Tensor:
-        """The router's logits (num_images, L), one row per image grid.
+        """The router's logits (num_images, L), one row per image.
 
-        input_ids: (batch, seq) holding the images' placeholders at the levels `image_granularity` (None: level 0);
-        image_features: (sum t*h*w/4, D) level-0 tokens. Each image sees its own levels' tokens plus the `top_k`
-        text tokens of its own sample (the row, or the `cu_seq_lens_q` segment of a packed row) most
-        cosine-similar to its mean token; text tokens exclude vision tokens, padding (attention_mask 0) and answer
-        tokens (labels != -100), so the router sees the instruction only.
+        input_ids: (batch, seq) holding the images' placeholders at the levels `image_granularity` (num_images,)
+        (None: level 0); image_features: (sum t*h*w/4, D) level-0 tokens of all grids; image_num_grids
+        (num_images,): grids per image (None: one). Each grid sees its own levels' tokens plus the `top_k` text
+        tokens of its own sample (the row, or the `cu_seq_lens_q` segment of a packed row) most cosine-similar to
+        its mean token; an image of several grids (crop mode) averages its grids' logits. Text tokens exclude
+        vision tokens, padding (attention_mask 0) and, with `instruction_mask` (batch, seq), every token it marks
+        0: the router reads the instruction only (a prompt is all instruction; in a training row the answer tokens,
+        `labels != -100`, are not).
         """
         if self.granularity_router is None:
             raise ValueError("this model has no granularity router: set config.granularity to a number of levels")
@@ -373,17 +410,21 @@ class NativeVLModel(NativeVLPreTrainedModel):
         is_text = ~torch.isin(flat_ids, torch.tensor(vision_ids, device=flat_ids.device))
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             is_text &= attention_mask.reshape(-1).bool()
-        if labels is not None:
-            is_text &= labels.reshape(-1) == IGNORE_INDEX
+        if instruction_mask is not None:
+            is_text &= instruction_mask.reshape(-1).to(is_text.device).bool()
         embeds = self.get_input_embeddings()(flat_ids)  # (batch*seq, D)
-        counts = image_token_counts(image_grid_thw, image_granularity, merge)
+        levels = grid_levels(image_granularity, image_num_grids, image_grid_thw.shape[0])
+        counts = image_token_counts(image_grid_thw, levels, merge)
         firsts = first_image_tokens(input_ids, cfg.image_token_id, counts).tolist()
         texts = [embeds[is_text & (segment == segment[first])] for first in firsts]  # each image's own instruction
         parts, grids = split_by_image(image_features, image_grid_thw, merge)
         batch_tokens, batch_slots, padding = router_inputs(
             parts, grids, texts, router.num_levels, router.top_k, router.head[0].weight.dtype
         )
-        return router(batch_tokens, batch_slots, padding)  # (num_images, L)
+        logits = router(batch_tokens, batch_slots, padding)  # (num_grids, L)
+        if image_num_grids is None:
+            return logits
+        return sum_per_image(logits, image_num_grids) / image_num_grids.to(logits.device).unsqueeze(-1)  # (images, L)
 
     def choose_granularity(
         self,
@@ -391,15 +432,24 @@ class NativeVLModel(NativeVLPreTrainedModel):
         pixel_values: torch.Tensor,
         image_grid_thw: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
         cu_seq_lens_q: torch.Tensor | None = None,
         image_granularity: torch.LongTensor | None = None,
+        image_num_grids: torch.LongTensor | None = None,
     ) -> tuple[torch.LongTensor, torch.Tensor, torch.Tensor]:
-        """`granularity="auto"`: runs the vision tower and the router. Returns the argmax levels (num_images,)
-        long, the router logits (num_images, L) and the level-0 image features (sum t*h*w/4, D)."""
+        """`granularity="auto"`: runs the vision tower and the router (arguments as `router_logits`). Returns the
+        argmax levels (num_images,) long, the router logits (num_images, L) and the level-0 image features
+        (sum t*h*w/4, D)."""
         features = self._encode(pixel_values, image_grid_thw).pooler_output
         logits = self.router_logits(
-            input_ids, features, image_grid_thw, attention_mask, labels, cu_seq_lens_q, image_granularity
+            input_ids,
+            features,
+            image_grid_thw,
+            attention_mask,
+            instruction_mask,
+            cu_seq_lens_q,
+            image_granularity,
+            image_num_grids,
         )
         return logits.argmax(-1), logits, features
 
@@ -413,8 +463,10 @@ class NativeVLModel(NativeVLPreTrainedModel):
         video_grid_thw: torch.LongTensor | None,
         image_granularity: torch.LongTensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
+        image_num_grids: torch.LongTensor | None = None,
     ) -> torch.LongTensor:
-        """Position ids when the caller gave none: (batch, seq) for the 1-D scheme, (3, batch, seq) for M-RoPE.
+        """Position ids when the caller gave none: (batch, seq) for the 1-D scheme, (3, batch, seq) for M-RoPE
+        (image_granularity, image_num_grids: (num_images,) levels and grids per image).
 
         M-RoPE at prefill (empty cache) is computed from the placeholder tokens and sets `rope_deltas` (0 for a
         prompt given as embeddings: it has no placeholders to read); during cached decoding the new tokens are
@@ -427,7 +479,14 @@ class NativeVLModel(NativeVLPreTrainedModel):
             return text_positions(batch, seq_len, past_length, mask_2d, inputs_embeds.device)
         if past_length == 0 and input_ids is not None:
             position_ids, self.rope_deltas = get_rope_index(
-                input_ids, self.config, image_grid_thw, video_grid_thw, mask_2d, image_granularity, mm_token_type_ids
+                input_ids,
+                self.config,
+                image_grid_thw,
+                video_grid_thw,
+                mask_2d,
+                image_granularity,
+                mm_token_type_ids,
+                image_num_grids,
             )
             return position_ids
         positions = text_positions(batch, seq_len, past_length, mask_2d, inputs_embeds.device)
@@ -520,25 +579,31 @@ class NativeVLModel(NativeVLPreTrainedModel):
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         granularity: str | int | torch.LongTensor | None = None,
         image_granularity: torch.LongTensor | None = None,
-        labels: torch.LongTensor | None = None,
+        image_num_grids: torch.LongTensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | NativeVLModelOutputWithPast:
         """input_ids: (batch, seq). pixel_values: (num_patches, 1176) for all images of the batch, image_grid_thw
-        (num_images, 3); videos likewise (zero rows count as none). `mm_encoder_outputs`: {"image"|"video": output
-        of `get_image_features` / `get_video_features`} in place of pixels (what `generate` passes). position_ids:
+        (num_grids, 3), image_num_grids (num_images,) the grids of each image (crop mode makes one image a global
+        view plus tiles; None: one grid per image); videos likewise (zero rows count as none).
+        `mm_encoder_outputs`: {"image"|"video": output of `get_image_features` / `get_video_features`} in place of
+        pixels (what `generate` passes). position_ids:
         (batch, seq), (3, batch, seq), the processor's (batch, seq, 3), or (4, batch, seq) with plain per-sample
         positions first (packed rows); computed from the placeholders when None. `mm_token_type_ids` (batch, seq):
         0 text / 1 image / 2 video; without it placeholders are found by token id. The KV cache is `cache` (5.24 on)
         or `past_key_values` (earlier releases).
 
-        granularity: None (full grids), an int level for every image, or (num_images,) long levels; each image's
-        tokens are average-pooled to its level before they fill its placeholders, whose count must be the pooled
-        count. `image_granularity` (as the processor and `PackingCollator` return it) is used when `granularity`
-        is None, and says what the placeholders were expanded for when it is `"auto"`.
+        granularity: None (full grids), an int level for every image, or (num_images,) long levels, one per image;
+        the tokens of each grid of an image are average-pooled to the image's level before they fill its
+        placeholders, whose count must be the pooled count. `image_granularity` (num_images,) (as the processor and
+        `PackingCollator` return it) is used when `granularity` is None, and says what the placeholders were
+        expanded for when it is `"auto"`.
 
         `granularity="auto"` (padded or single rows; `input_ids` needed): the router picks each image's level from
-        its level-0 tokens and its sample's instruction (`labels` != -100 marks answer tokens it must not see).
+        its level-0 tokens and its sample's instruction: the attended text tokens, only those `instruction_mask`
+        (batch, seq) marks nonzero when given (`NativeVLForConditionalGeneration` passes `labels == -100`, so the
+        answer tokens stay unseen, as at inference where the prompt holds no answer).
         The sequence keeps its length: each image's surplus placeholders are masked out of attention (zeros in
         the returned `attention_mask`) and position ids are recomputed over the kept tokens, so every kept
         position gets the logits of the prompt shortened to the chosen levels (what `generate` feeds). Given
@@ -553,6 +618,7 @@ class NativeVLModel(NativeVLPreTrainedModel):
             self.rope_deltas = rope_deltas
         capture = {k: kwargs[k] for k in ("output_hidden_states", "output_attentions") if k in kwargs}
         pixel_values, image_grid_thw = drop_empty(pixel_values, image_grid_thw)
+        image_num_grids = image_num_grids if image_grid_thw is not None else None  # zero rows: no images
         routed_mask = None
         if isinstance(granularity, str):
             if granularity != "auto":
@@ -562,21 +628,23 @@ class NativeVLModel(NativeVLPreTrainedModel):
             if pixel_values is not None:  # else nothing to route (text only, or a decoding step after the prefill)
                 input_ids, routed_mask, routed = self._route(
                     input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, image_granularity,
-                    labels, kwargs.get("cu_seq_lens_q"), capture,
+                    image_num_grids, instruction_mask, kwargs.get("cu_seq_lens_q"), capture,
                 )  # fmt: skip
                 attention_mask, position_ids, pixel_values = routed_mask, None, None
                 mm_encoder_outputs = {**(mm_encoder_outputs or {}), "image": routed}
             granularity = None
         encoded = self.encode_vision(
-            pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, mm_encoder_outputs,
+            pixel_values, image_grid_thw, image_num_grids, pixel_values_videos, video_grid_thw, mm_encoder_outputs,
             granularity if granularity is not None else image_granularity, capture,
         )  # fmt: skip
         inputs_embeds = self.embed_with_vision(input_ids, inputs_embeds, encoded)
         levels = getattr(encoded.get("image"), "image_granularity", None)
+        num_grids = getattr(encoded.get("image"), "image_num_grids", None)
+        num_grids = num_grids if num_grids is not None else image_num_grids
         if position_ids is None:
             position_ids = self.compute_position_ids(
                 input_ids, inputs_embeds, attention_mask, cache, image_grid_thw, video_grid_thw, levels,
-                mm_token_type_ids,
+                mm_token_type_ids, num_grids,
             )  # fmt: skip
         else:
             position_ids, packed = self.given_position_ids(
@@ -592,12 +660,13 @@ class NativeVLModel(NativeVLPreTrainedModel):
             **{CACHE_NAME: cache},
             **kwargs,
         )
-        return self._model_output(outputs, encoded, routed_mask)
+        return self._model_output(outputs, encoded, routed_mask, num_grids)
 
     def encode_vision(
         self,
         pixel_values: torch.Tensor | None,
         image_grid_thw: torch.LongTensor | None,
+        image_num_grids: torch.LongTensor | None,
         pixel_values_videos: torch.Tensor | None,
         video_grid_thw: torch.LongTensor | None,
         mm_encoder_outputs: dict | None,
@@ -605,7 +674,8 @@ class NativeVLModel(NativeVLPreTrainedModel):
         capture: dict,
     ) -> dict[str, NativeVLVisionModelOutput]:
         """{"image"|"video": vision outputs} from pixel values (zero rows count as none; images pooled to
-        `image_levels`) or from pre-computed `mm_encoder_outputs`, never both for one modality."""
+        `image_levels`, one per image of `image_num_grids`) or from pre-computed `mm_encoder_outputs`, never both
+        for one modality."""
         pixel_values, image_grid_thw = drop_empty(pixel_values, image_grid_thw)
         pixel_values_videos, video_grid_thw = drop_empty(pixel_values_videos, video_grid_thw)
         encoded = {k: v for k, v in (mm_encoder_outputs or {}).items() if v is not None}
@@ -613,7 +683,9 @@ class NativeVLModel(NativeVLPreTrainedModel):
             if pixels is not None and name in encoded:
                 raise ValueError(f"give the {name}s as pixel values or as mm_encoder_outputs['{name}'], not both")
         if pixel_values is not None:
-            encoded["image"] = self.get_image_features(pixel_values, image_grid_thw, image_levels, **capture)
+            encoded["image"] = self.get_image_features(
+                pixel_values, image_grid_thw, image_levels, image_num_grids, **capture
+            )
         if pixel_values_videos is not None:
             encoded["video"] = self.get_video_features(pixel_values_videos, video_grid_thw, **capture)
         return encoded
@@ -630,14 +702,19 @@ class NativeVLModel(NativeVLPreTrainedModel):
                 inputs_embeds = self._scatter(inputs_embeds, input_ids, token_id, features, name)
         return inputs_embeds
 
-    def _model_output(self, outputs, encoded: dict, routed_mask: torch.Tensor | None) -> NativeVLModelOutputWithPast:
-        """The decoder's output plus the vision outputs, each grid's level and visual token count."""
+    def _model_output(
+        self, outputs, encoded: dict, routed_mask: torch.Tensor | None, image_num_grids: torch.LongTensor | None
+    ) -> NativeVLModelOutputWithPast:
+        """The decoder's output plus the vision outputs, each image's level and visual token count (its grids
+        summed: `image_num_grids` (num_images,), None: one grid per image)."""
         image_out = encoded.get("image")
         levels = visual_tokens = None
         if image_out is not None:
-            counts = [part.shape[0] for part in image_out.pooler_output]
+            counts = [part.shape[0] for part in image_out.pooler_output]  # per grid
             visual_tokens = torch.tensor(counts, dtype=torch.long, device=outputs.last_hidden_state.device)
-            levels = image_out.image_granularity
+            num_grids = None if image_num_grids is None else image_num_grids.to(visual_tokens.device)
+            visual_tokens = sum_per_image(visual_tokens, num_grids)  # (num_images,)
+            levels = getattr(image_out, "image_granularity", None)
             levels = torch.zeros_like(visual_tokens) if levels is None else levels
         return NativeVLModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
@@ -660,7 +737,8 @@ class NativeVLModel(NativeVLPreTrainedModel):
         pixel_values,
         image_grid_thw,
         image_granularity,
-        labels,
+        image_num_grids,
+        instruction_mask,
         cu_seq_lens_q,
         capture,
     ) -> tuple[torch.LongTensor, torch.LongTensor, NativeVLVisionModelOutput]:
@@ -677,25 +755,66 @@ class NativeVLModel(NativeVLPreTrainedModel):
                 "granularity='auto' takes padded or single rows (attention_mask or no position_ids); for packed rows "
                 "call choose_granularity(..., cu_seq_lens_q=...) and pack the samples at the levels it returns"
             )
-        from_levels = self.resolve_granularity(image_granularity, image_grid_thw)
         image_out = self._encode(pixel_values, image_grid_thw, **capture)
+        levels, mask = self.route_images(
+            input_ids, image_out, image_grid_thw, attention_mask, instruction_mask, image_granularity, image_num_grids
+        )
+        pad, image_id = self.config.text_config.pad_token_id, self.config.image_token_id
+        dropped = (input_ids == image_id) & ~mask.bool()
+        input_ids = input_ids.masked_fill(dropped, pad if pad is not None and pad != image_id else 0)
+        return input_ids, mask, self.pool_image_outputs(image_out, image_grid_thw, levels, image_num_grids)
+
+    def route_images(
+        self,
+        input_ids: torch.LongTensor,
+        image_outputs: NativeVLVisionModelOutput,
+        image_grid_thw: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+        image_granularity: torch.LongTensor | None = None,
+        image_num_grids: torch.LongTensor | None = None,
+    ) -> tuple[torch.LongTensor, torch.Tensor]:
+        """The router's choice for a prompt expanded for `image_granularity` (None: level 0) and the level-0
+        `image_outputs` of `_encode`: levels (num_images,) long (the router runs without gradient; arguments as
+        `router_logits`) and the attention mask (batch, seq) with each image's surplus placeholders zeroed."""
+        from_levels = self.resolve_granularity(image_granularity, image_grid_thw, image_num_grids)
         with torch.no_grad():
             levels = self.router_logits(
                 input_ids,
-                image_out.pooler_output,
+                image_outputs.pooler_output,
                 image_grid_thw,
                 attention_mask,
-                labels,
+                instruction_mask,
                 image_granularity=from_levels,
+                image_num_grids=image_num_grids,
             ).argmax(-1)
-        merge, image_id = self.config.vision_config.spatial_merge_size, self.config.image_token_id
-        mask = drop_surplus_placeholders(
-            input_ids, attention_mask, image_grid_thw, from_levels, levels, image_id, merge
+        kept = self.surplus_placeholder_mask(
+            input_ids, attention_mask, image_grid_thw, from_levels, levels, image_num_grids
         )
-        pad = self.config.text_config.pad_token_id
-        dropped = (input_ids == image_id) & ~mask.bool()
-        input_ids = input_ids.masked_fill(dropped, pad if pad is not None and pad != image_id else 0)
-        return input_ids, mask, self.pool_image_outputs(image_out, image_grid_thw, levels)
+        return levels, kept
+
+    def surplus_placeholder_mask(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        image_grid_thw: torch.LongTensor,
+        from_levels: torch.LongTensor | None,
+        to_levels: torch.LongTensor,
+        image_num_grids: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
+        """`drop_surplus_placeholders` for per-image levels: the attention mask (batch, seq) long of a prompt
+        expanded for `from_levels` (num_images,) (None: level 0) with the placeholders each image does not need
+        at `to_levels` (num_images,) zeroed (image_num_grids (num_images,): grids per image, None: one)."""
+        n_grids = image_grid_thw.shape[0]
+        return drop_surplus_placeholders(
+            input_ids,
+            attention_mask,
+            image_grid_thw,
+            grid_levels(from_levels, image_num_grids, n_grids),
+            grid_levels(to_levels, image_num_grids, n_grids),
+            self.config.image_token_id,
+            self.config.vision_config.spatial_merge_size,
+        )
 
 
 def drop_empty(pixels: torch.Tensor | None, grid_thw: torch.LongTensor | None):
@@ -773,12 +892,18 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         granularity: str | int | torch.LongTensor | None = None,
         image_granularity: torch.LongTensor | None = None,
+        image_num_grids: torch.LongTensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | NativeVLCausalLMOutputWithPast:
         """Arguments as `NativeVLModel.forward`; labels (batch, seq) with -100 on ignored tokens (shifted inside).
         Returns logits (batch, seq, vocab) (the last `logits_to_keep` positions when nonzero) and the mean loss,
-        plus the level and the visual tokens of each image (`granularity="auto"`: see `NativeVLModel.forward`)."""
+        plus the level and the visual tokens of each image. With `granularity="auto"` and labels, the router reads
+        the tokens the loss ignores (`instruction_mask = labels == -100` unless one is given): the prompt, never
+        the answer (see `NativeVLModel.forward`)."""
+        if granularity == "auto" and instruction_mask is None and labels is not None:
+            instruction_mask = labels == IGNORE_INDEX
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -795,7 +920,8 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
             mm_encoder_outputs=mm_encoder_outputs,
             granularity=granularity,
             image_granularity=image_granularity,
-            labels=labels if isinstance(granularity, str) else None,
+            image_num_grids=image_num_grids,
+            instruction_mask=instruction_mask,
             return_dict=True,
             **kwargs,
         )
@@ -839,20 +965,23 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
         mask = model_kwargs.get("attention_mask")
         grids = model_kwargs.get("image_grid_thw")
         # the prefill forward derives rope_deltas from these ids (`given_position_ids`)
+        num_grids = model_kwargs.get("image_num_grids")
         mrope_ids, _ = get_rope_index(
             input_ids,
             self.config,
             grids,
             model_kwargs.get("video_grid_thw"),
             mask if mask is not None and mask.dim() == 2 else None,
-            self.model.resolve_granularity(model_kwargs.get("image_granularity"), grids),
+            self.model.resolve_granularity(model_kwargs.get("image_granularity"), grids, num_grids),
             model_kwargs.get("mm_token_type_ids"),
+            num_grids,
         )
         return torch.cat([text_ids.unsqueeze(0).to(mrope_ids.device), mrope_ids], dim=0)  # (4, batch, seq)
 
     def generate(self, *args, granularity: str | int | torch.LongTensor | None = None, **kwargs):
-        """`GenerationMixin.generate` plus `granularity`: None (full grids), an int level or per-image levels
-        (the prompt's placeholders must already match, e.g. from `processor(..., granularity=...)`), or `"auto"`.
+        """`GenerationMixin.generate` plus `granularity`: None (full grids), an int level or one level per image
+        (the prompt's placeholders must already match, e.g. from `processor(..., granularity=...)`; crop mode's
+        tiles take their image's level through the processor's `image_num_grids`), or `"auto"`.
 
         The processor's batch-first M-RoPE ids (batch, seq, 3) are accepted as `position_ids`; zero-row pixel
         values (text-only samples) count as none. The vision tower runs once, before the prefill, through
@@ -874,6 +1003,8 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
             for key, value in zip((pixels, grid), kept, strict=True):
                 if value is None:
                     kwargs.pop(key, None)
+        if kwargs.get("image_grid_thw") is None:
+            kwargs.pop("image_num_grids", None)  # zero rows for a text-only batch
         if kwargs.get("position_ids") is not None and input_ids is not None:
             kwargs["position_ids"] = channels_first_position_ids(kwargs["position_ids"], *input_ids.shape[:2])
         if isinstance(granularity, str) and granularity != "auto":
@@ -881,7 +1012,9 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
         grids = kwargs.get("image_grid_thw")
         if not isinstance(granularity, str):
             if granularity is not None and grids is not None:
-                kwargs["image_granularity"] = self.model.resolve_granularity(granularity, grids)
+                kwargs["image_granularity"] = self.model.resolve_granularity(
+                    granularity, grids, kwargs.get("image_num_grids")
+                )
             return super().generate(*args, input_ids=input_ids, **kwargs)
         if kwargs.get("pixel_values") is None or input_ids is None:  # nothing to route
             return super().generate(*args, input_ids=input_ids, **kwargs)
@@ -890,23 +1023,21 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
     def _generate_routed(self, input_ids: torch.LongTensor, *args, **kwargs):
         """`generate(granularity="auto")` (see `generate`): route, compact the prompt, generate on pooled features."""
         pixel_values, grids = kwargs.pop("pixel_values"), kwargs.get("image_grid_thw")
-        from_levels = self.model.resolve_granularity(kwargs.pop("image_granularity", None), grids)
-        mask = kwargs.get("attention_mask")
+        num_grids, mask = kwargs.get("image_num_grids"), kwargs.get("attention_mask")
         with torch.no_grad():
             image_out = self.model._encode(pixel_values, grids)
-            levels = self.model.router_logits(
-                input_ids, image_out.pooler_output, grids, mask, image_granularity=from_levels
-            ).argmax(-1)
+        levels, kept = self.model.route_images(
+            input_ids, image_out, grids, mask, None, kwargs.pop("image_granularity", None), num_grids
+        )
         pad = self.generation_config.pad_token_id
         pad = pad if pad is not None else (self.config.text_config.pad_token_id or 0)
-        merge, image_id = self.config.vision_config.spatial_merge_size, self.config.image_token_id
-        kept = drop_surplus_placeholders(input_ids, mask, grids, from_levels, levels, image_id, merge)
         pad = int(pad if not isinstance(pad, torch.Tensor) else pad.flatten()[0])
         compact_ids, compact_mask = compact_image_placeholders(input_ids, mask, kept, pad)
         kwargs.pop("position_ids", None)  # the processor's ids describe the full grids; recomputed for the levels
         kwargs["attention_mask"] = compact_mask
         kwargs["image_granularity"] = levels
-        kwargs["mm_encoder_outputs"] = {"image": self.model.pool_image_outputs(image_out, grids, levels)}
+        pooled = self.model.pool_image_outputs(image_out, grids, levels, num_grids)
+        kwargs["mm_encoder_outputs"] = {"image": pooled}
         out = super().generate(*args, input_ids=compact_ids, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         sequences = torch.cat([input_ids.to(sequences.device), sequences[:, compact_ids.shape[1] :]], dim=1)

@@ -266,11 +266,13 @@ def vision_segments(grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[tuple[in
 class NativeVLVisionModelOutput(BaseModelOutputWithPooling):
     """`BaseModelOutputWithPooling` of the vision tower / `get_image_features`: `last_hidden_state` (num_patches,
     embed_dim); `pooler_output` (num_patches / 4, width) from the tower, or a tuple with one (tokens_i, LLM width)
-    tensor per grid from `get_image_features` (pooled to each grid's granularity level when one was given);
+    tensor per grid from `get_image_features` (pooled to its image's granularity level when one was given);
     `hidden_states` / `attentions` when requested (attentions: per layer a tuple of (count, heads, L, L) weights,
-    one per run of equal-length segments, eager only); `image_granularity` (num_grids,) long levels or None."""
+    one per run of equal-length segments, eager only); `image_granularity` (num_images,) long: the level of each
+    image (None: level 0); `image_num_grids` (num_images,) long: the grids of each image (None: one per image)."""
 
     image_granularity: torch.LongTensor | None = None
+    image_num_grids: torch.LongTensor | None = None
 
 
 class NativeVLVisionModel(NativeVLAttentionSupport, PreTrainedModel):

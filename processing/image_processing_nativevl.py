@@ -333,7 +333,7 @@ class NativeVLImageProcessor(BaseImageProcessor):
             at call time. Use 1 inside DataLoader workers.
     """
 
-    model_input_names = ["pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"]
+    model_input_names = ["pixel_values", "image_grid_thw", "image_num_grids", "pixel_values_videos", "video_grid_thw"]
     valid_kwargs = NativeVLImageProcessorKwargs
 
     def __init__(
@@ -503,7 +503,7 @@ class NativeVLImageProcessor(BaseImageProcessor):
 
         Returns:
             `BatchFeature` with, for images: ``pixel_values`` ``(sum of patches, C*T*patch*patch)`` float32,
-            ``image_grid_thw`` ``(num_grids, 3)`` int64 rows ``[1, h, w]`` in patches, ``image_num_tiles``
+            ``image_grid_thw`` ``(num_grids, 3)`` int64 rows ``[1, h, w]`` in patches, ``image_num_grids``
             ``(num_images,)`` int64 (grids per input image: 1, or 1 + tiles in crop mode); for videos:
             ``pixel_values_videos`` ``(sum of patches, C*T*patch*patch)`` float32 and ``video_grid_thw``
             ``(num_videos, 3)`` int64 ``[t, h, w]``.
@@ -539,7 +539,7 @@ class NativeVLImageProcessor(BaseImageProcessor):
         return {
             "pixel_values": pixel_values,
             "image_grid_thw": np.array([u.grid for u in units], dtype=np.int64).reshape(-1, 3),
-            "image_num_tiles": np.array([len(us) for us in units_per_image], dtype=np.int64),
+            "image_num_grids": np.array([len(us) for us in units_per_image], dtype=np.int64),
         }
 
     def _process_videos(self, videos: list, cfg: _Config, input_data_format) -> dict[str, np.ndarray]:

@@ -22,7 +22,13 @@ from transformers.processing_utils import ProcessorMixin, TextKwargs
 from transformers.utils import logging
 
 from .image_processing_nativevl import image_size
-from .processing_positions_nativevl import batch_mrope_positions, grid_token_counts, level_grid, placeholder_kinds
+from .processing_positions_nativevl import (
+    batch_mrope_positions,
+    grid_token_counts,
+    level_grid,
+    placeholder_kinds,
+    repeat_per_grid,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -97,17 +103,15 @@ def mrope_position_ids(
     image_token_id: int,
     video_token_id: int,
     merge_size: int,
-    image_granularity: Sequence[int] | None = None,
+    levels_per_grid: Sequence[int] | None = None,
 ) -> np.ndarray:
     """M-RoPE ids (3, batch, seq) of a padded batch (0 on padding), by the model's own functions of the shared
     positions file: `placeholder_kinds` (by token id, only for a kind the batch has grids of), then
-    `batch_mrope_positions`."""
+    `batch_mrope_positions` (`levels_per_grid`: one granularity level per image grid)."""
     kinds = placeholder_kinds(
         torch.from_numpy(input_ids), image_token_id, video_token_id, len(image_grids) > 0, len(video_grids) > 0
     ).numpy()
-    positions, _ = batch_mrope_positions(
-        kinds, attention_mask, image_grids, video_grids, merge_size, image_granularity
-    )
+    positions, _ = batch_mrope_positions(kinds, attention_mask, image_grids, video_grids, merge_size, levels_per_grid)
     return positions
 
 
@@ -165,9 +169,9 @@ class NativeVLProcessor(ProcessorMixin):
             max_image_tokens: per-sample budget of image tokens for this call (overrides the processor's).
             images_kwargs: per-call image processor overrides (e.g. `{"mode": "fixed"}`, `{"max_pixels": ...}`).
             granularity: None (full grids), one level for every image, or one level per image (placeholder order
-                across the batch): each image gets the placeholders of its pooled grid (AVG-LLaVA levels; see the
-                model's `level_grid`), and `image_granularity` (one level per image grid; crop tiles share their
-                image's level) is returned so the model pools to the same level and the position ids match.
+                across the batch): each image gets the placeholders of its pooled grids (AVG-LLaVA levels; see the
+                model's `level_grid`; crop tiles take their image's level), and `image_granularity` (one level per
+                image) is returned so the model pools to the same levels and the position ids match.
             **kwargs: tokenizer arguments (`padding_side`, `truncation` with `max_length`: allowed when it cuts text
                 only, ValueError naming the sample when it would cut image or video tokens;
                 `return_text_replacement_offsets=True` adds `text_replacement_offsets`, per text the placeholders
@@ -175,11 +179,14 @@ class NativeVLProcessor(ProcessorMixin):
                 processors return it).
 
         Returns:
-            `BatchFeature` with `input_ids`, `attention_mask` (batch, seq); `pixel_values` (patches, 1176) and
-            `image_grid_thw` (grids, 3) when images are given; `pixel_values_videos`, `video_grid_thw` for videos;
+            `BatchFeature` with `input_ids`, `attention_mask` (batch, seq); `pixel_values` (patches, 1176),
+            `image_grid_thw` (grids, 3) and `image_num_grids` (images,) (grids per image: 1, or the global view
+            plus the tiles in crop mode; the model maps per-image levels to grids with it) when images are given;
+            `pixel_values_videos`, `video_grid_thw` for videos;
             `position_ids` (batch, seq, 3) M-RoPE ids (temporal, height, width) for `position_scheme="mrope"`,
             batch first so that any collator pads them along the sequence (the model also takes transformers'
-            (3, batch, seq)), or (batch, seq) for `"1d"`; `image_granularity` (grids,) when `granularity` is given.
+            (3, batch, seq)), or (batch, seq) for `"1d"`; `image_granularity` (images,) long when `granularity` is
+            given.
             The image and video keys are always present (zero rows without images / videos), so per-sample outputs
             collate into one batch. Unknown keyword arguments are dropped with a warning naming them.
         """
@@ -206,13 +213,14 @@ class NativeVLProcessor(ProcessorMixin):
         data = {
             "pixel_values": np.zeros((0, patch_dim), np.float32),
             "image_grid_thw": np.zeros((0, 3), np.int64),
+            "image_num_grids": np.zeros((0,), np.int64),
             "pixel_values_videos": np.zeros((0, patch_dim), np.float32),
             "video_grid_thw": np.zeros((0, 3), np.int64),
         }
-        image_tokens, grid_levels = [], None
+        image_tokens, levels_per_grid = [], None
         if flat_images:
             budget = max_image_tokens if max_image_tokens is not None else self.max_image_tokens
-            image_tokens, grid_levels = self._images_into(
+            image_tokens, levels_per_grid = self._images_into(
                 data, flat_images, image_counts, budget, images_kwargs, granularity
             )
         video_tokens: list[int] = []
@@ -224,7 +232,7 @@ class NativeVLProcessor(ProcessorMixin):
         data.update(self.tokenizer(texts, padding=padding, return_tensors="np", **kwargs))
         if kwargs.get("truncation"):
             self._check_truncation(texts, data["input_ids"], data["attention_mask"], kwargs.get("max_length"))
-        data["position_ids"] = self._position_ids(data, grid_levels)
+        data["position_ids"] = self._position_ids(data, levels_per_grid)
         features = BatchFeature(data=data, tensor_type=return_tensors)
         if return_replacements:
             # transformers' `return_text_replacement_offsets`: where each placeholder moved (per text, in order),
@@ -262,23 +270,25 @@ class NativeVLProcessor(ProcessorMixin):
         return images_kwargs, {k: v for k, v in kwargs.items() if k not in unknown}
 
     def _images_into(self, data: dict, images: list, counts: list[int], budget, images_kwargs: dict, granularity):
-        """Processes the images into `data` (pixel_values, image_grid_thw, and image_granularity (one level per
-        grid; crop tiles share their image's level) when `granularity` is given). Returns the placeholder tokens
-        of each image and the per-grid levels (None without granularity)."""
-        pixel_values, grids, image_tokens, tiles = self._process_images(images, counts, budget, images_kwargs)
-        data["pixel_values"], data["image_grid_thw"] = pixel_values, grids
-        if granularity is None:
-            return image_tokens, None
-        levels = [granularity] * len(images) if isinstance(granularity, int) else list(granularity)
-        if len(levels) != len(images) or any(int(level) < 0 for level in levels):
-            raise ValueError(f"granularity {granularity!r} must be one level >= 0 or one per image ({len(images)})")
-        grid_levels = np.repeat(np.asarray(levels, dtype=np.int64), tiles)  # one level per grid (tile)
-        per_grid = grid_token_counts(grids.tolist(), self.image_processor.merge_size, grid_levels.tolist())
-        ends = np.cumsum(tiles)
-        data["image_granularity"] = grid_levels
-        return [sum(per_grid[e - n : e]) for n, e in zip(tiles, ends, strict=True)], grid_levels
+        """Processes the images into `data` (pixel_values, image_grid_thw, image_num_grids, and image_granularity
+        (one level per image) when `granularity` is given). Returns the placeholder tokens of each image and the
+        per-grid levels (None without granularity)."""
+        pixel_values, grids, num_grids = self._process_images(images, counts, budget, images_kwargs)
+        data["pixel_values"], data["image_grid_thw"], data["image_num_grids"] = pixel_values, grids, num_grids
+        levels = None
+        if granularity is not None:
+            levels = [granularity] * len(images) if isinstance(granularity, int) else [int(lv) for lv in granularity]
+            if len(levels) != len(images) or any(level < 0 for level in levels):
+                raise ValueError(
+                    f"granularity {granularity!r} must be one level >= 0 or one per image ({len(images)})"
+                )
+            data["image_granularity"] = np.asarray(levels, dtype=np.int64)
+            levels = repeat_per_grid(levels, num_grids.tolist(), len(grids))
+        per_grid = grid_token_counts(grids.tolist(), self.image_processor.merge_size, levels)
+        ends = np.cumsum(num_grids).tolist()
+        return [sum(per_grid[e - n : e]) for n, e in zip(num_grids.tolist(), ends, strict=True)], levels
 
-    def _position_ids(self, data: dict, grid_levels: np.ndarray | None) -> np.ndarray:
+    def _position_ids(self, data: dict, levels_per_grid: list[int] | None) -> np.ndarray:
         """(batch, seq) plain ids for the 1-D scheme; M-RoPE ids batch first, (batch, seq, 3), so that collators
         pad them along the sequence."""
         input_ids, attention_mask = data["input_ids"], data["attention_mask"]
@@ -292,13 +302,12 @@ class NativeVLProcessor(ProcessorMixin):
             self.image_token_id,
             self.video_token_id,
             self.image_processor.merge_size,
-            None if grid_levels is None else grid_levels.tolist(),
+            levels_per_grid,
         ).transpose(1, 2, 0)  # (3, batch, seq) -> (batch, seq, 3)
 
     def _process_images(self, images, counts, budget, images_kwargs):
         """Processes images sample by sample when a token budget applies (each sample gets its own max_pixels),
-        at once otherwise. Returns pixel_values, image_grid_thw, the LLM tokens of each image (tiles summed) and
-        the number of grids (tiles) of each image."""
+        at once otherwise. Returns pixel_values, image_grid_thw and image_num_grids (grids of each image)."""
         groups, start = [], 0
         for count in counts:
             groups.append(images[start : start + count])
@@ -307,18 +316,15 @@ class NativeVLProcessor(ProcessorMixin):
             groups, limits = [images], [images_kwargs]
         else:
             limits = [self._fit_budget(group, budget, images_kwargs, b) for b, group in enumerate(groups)]
-        pixel_values, grids, tokens, tiles = [], [], [], []
+        pixel_values, grids, num_grids = [], [], []
         for group, group_kwargs in zip(groups, limits, strict=True):
             if not group:
                 continue
             out = self.image_processor(images=group, return_tensors="np", **group_kwargs)
             pixel_values.append(out["pixel_values"])
             grids.append(out["image_grid_thw"])
-            grid_tokens = grid_token_counts(out["image_grid_thw"].tolist(), self.image_processor.merge_size)
-            ends = np.cumsum(out["image_num_tiles"])
-            tokens += [sum(grid_tokens[e - n : e]) for n, e in zip(out["image_num_tiles"], ends, strict=True)]
-            tiles += [int(n) for n in out["image_num_tiles"]]
-        return np.concatenate(pixel_values), np.concatenate(grids), tokens, tiles
+            num_grids.append(out["image_num_grids"])
+        return np.concatenate(pixel_values), np.concatenate(grids), np.concatenate(num_grids)
 
     def _fit_budget(self, group, budget: int, images_kwargs: dict, sample: int) -> dict:
         """Image processor arguments that keep the images of one sample within `budget` LLM tokens: max_pixels is
@@ -400,6 +406,7 @@ class NativeVLProcessor(ProcessorMixin):
             "position_ids",
             "pixel_values",
             "image_grid_thw",
+            "image_num_grids",
             "pixel_values_videos",
             "video_grid_thw",
         ]

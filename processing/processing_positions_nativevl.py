@@ -5,6 +5,9 @@
 - M-RoPE (Qwen2-VL, arXiv 2409.12191; transformers' `Qwen2VLModel.get_rope_index`): rows (temporal, height,
   width). Text takes its running position on all three rows; the tokens of a grid take start + (frame, row, col)
   over its merged grid; the next token resumes at the largest id so far + 1.
+- Images and grids: an image is one grid (`image_grid_thw` row), or in crop mode several (the global view, then
+  the tiles: `image_num_grids` per image). Users give one granularity level per image; `repeat_per_grid` alone turns
+  per-image values into per-grid ones, and the grid functions here take one level per grid.
 
 This file is remote code and imports only numpy and torch: `processing/processing_positions_nativevl.py` is a
 byte-for-byte copy (remote-code folders cannot import each other; tests/test_processing.py holds the two
@@ -46,6 +49,22 @@ def pooled_grids(
         t, gh, gw = level_grid(int(t), int(h) // merge_size, int(w) // merge_size, int(level))
         out.append((t, gh * merge_size, gw * merge_size))
     return out
+
+
+def repeat_per_grid(values: Sequence[int], image_num_grids: Sequence[int] | None, num_grids: int) -> list[int]:
+    """One value per image grid from one value per image: image i's value repeated for its `image_num_grids[i]`
+    grids (crop mode: the global view, then the tiles), in grid order. None: one grid per image. Raises, naming the
+    counts, when the values do not give one per image or the images do not add up to `num_grids` grids. The one
+    place per-image values (granularity levels, image indices) become per-grid ones."""
+    values = [int(v) for v in values]
+    counts = [1] * num_grids if image_num_grids is None else [int(n) for n in image_num_grids]
+    if sum(counts) != num_grids or any(n < 1 for n in counts):
+        raise ValueError(f"image_num_grids {counts} must be >= 1 each and add up to the {num_grids} image grid(s)")
+    if len(values) != len(counts):
+        raise ValueError(
+            f"{len(values)} value(s) {values} for {len(counts)} image(s) (image_num_grids {counts}): one per image"
+        )
+    return [v for v, n in zip(values, counts, strict=True) for _ in range(n)]
 
 
 def grid_token_counts(
@@ -95,14 +114,15 @@ def batch_mrope_positions(
     image_grids: Sequence[Sequence[int]],
     video_grids: Sequence[Sequence[int]],
     merge_size: int,
-    image_levels: Sequence[int] | None = None,
+    levels_per_grid: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """M-RoPE ids of a padded batch: kinds (batch, seq) (0 text / 1 image / 2 video), attention_mask (batch, seq)
-    (0 on left or right padding; None: no padding), grids in placeholder order sample after sample, image_levels
-    one granularity level per image grid. Returns ids (3, batch, seq) int64, 0 on padding (as transformers'
-    Qwen2-VL), and rope deltas (batch,): largest id + 1 - unpadded length. Raises when a grid finds no
-    placeholders or placeholders no grid."""
-    image_left = [list(g) for g in pooled_grids(image_grids, image_levels, merge_size)]
+    (0 on left or right padding; None: no padding), grids in placeholder order sample after sample,
+    levels_per_grid one granularity level per image grid (crop tiles repeat their image's level:
+    `repeat_per_grid`). Returns ids (3, batch, seq) int64, 0 on padding (as transformers' Qwen2-VL), and rope
+    deltas (batch,): largest id + 1 - unpadded length. Raises when a grid finds no placeholders or placeholders no
+    grid."""
+    image_left = [list(g) for g in pooled_grids(image_grids, levels_per_grid, merge_size)]
     video_left = [list(g) for g in video_grids]
     batch, seq_len = kinds.shape
     positions = np.zeros((3, batch, seq_len), dtype=np.int64)
@@ -146,18 +166,18 @@ def rope_index(
     image_grid_thw: torch.LongTensor | None = None,
     video_grid_thw: torch.LongTensor | None = None,
     attention_mask: torch.Tensor | None = None,
-    image_levels: torch.LongTensor | None = None,
+    levels_per_grid: torch.LongTensor | None = None,
 ) -> tuple[torch.LongTensor, torch.LongTensor]:
     """`batch_mrope_positions` on tensors: kinds (batch, seq) from `placeholder_kinds`, grids (num, 3), mask
-    (batch, seq), image_levels (num_image_grids,). Returns position ids (3, batch, seq) and rope_deltas (batch, 1)
-    long on the device of `kinds`."""
+    (batch, seq), levels_per_grid (num_image_grids,) (`grid_levels`). Returns position ids (3, batch, seq) and
+    rope_deltas (batch, 1) long on the device of `kinds`."""
     positions, deltas = batch_mrope_positions(
         kinds.cpu().numpy(),
         None if attention_mask is None else attention_mask.cpu().numpy(),
         [] if image_grid_thw is None else image_grid_thw.tolist(),
         [] if video_grid_thw is None else video_grid_thw.tolist(),
         merge_size,
-        None if image_levels is None else [int(x) for x in image_levels.tolist()],
+        None if levels_per_grid is None else [int(x) for x in levels_per_grid.tolist()],
     )
     device = kinds.device
     return torch.from_numpy(positions).to(device), torch.from_numpy(deltas).to(device).unsqueeze(1)
@@ -200,21 +220,45 @@ def rope_deltas_from_positions(position_ids: torch.Tensor, attention_mask: torch
 
 
 def pooled_grid_thw(
-    image_grid_thw: torch.LongTensor, image_granularity: torch.LongTensor | None, merge_size: int
+    image_grid_thw: torch.LongTensor, levels_per_grid: torch.LongTensor | None, merge_size: int
 ) -> torch.LongTensor:
-    """`pooled_grids` on a (num_images, 3) tensor: the patch grids of the images pooled to their levels."""
-    if image_granularity is None:
+    """`pooled_grids` on a (num_grids, 3) tensor: the patch grids pooled to their levels (num_grids,)."""
+    if levels_per_grid is None:
         return image_grid_thw
-    grids = pooled_grids(image_grid_thw.tolist(), image_granularity.tolist(), merge_size)
+    grids = pooled_grids(image_grid_thw.tolist(), levels_per_grid.tolist(), merge_size)
     return torch.tensor(grids, dtype=torch.long, device=image_grid_thw.device).view(-1, 3)
 
 
 def image_token_counts(
-    image_grid_thw: torch.LongTensor, image_granularity: torch.LongTensor | None, merge_size: int
+    image_grid_thw: torch.LongTensor, levels_per_grid: torch.LongTensor | None, merge_size: int
 ) -> list[int]:
-    """`grid_token_counts` on tensors: placeholder tokens of each image grid at its level (None: level 0)."""
-    levels = None if image_granularity is None else image_granularity.tolist()
+    """`grid_token_counts` on tensors: placeholder tokens of each image grid at its level (num_grids,) (None:
+    level 0)."""
+    levels = None if levels_per_grid is None else levels_per_grid.tolist()
     return grid_token_counts(image_grid_thw.tolist(), merge_size, levels)
+
+
+def grid_levels(
+    image_granularity: torch.LongTensor | None, image_num_grids: torch.LongTensor | None, num_grids: int
+) -> torch.LongTensor | None:
+    """`repeat_per_grid` on tensors: per-image levels (num_images,) -> per-grid levels (num_grids,) long on the
+    levels' device; None stays None."""
+    if image_granularity is None:
+        return None
+    counts = None if image_num_grids is None else image_num_grids.tolist()
+    levels = repeat_per_grid(image_granularity.tolist(), counts, num_grids)
+    return torch.tensor(levels, dtype=torch.long, device=image_granularity.device)
+
+
+def sum_per_image(values: torch.Tensor, image_num_grids: torch.LongTensor | None) -> torch.Tensor:
+    """Per-grid values (num_grids, ...) summed over each image's grids: (num_images, ...). None: one grid per
+    image (returned unchanged)."""
+    if image_num_grids is None:
+        return values
+    n_images = image_num_grids.shape[0]
+    image_of_grid = repeat_per_grid(range(n_images), image_num_grids.tolist(), values.shape[0])
+    index = torch.tensor(image_of_grid, dtype=torch.long, device=values.device)
+    return values.new_zeros((n_images, *values.shape[1:])).index_add_(0, index, values)
 
 
 def split_by_image(
@@ -240,6 +284,7 @@ __all__ = [
     "batch_mrope_positions",
     "channels_first_position_ids",
     "first_image_tokens",
+    "grid_levels",
     "grid_token_counts",
     "image_token_counts",
     "level_grid",
@@ -247,8 +292,10 @@ __all__ = [
     "placeholder_kinds",
     "pooled_grid_thw",
     "pooled_grids",
+    "repeat_per_grid",
     "rope_deltas_from_positions",
     "rope_index",
     "split_by_image",
+    "sum_per_image",
     "text_positions",
 ]

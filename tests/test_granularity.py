@@ -1,6 +1,7 @@
 """Adaptive visual granularity (AVG-LLaVA, arXiv 2410.02745): scaler, M-RoPE of pooled grids, forced levels,
 router per sample, `generate(granularity="auto")`, processor and packing at chosen levels."""
 
+import copy
 import re
 import runpy
 from pathlib import Path
@@ -16,11 +17,12 @@ from test_packing import example
 from nativevl import NativeVLForConditionalGeneration
 from nativevl.modeling import get_rope_index, level_grid, pool_grid
 from nativevl.modeling.granularity_nativevl import compact_image_placeholders, drop_surplus_placeholders
-from nativevl.modeling.positions_nativevl import pooled_grid_thw
+from nativevl.modeling.positions_nativevl import pooled_grid_thw, repeat_per_grid, sum_per_image
 from nativevl.processing.processing_nativevl import level_grid as processor_level_grid
 from nativevl.processing.processing_nativevl import mrope_position_ids
 from nativevl.testing import build_tiny
 from nativevl.training.packing import PackingCollator
+from nativevl.training.rglf import image_segments
 
 
 LEVELS = 3
@@ -379,7 +381,7 @@ def test_router_decisions_are_per_sample_in_a_packed_batch(tiny):
                 batch["input_ids"],
                 batch["pixel_values"],
                 batch["image_grid_thw"],
-                labels=batch["labels"],
+                instruction_mask=batch["labels"] == -100,
                 cu_seq_lens_q=batch["cu_seq_lens_q"],
             )
         logits.append(router_logits)
@@ -391,7 +393,10 @@ def test_router_decisions_are_per_sample_in_a_packed_batch(tiny):
     alone = collator([packed_examples()[2]])
     with torch.no_grad():
         _, single, _ = model.model.choose_granularity(
-            alone["input_ids"], alone["pixel_values"], alone["image_grid_thw"], labels=alone["labels"]
+            alone["input_ids"],
+            alone["pixel_values"],
+            alone["image_grid_thw"],
+            instruction_mask=alone["labels"] == -100,
         )
     torch.testing.assert_close(single, a[1:3], atol=1e-5, rtol=0)
 
@@ -410,11 +415,148 @@ def test_router_ignores_the_answer_tokens(tiny):
                     batch["input_ids"],
                     batch["pixel_values"],
                     batch["image_grid_thw"],
-                    labels=batch["labels"],
+                    instruction_mask=batch["labels"] == -100,
                     cu_seq_lens_q=batch["cu_seq_lens_q"],
                 )[1]
             )
     torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)
+
+
+def single_row(processor, sample: dict) -> dict:
+    """One sample as a plain row with labels and attention mask (`PackingCollator`'s batch, its packing keys
+    dropped), the input `forward(granularity="auto")` takes."""
+    batch = PackingCollator(processor)([sample])
+    keep = ("input_ids", "labels", "pixel_values", "image_grid_thw", "image_num_grids")
+    return {k: batch[k] for k in keep} | {"attention_mask": torch.ones_like(batch["input_ids"])}
+
+
+def test_router_reads_the_same_instruction_as_when_it_took_labels(tiny):
+    # golden: the router logits of this labelled packed batch when `router_logits` / `forward` took `labels`
+    # (before `instruction_mask`), so routers trained by RGLF decide as they did
+    model, processor = tiny
+    batch = PackingCollator(processor)(packed_examples())
+    with torch.no_grad():
+        levels, logits, _ = model.model.choose_granularity(
+            batch["input_ids"],
+            batch["pixel_values"],
+            batch["image_grid_thw"],
+            instruction_mask=batch["labels"] == -100,
+            cu_seq_lens_q=batch["cu_seq_lens_q"],
+        )
+    golden = [
+        [-0.064454, -0.852164, 0.916618],
+        [0.267323, -0.935346, 0.668023],
+        [-1.010620, 0.407210, 0.603410],
+        [-0.823432, 0.555556, 0.267877],
+    ]
+    torch.testing.assert_close(logits, torch.tensor(golden), atol=1e-5, rtol=0)
+    assert levels.tolist() == [2, 2, 2, 1]
+    # forward(granularity="auto", labels=...) hands the router `labels == -100`: the same choice as asked directly
+    sample = single_row(processor, packed_examples()[2])
+    with torch.no_grad():
+        auto = model(**sample, granularity="auto")
+        chosen, _, _ = model.model.choose_granularity(
+            sample["input_ids"],
+            sample["pixel_values"],
+            sample["image_grid_thw"],
+            sample["attention_mask"],
+            instruction_mask=sample["labels"] == -100,
+        )
+        unmasked, _, _ = model.model.choose_granularity(
+            sample["input_ids"], sample["pixel_values"], sample["image_grid_thw"], sample["attention_mask"]
+        )
+    assert auto.image_granularity.tolist() == chosen.tolist() == [2, 2]  # as inside the packed row
+    assert unmasked.tolist() == [2, 1]  # reading the answer too would change the choice
+
+
+def test_repeat_per_grid_maps_images_to_their_grids():
+    assert repeat_per_grid([1, 2], [3, 1], 4) == [1, 1, 1, 2]
+    assert repeat_per_grid([0, 2, 1], None, 3) == [0, 2, 1]  # no counts: one grid per image
+    assert sum_per_image(torch.tensor([1, 2, 3, 4]), torch.tensor([3, 1])).tolist() == [6, 4]
+    with pytest.raises(ValueError, match=r"1 value\(s\) \[1\] for 2 image\(s\) \(image_num_grids \[3, 1\]\)"):
+        repeat_per_grid([1], [3, 1], 4)
+    with pytest.raises(ValueError, match=r"image_num_grids \[3, 2\] must be >= 1 each and add up to the 4 image"):
+        repeat_per_grid([1, 2], [3, 2], 4)
+
+
+def crop_mode(processor):
+    """A copy of `processor` in crop mode with 56 px tiles: an image becomes a global view plus 2-4 tile grids."""
+    crop = copy.deepcopy(processor)
+    crop.image_processor.mode, crop.image_processor.crop_base_size = "crop", 56
+    return crop
+
+
+def test_crop_mode_levels_are_per_image(tiny):
+    model, processor = tiny
+    crop = crop_mode(processor)
+    images = [noise(60, 90, 0), noise(57, 57, 1)]
+    text = ["<|image_pad|> one", "two <|image_pad|>"]
+    out = crop(images=images, text=text, granularity=[1, 0])
+    num_grids = out["image_num_grids"].tolist()
+    assert len(num_grids) == 2 and min(num_grids) > 1 and sum(num_grids) == out["image_grid_thw"].shape[0]
+    assert out["image_granularity"].tolist() == [1, 0]  # one level per image, not per tile
+    merged = [(t, h // 2, w // 2) for t, h, w in out["image_grid_thw"].tolist()]
+    per_grid = [1] * num_grids[0] + [0] * num_grids[1]
+    tokens = [int(np.prod(level_grid(*g, lv))) for g, lv in zip(merged, per_grid)]
+    placeholders = (out["input_ids"] == crop.image_token_id).sum(-1).tolist()
+    assert placeholders == [sum(tokens[: num_grids[0]]), sum(tokens[num_grids[0] :])]
+    with torch.no_grad():
+        given = model(**out)
+        computed = model(**{k: v for k, v in out.items() if k != "position_ids"})
+    assert given.image_granularity.tolist() == [1, 0] and given.visual_tokens.tolist() == placeholders
+    torch.testing.assert_close(given.logits, computed.logits, atol=1e-6, rtol=0)
+    with pytest.raises(
+        ValueError, match=rf"granularity gives 3 level\(s\) but there are 2 image\(s\) in {sum(num_grids)} grid"
+    ):
+        model(**out, granularity=[1, 0, 0])
+
+
+def test_crop_mode_generate_takes_one_level_per_image(tiny):
+    model, processor = tiny
+    crop = crop_mode(processor)
+    message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
+    prompt = crop.apply_chat_template(message, add_generation_prompt=True)
+    batch = crop(images=[noise(60, 90, 0)], text=[prompt], granularity=1)
+    n_grids = batch["image_grid_thw"].shape[0]
+    assert batch["image_num_grids"].tolist() == [n_grids] and n_grids > 1
+    per_image = model.generate(**batch, granularity=[1], max_new_tokens=4, do_sample=False)
+    # the same tiles with their levels spelled out, one per grid (no image_num_grids: every grid its own image)
+    tiles = {k: v for k, v in batch.items() if k not in ("image_num_grids", "image_granularity")}
+    per_grid = model.generate(**tiles, granularity=[1] * n_grids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(per_image, per_grid)
+    full = crop(images=[noise(60, 90, 0)], text=[prompt])
+    auto = model.generate(**full, granularity="auto", max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    assert auto.image_granularity.shape == (1,)  # the router decides once for the image and its tiles
+
+
+def test_router_averages_the_grids_of_an_image(tiny):
+    model, processor = tiny
+    batch = crop_mode(processor)(images=[noise(60, 90, 0), noise(57, 57, 1)], text=["<|image_pad|> a <|image_pad|>"])
+    with torch.no_grad():
+        features = torch.cat(
+            model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+        )
+        args = (batch["input_ids"], features, batch["image_grid_thw"], batch["attention_mask"])
+        per_grid = model.model.router_logits(*args)
+        per_image = model.model.router_logits(*args, image_num_grids=batch["image_num_grids"])
+    first = batch["image_num_grids"][0]
+    assert per_grid.shape[0] == batch["image_grid_thw"].shape[0] and per_image.shape[0] == 2
+    torch.testing.assert_close(per_image, torch.stack([per_grid[:first].mean(0), per_grid[first:].mean(0)]))
+
+
+def test_packing_in_crop_mode_keeps_per_image_fields_aligned(tiny):
+    model, processor = tiny
+    collator = PackingCollator(crop_mode(processor), granularity_training="random", num_levels=LEVELS, seed=1)
+    batch = collator(packed_examples())
+    num_grids = batch["image_num_grids"].tolist()
+    assert len(num_grids) == len(batch["image_granularity"]) == 4  # images: 1 + 0 + 2 + 1
+    assert sum(num_grids) == batch["image_grid_thw"].shape[0] > 4
+    level0 = PackingCollator(crop_mode(processor), granularity=0)(packed_examples())  # RGLF's base batch
+    assert image_segments(level0, model.config).tolist() == [0, 2, 2, 3]  # the sample of each image
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.image_granularity.tolist() == batch["image_granularity"].tolist() and torch.isfinite(out.loss)
+    assert out.visual_tokens.sum() == (batch["input_ids"] == processor.image_token_id).sum()
 
 
 @pytest.mark.parametrize("mode", ["random", "all"])

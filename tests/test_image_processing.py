@@ -71,7 +71,7 @@ def test_980_image_gives_4900_patches():
     assert out["pixel_values"].dtype == torch.float32
     assert out["image_grid_thw"].tolist() == [[1, 70, 70]]
     assert out["image_grid_thw"].dtype == torch.int64
-    assert out["image_num_tiles"].tolist() == [1]
+    assert out["image_num_grids"].tolist() == [1]
 
 
 def test_row_layout_is_block_major_c_t_ph_pw():
@@ -234,7 +234,7 @@ def test_crop_mode_matches_llava_next_tiles(height, width):
     views = llava(image, return_tensors="np")["pixel_values"][0]  # (1 + tiles, 3, 336, 336): global view first
     patchify = Qwen2VLImageProcessorPil().patchify
     expected = np.concatenate([patchify(v, patch_size=14, merge_size=2, temporal_patch_size=2)[0] for v in views])
-    assert ours["image_num_tiles"].tolist() == [len(views)]
+    assert ours["image_num_grids"].tolist() == [len(views)]
     assert ours["image_grid_thw"].tolist() == [[1, 24, 24]] * len(views)
     np.testing.assert_allclose(ours["pixel_values"], expected, rtol=0, atol=1e-5)
 
@@ -243,7 +243,7 @@ def test_crop_mode_tiles_and_tokens():
     processor = NativeVLImageProcessor(mode="crop")
     images = [rgb(300, 500), rgb(336, 336), rgb(700, 200)]
     out = processor(images, return_tensors="pt")
-    tiles = out["image_num_tiles"].tolist()
+    tiles = out["image_num_grids"].tolist()
     assert tiles == [1 + 2, 1 + 2, 1 + 3]  # canvases 336x672, 336x672 (first of the tied ones), 1008x336
     assert out["image_grid_thw"].shape == (sum(tiles), 3)
     assert out["pixel_values"].shape[0] == sum(tiles) * 24 * 24
@@ -253,7 +253,7 @@ def test_crop_mode_tiles_and_tokens():
     bigger = NativeVLImageProcessor(mode="crop", crop_base_size=384)(rgb(384, 768), return_tensors="np")
     assert bigger["image_grid_thw"].tolist() == [[1, 28, 28]] * 3
     native = NativeVLImageProcessor()(images, return_tensors="np")
-    assert native["image_num_tiles"].tolist() == [1, 1, 1]
+    assert native["image_num_grids"].tolist() == [1, 1, 1]
 
 
 # ----------------------------------------------------------------------------------------------------- videos
@@ -478,8 +478,8 @@ def test_rows_grids_and_tokens_agree(height, width, mode, keep_aspect):
     out = processor([rgb(height, width), rgb(28, 56)], return_tensors="np")
     grids = out["image_grid_thw"]
     assert out["pixel_values"].shape == (int(np.prod(grids, axis=1).sum()), 1176)
-    assert out["image_num_tiles"].sum() == len(grids)
-    first = grids[: out["image_num_tiles"][0]]
+    assert out["image_num_grids"].sum() == len(grids)
+    first = grids[: out["image_num_grids"][0]]
     assert (grids[:, 1:] % 2 == 0).all() and (grids[:, 0] == 1).all()
     assert int(np.prod(first, axis=1).sum()) // 4 == processor.num_image_tokens(height, width)
     assert int(np.prod(first, axis=1).sum()) == processor.get_number_of_image_patches(height, width)

@@ -108,6 +108,7 @@ def test_crop_mode_tiles_share_one_placeholder(tiny):
     )
     grids = inputs["image_grid_thw"]
     assert len(grids) > 1  # global view + tiles, all for one image
+    assert inputs["image_num_grids"].tolist() == [len(grids)]  # one entry per image: its grids
     assert int((inputs["input_ids"] == processor.image_token_id).sum()) == int(grids.prod(-1).sum() // 4)
     assert int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")).sum()) == 1
     with torch.no_grad():
@@ -132,6 +133,8 @@ def test_placeholder_expansion_matches_grids(sizes, mode):
     assert n_tokens == int(inputs["image_grid_thw"].prod(-1).sum()) // 4
     assert n_tokens == sum(processor.image_processor.num_image_tokens(h, w, kwargs) for h, w in sizes)
     assert inputs["pixel_values"].shape[0] == int(inputs["image_grid_thw"].prod(-1).sum())
+    assert len(inputs["image_num_grids"]) == len(images)
+    assert int(inputs["image_num_grids"].sum()) == len(inputs["image_grid_thw"])
 
 
 def test_processing_positions_are_a_byte_copy_of_the_models():

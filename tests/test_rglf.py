@@ -76,7 +76,7 @@ def test_rglf_learns_the_feedback_ranking(setup):
     with torch.no_grad():
         _, logits, _ = model.model.choose_granularity(
             batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
-            labels=batch["labels"], cu_seq_lens_q=batch["cu_seq_lens_q"],
+            instruction_mask=batch["labels"] == -100, cu_seq_lens_q=batch["cu_seq_lens_q"],
         )  # fmt: skip
     order = logits.argsort(-1, descending=True)
     assert (order == torch.tensor([1, 2, 0])).all(), order  # the router ranks levels as the feedback did
@@ -87,6 +87,9 @@ def test_token_fractions_by_hand():
     grids = torch.tensor([[1, 6, 10], [1, 2, 2]])  # merged 3x5: 15, 9 (3x3), 6 (2x3) tokens; merged 1x1: 1, 1, 1
     expected = torch.tensor([[1.0, 9 / 15, 6 / 15], [1.0, 1.0, 1.0]])
     torch.testing.assert_close(token_fractions(grids, config), expected)
+    # crop mode: the two grids as one image's global view and tile count together
+    one_image = torch.tensor([[1.0, 10 / 16, 7 / 16]])
+    torch.testing.assert_close(token_fractions(grids, config, torch.tensor([2])), one_image)
 
 
 def test_token_cost_turns_equal_feedback_into_a_preference_for_fewer_tokens(setup):
@@ -105,7 +108,7 @@ def test_token_cost_turns_equal_feedback_into_a_preference_for_fewer_tokens(setu
     with torch.no_grad():
         levels, _, _ = trainer.model.eval().model.choose_granularity(
             batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
-            labels=batch["labels"], cu_seq_lens_q=batch["cu_seq_lens_q"],
+            instruction_mask=batch["labels"] == -100, cu_seq_lens_q=batch["cu_seq_lens_q"],
         )  # fmt: skip
     assert (levels == 2).all(), levels  # the cheapest of the equally good levels
     with pytest.raises(ValueError, match="rglf_token_cost must be >= 0, got -1.0"):

@@ -76,9 +76,7 @@ def share_after_training(tmp_path, jsonl, images, steps: int, *overrides: str) -
     return input_dependent_share(vision_tokens(trainer.model, processor, images))
 
 
-def test_recipe_keeps_the_vision_tokens_input_dependent_where_a_trained_vision_side_collapses(
-    tmp_path, reading_data
-):
+def test_recipe_keeps_the_vision_tokens_input_dependent_where_a_trained_vision_side_collapses(tmp_path, reading_data):
     """The collapse, caught cheaply. On the reading items' images the text is all that varies besides a light
     background; 30 steps with the ViT and merger trained at lr 1e-3 (what the demo did before) leave vision tokens
     whose input-dependent share is ~0.1% (measured: 1.4% at the random init, 0.1% after 20 steps), while the

@@ -26,7 +26,16 @@ from nativevl.modeling.configuration_nativevl import IGNORE_INDEX
 
 
 GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
-VISION_KEYS = ("pixel_values", "image_grid_thw", "image_granularity", "pixel_values_videos", "video_grid_thw")
+# The processor's vision keys a packed batch concatenates in row order: per patch (pixel values), per grid
+# (image_grid_thw) and per image (image_num_grids, image_granularity); each stays aligned with its unit.
+VISION_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "image_num_grids",
+    "image_granularity",
+    "pixel_values_videos",
+    "video_grid_thw",
+)
 
 
 def best_fit_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -115,13 +124,15 @@ class PackingCollator:
             `"all"` the packed loss is the token-weighted mean over every copy; the copies of one sample share
             their answer tokens, so this is the mean over levels of each level's loss.
         num_levels: the model's `config.granularity` (needed by `granularity_training`).
-        granularity: a level forced on every image (e.g. RGLF's per-level batches); None: no forcing.
+        granularity: a level forced on every image (e.g. RGLF's per-level batches); None: no forcing. Levels are
+            per image: crop mode's tiles take their image's level.
         seed: seed of the random levels.
 
     Returns from `__call__` a dict: `input_ids`, `labels` (rows, seq) long; `position_ids` (4, rows, seq) long;
     `cu_seq_lens_q`, `cu_seq_lens_k` (segments + 1,) int32 over the flattened rows; `max_length_q`, `max_length_k`
-    int; `use_cache` False; `pixel_values` (patches, 1176) and `image_grid_thw` (images, 3) in row order when the
-    batch has images (videos likewise), `image_granularity` (images,) when levels are chosen. Rows shorter than the
+    int; `use_cache` False; `pixel_values` (patches, 1176), `image_grid_thw` (grids, 3) and `image_num_grids`
+    (images,) in row order when the batch has images (videos likewise), `image_granularity` (images,) when levels
+    are chosen. Rows shorter than the
     longest end with a padding segment of their own.
     """
 
@@ -219,8 +230,8 @@ class PackingCollator:
                 encoded.append(self.encode(example, i))
         if self.granularity is not None or self.granularity_training is not None:
             for sample in encoded:  # every image carries a level, so the model pools each one as encoded
-                if "image_grid_thw" in sample and "image_granularity" not in sample:
-                    sample["image_granularity"] = torch.zeros(len(sample["image_grid_thw"]), dtype=torch.long)
+                if "image_num_grids" in sample and "image_granularity" not in sample:
+                    sample["image_granularity"] = torch.zeros(len(sample["image_num_grids"]), dtype=torch.long)
         return encoded
 
     @staticmethod

@@ -2,8 +2,9 @@
 
 Everything but the granularity router is frozen. For each batch the model itself scores every granularity level:
 the batch is packed once per level (every image forced to that level) and each sample's average answer loss is
-computed without gradient. The router (`NativeVLModel.router_logits`, one decision per image, instruction tokens
-of its own sample only) is then trained to rank the levels as the feedback does:
+computed without gradient. The router (`NativeVLModel.router_logits`, one decision per image (crop mode: the mean
+of its grids' logits), instruction tokens of its own sample only) is then trained to rank the levels as the
+feedback does:
 
     rank = mean over ordered pairs (i, j) of one image with loss_i < loss_j of
            max(0, margin * (loss_j - loss_i) - (p_i - p_j))          (p = softmax of the router logits)
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from nativevl.modeling.positions_nativevl import first_image_tokens, image_token_counts
+from nativevl.modeling.positions_nativevl import first_image_tokens, image_token_counts, sum_per_image
 from nativevl.training.checkpoints import AtomicCheckpointMixin
 from nativevl.training.packing import IGNORE_INDEX, PackingCollator
 
@@ -147,32 +148,41 @@ class RGLFTrainer(AtomicCheckpointMixin, Trainer):
             base["input_ids"],
             features,
             base["image_grid_thw"],
-            labels=base["labels"],
+            instruction_mask=base["labels"] == IGNORE_INDEX,  # what it reads at inference: the prompt
             cu_seq_lens_q=base["cu_seq_lens_q"],
             image_granularity=base["image_granularity"],
+            image_num_grids=base.get("image_num_grids"),
         )  # (images, L)
         image_sample = image_segments(base, core.config)  # (images,): the sample of each image
         feedback = sample_losses[image_sample]  # (images, L)
         if self.token_cost:
-            feedback = feedback + self.token_cost * token_fractions(base["image_grid_thw"], core.config).to(feedback)
+            fractions = token_fractions(base["image_grid_thw"], core.config, base.get("image_num_grids"))
+            feedback = feedback + self.token_cost * fractions.to(feedback)
         loss = rglf_loss(logits, feedback, self.margin, self.rank_weight, self.ce_weight)
         return (loss, {"router_logits": logits}) if return_outputs else loss
 
 
-def token_fractions(image_grid_thw: torch.LongTensor, config) -> torch.Tensor:
-    """(images, L): each image's visual tokens at each level over its level-0 tokens (1.0 at level 0)."""
+def token_fractions(
+    image_grid_thw: torch.LongTensor, config, image_num_grids: torch.LongTensor | None = None
+) -> torch.Tensor:
+    """(images, L): each image's visual tokens (its grids summed; image_num_grids (images,), None: one grid per
+    image) at each level over its level-0 tokens (1.0 at level 0)."""
     merge, n = config.vision_config.spatial_merge_size, image_grid_thw.shape[0]
     counts = [
         image_token_counts(image_grid_thw, torch.full((n,), level, dtype=torch.long), merge)
         for level in range(config.granularity)
     ]
-    counts = torch.tensor(counts, dtype=torch.float).T  # (images, L)
+    counts = sum_per_image(torch.tensor(counts, dtype=torch.float).T, image_num_grids)  # (images, L)
     return counts / counts[:, :1]
 
 
 def image_segments(batch: dict, config) -> torch.LongTensor:
-    """The `cu_seq_lens_q` segment of each image of a packed batch at level 0: (images,) long."""
+    """The `cu_seq_lens_q` segment of each image of a packed batch at level 0: (images,) long (an image's grids
+    follow each other in one placeholder run, so its first grid's first token finds its sample)."""
     counts = image_token_counts(batch["image_grid_thw"], None, config.vision_config.spatial_merge_size)
+    num_grids = batch.get("image_num_grids")
+    if num_grids is not None:
+        counts = sum_per_image(torch.tensor(counts), num_grids.cpu()).tolist()  # (images,)
     firsts = first_image_tokens(batch["input_ids"], config.image_token_id, counts)  # (images,)
     return torch.searchsorted(batch["cu_seq_lens_q"].to(firsts.device, torch.long), firsts, right=True) - 1
 

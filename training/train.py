@@ -338,41 +338,75 @@ def build_trainer(training_args: SFTConfig, args: NativeVLArguments, data: tuple
     """The trainer of a run; `data` the (train, eval) datasets when already loaded (`load_data`)."""
     train_dataset, eval_dataset = load_data(args) if data is None else data
     check_output_dir(training_args, args)
-    if args.stage not in ("sft", "rglf"):
-        raise ValueError(f"stage must be 'sft' or 'rglf', got {args.stage!r}")
-    if args.granularity_training not in (None, "all", "random"):
-        raise ValueError(f"granularity_training must be all or random, got {args.granularity_training!r}")
+    check_stage(args)
     model, processor = load_model_and_processor(args)
-    if (args.granularity_training or args.stage == "rglf") and model.config.granularity is None:
-        raise ValueError(
-            f"stage={args.stage!r} granularity_training={args.granularity_training!r} needs granularity levels: "
-            f"{args.model_name_or_path} has none, pass --granularity L"
-        )
+    check_granularity_levels(model, args)
     if args.stage == "rglf":
         from nativevl.training.rglf import build_rglf_trainer
 
         trainer = build_rglf_trainer(training_args, model, processor, train_dataset, eval_dataset, args)
         check_engine(trainer)
         return trainer
-    peft_config = None
-    if args.lora is not None:
-        from peft import LoraConfig
-
-        if args.lora not in LORA_PRESETS:
-            raise ValueError(f"lora preset must be one of {sorted(LORA_PRESETS)}, got {args.lora!r}")
-        for param in model.parameters():
-            param.requires_grad_(False)
-        peft_config = LoraConfig(
-            r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            target_modules=LORA_PRESETS[args.lora],
-            task_type="CAUSAL_LM",
-        )
-    else:
+    peft_config = lora_config(model, args)
+    if peft_config is None:
         set_trainable_parts(model, args)
     if args.center_vision_tokens:
         center_on_training_images(model, processor, train_dataset, args.center_vision_tokens)
+    assistant_only = hand_batching_to_the_collator(training_args)
+    trainer = NativeVLTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        data_collator=build_collator(processor, model.config, training_args, args, assistant_only),
+        peft_config=peft_config,
+        part_lrs={part: getattr(args, f"{part}_lr") for part in PARTS},
+    )
+    check_engine(trainer)
+    return trainer
+
+
+def check_stage(args: NativeVLArguments) -> None:
+    """Raises ValueError, naming the value, for an unknown `stage` or `granularity_training`."""
+    if args.stage not in ("sft", "rglf"):
+        raise ValueError(f"stage must be 'sft' or 'rglf', got {args.stage!r}")
+    if args.granularity_training not in (None, "all", "random"):
+        raise ValueError(f"granularity_training must be all or random, got {args.granularity_training!r}")
+
+
+def check_granularity_levels(model, args: NativeVLArguments) -> None:
+    """Multi-granularity SFT and RGLF need a model with granularity levels (`config.granularity`)."""
+    if (args.granularity_training or args.stage == "rglf") and model.config.granularity is None:
+        raise ValueError(
+            f"stage={args.stage!r} granularity_training={args.granularity_training!r} needs granularity levels: "
+            f"{args.model_name_or_path} has none, pass --granularity L"
+        )
+
+
+def lora_config(model, args: NativeVLArguments):
+    """PEFT's `LoraConfig` for `args.lora` (a `LORA_PRESETS` name), with every base parameter frozen; None
+    without LoRA (the model is then untouched)."""
+    if args.lora is None:
+        return None
+    from peft import LoraConfig
+
+    if args.lora not in LORA_PRESETS:
+        raise ValueError(f"lora preset must be one of {sorted(LORA_PRESETS)}, got {args.lora!r}")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=LORA_PRESETS[args.lora],
+        task_type="CAUSAL_LM",
+    )
+
+
+def hand_batching_to_the_collator(training_args: SFTConfig) -> bool:
+    """Turns off what TRL would do to the data itself (dataset preparation, packing, truncation, its
+    assistant-only check): nativevl's collators do it. Returns the requested `assistant_only_loss`."""
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     training_args.packing = False  # TRL's own packing refuses vision data; PackingCollator does it instead
@@ -380,42 +414,31 @@ def build_trainer(training_args: SFTConfig, args: NativeVLArguments, data: tuple
     training_args.max_length = None  # samples are never truncated through an image; rows are bounded instead
     assistant_only = training_args.assistant_only_loss
     training_args.assistant_only_loss = False  # the collator's job; TRL's check would demand generation markers
+    return assistant_only
+
+
+def build_collator(processor, config, training_args: SFTConfig, args: NativeVLArguments, assistant_only: bool):
+    """`PackingCollator` (multimodal packing, granularity levels) or TRL's padded vision collator, checked."""
     if args.multimodal_packing:
-        collator = PackingCollator(
+        return PackingCollator(
             processor,
             max_tokens=args.max_tokens_per_row,
             assistant_only_loss=assistant_only,
             granularity_training=args.granularity_training,
-            num_levels=model.config.granularity,
+            num_levels=config.granularity,
             seed=training_args.seed,
         )
-    else:
-        if args.granularity_training is not None:
-            raise ValueError("granularity_training needs multimodal_packing (PackingCollator)")
-        if assistant_only and not GENERATION_MARKER.search(processor.chat_template):
-            raise ValueError(
-                f"multimodal_packing=false uses TRL's padded collator, whose assistant-only loss needs "
-                f"{{% generation %}} markers, and the chat template of {args.model_name_or_path} has none: use "
-                "multimodal_packing=true (finds the assistant turns without markers) or assistant_only_loss=false"
-            )
-        from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
-
-        collator = CheckedCollator(
-            DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=assistant_only)
+    if args.granularity_training is not None:
+        raise ValueError("granularity_training needs multimodal_packing (PackingCollator)")
+    if assistant_only and not GENERATION_MARKER.search(processor.chat_template):
+        raise ValueError(
+            f"multimodal_packing=false uses TRL's padded collator, whose assistant-only loss needs "
+            f"{{% generation %}} markers, and the chat template of {args.model_name_or_path} has none: use "
+            "multimodal_packing=true (finds the assistant turns without markers) or assistant_only_loss=false"
         )
-    part_lrs = {part: getattr(args, f"{part}_lr") for part in PARTS}
-    trainer = NativeVLTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=processor,
-        data_collator=collator,
-        peft_config=peft_config,
-        part_lrs=part_lrs,
-    )
-    check_engine(trainer)
-    return trainer
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    return CheckedCollator(DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=assistant_only))
 
 
 class CheckedCollator:
