@@ -2,7 +2,7 @@
 
 1. Generates a synthetic resolution-centric training set and a held-out test set over the 35 area x aspect cells
    (`nativevl.evaluation.synth_rc`, images at 1/8 linear scale so a laptop CPU keeps up): RC items ask for a short
-   number, code or word printed at a fixed pixel height (9 px capitals) somewhere in the image, SC items for the
+   number, code or word printed at a fixed pixel height (14 px capitals) somewhere in the image, SC items for the
    background colour or the large shape.
 2. Trains a small nativevl model from scratch through the `nativevl train` path (TRL SFTTrainer, padding-free
    multimodal packing, the `tiny_scratch` recipe: random frozen ViT with centred tokens, LLM trained) for a fixed
@@ -45,17 +45,17 @@ RECIPES = Path(__file__).parent / "training" / "recipes"
 RECIPE = RECIPES / "tiny_stage3.yaml"
 SCRATCH_RECIPE = RECIPES / "tiny_scratch.yaml"
 SCALE = 1 / 8  # linear scale of the synthetic images: nominal cell sizes / 8 (areas / 64)
-# the demo's RC items: short text at a fixed pixel height (9 px capitals) in images whose sides are multiples of
+# the demo's RC items: short text at a fixed pixel height (14 px capitals) in images whose sides are multiples of
 # 28 px (native mode feeds them unresampled), starting at a random merged-token cell (benchmarks/RESULTS.md,
 # "Reading from scratch": a from-scratch ViT does not learn to read glyphs at arbitrary pixel offsets in CPU budgets)
-READING = dict(rc_contents=["short_number", "short_code", "word"], rc_placement="grid", text_size=13, snap=28)
+READING = dict(rc_contents=["short_number", "short_code", "word"], rc_placement="grid", text_size=20, snap=28)
 FIXED_PIXELS = 56 * 56  # the Fixed baseline at this scale: 4 LLM tokens per image, aspect kept
 # the Crop baseline at this scale (LLaVA-NeXT's 336 px tiles / 8 -> 56): a 56x56 global view plus 2-4 56x56 tiles
 CROP = {
     "crop_base_size": 56,
     "crop_grid_pinpoints": [[56 * h, 56 * w] for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))],
 }
-DEFAULT_STEPS = 2000  # about 6.5 minutes of training on the reference machine (2 cores), 10 minutes in all
+DEFAULT_STEPS = 4500  # calibrated: 8.3 steps/s on the reference machine (2 cores), about 10 minutes in all
 RUN_FILE = "demo_run.json"  # the options of the demo that wrote an --out folder (`nativevl.runs.check_fingerprint`)
 EXTREMES = {"large area (E, F, G)": ("area", ("E", "F", "G")), "extreme aspect (BH, BW)": ("aspect", ("BH", "BW"))}
 

@@ -7,8 +7,8 @@
    a one-token square (a detail that pooling mixes with its neighbours); `--vision-depth` / `--vision-embed-dim`
    size the ViT.
 2. Stage 1, multi-granularity instruction tuning: a fresh `build_tiny(granularity=L)` model trained through the
-   `nativevl train` path (`tiny_stage3` recipe, every part at lr 1e-3 constant, `--granularity_training all|random`)
-   until its time budget is spent; the router stays frozen in this stage.
+   `nativevl train` path (`tiny_scratch` recipe: random frozen ViT with centred tokens, LLM at lr 1e-3;
+   `--granularity_training all|random`) for `--stage1-steps` steps; the router stays frozen in this stage.
 3. Stage 2, RGLF: `tiny_rglf` recipe from the stage-1 folder, router only, for its own time budget
    (`--rglf-token-cost`: the token cost of the feedback, 0 as released).
 4. Prints which level the model's own feedback (lowest answer loss) prefers on RGLF items, per kind (RC/SC).
@@ -83,12 +83,14 @@ def run_stage1(args: argparse.Namespace, out: Path, batch: list[str]) -> tuple[P
     model, processor = build_tiny(seed=args.seed, max_pixels=448 * 448, granularity=args.levels, vision=vision)
     print(f"model: {model.num_parameters()} parameters ({args.levels} levels)", flush=True)
     save_folder(model, processor, out / "init", overwrite=True)
-    stage1 = [str(RECIPES / "tiny_stage3.yaml"), "--model_name_or_path", str(out / "init")]
-    stage1 += ["--dataset_path", str(train_jsonl), "--output_dir", str(out / "stage1"), *COMMON, *batch]
-    stage1 += ["--granularity_training", args.granularity_training]
-    stage1 += ["--learning_rate", "1e-3", "--vision_tower_lr", "1e-3", "--merger_lr", "1e-3", "--warmup_steps", "30"]
-    stage1 += ["--lr_scheduler_type", "constant_with_warmup", "--logging_steps", "50"]
-    print(f"stage 1 ({args.granularity_training} levels) for {args.stage1_minutes} min ...", flush=True)
+    stage1 = [str(RECIPES / "tiny_scratch.yaml"), "--model_name_or_path", str(out / "init")]
+    stage1 += ["--dataset_path", str(train_jsonl), "--output_dir", str(out / "stage1"), *COMMON[2:], *batch]
+    stage1 += ["--granularity_training", args.granularity_training, "--max_steps", str(args.stage1_steps)]
+    print(
+        f"stage 1 ({args.granularity_training} levels, tiny_scratch recipe) for {args.stage1_steps} steps "
+        f"(at most {args.stage1_minutes} min) ...",
+        flush=True,
+    )
     _, stage1_final, stage1_stats = train_for(stage1, args.stage1_minutes * 60)
     print(f"stage 1: {stage1_stats}; model: {stage1_final}", flush=True)
     return stage1_final, stage1_stats
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="gran-run", help="output folder (data, stage1, rglf, summary.json)")
     parser.add_argument("--levels", type=int, default=3, help="granularity levels L")
     parser.add_argument("--granularity-training", choices=["all", "random"], default="all")
-    parser.add_argument("--stage1-minutes", type=float, default=12.0)
+    parser.add_argument("--stage1-steps", type=int, default=2000, help="stage-1 steps (tiny_scratch recipe)")
+    parser.add_argument("--stage1-minutes", type=float, default=30.0, help="wall-clock cap on stage 1")
     parser.add_argument("--rglf-minutes", type=float, default=4.0)
     parser.add_argument("--train-per-cell", type=int, default=40, help="stage-1 items per cell and kind")
     parser.add_argument("--rglf-per-cell", type=int, default=20, help="RGLF items per cell and kind")

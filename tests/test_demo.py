@@ -1,24 +1,41 @@
-"""`nativevl demo` end to end on a minimal budget: every output exists and parses."""
+"""`nativevl demo` end to end on a minimal budget: every output exists and parses, and the training follows the
+`tiny_scratch` recipe (nothing overridden but the step count)."""
 
 import json
 
 from PIL import Image
+from safetensors.torch import load_file
 
 from nativevl.cli import main
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--minutes", "1", "--out", str(out), "--train-per-cell", "3", "--test-per-cell", "1"]) == 0
+    argv = ["demo", "--steps", "6", "--out", str(out), "--train-per-cell", "2", "--test-per-cell", "1"]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["training"]["steps"] > 0 and summary["pipeline"]["answer"] is not None
-    for run in ("native", "fixed", "blank"):
+    training = summary["training"]
+    assert training["steps"] == training["max_steps"] == 6 and not training["stopped_by_wall_clock"]
+    assert f"6 steps in {training['seconds']} s ({training['steps_per_second']} steps/s)" in printed
+    assert [qa["expected"] is not None for qa in summary["pipeline"]] == [True, True]
+    for run in ("native", "fixed", "crop", "blank"):
         scores = json.loads((out / "runs" / run / "scores.json").read_text())
         assert scores["count"] == 70 and 0 <= scores["accuracy"] <= 100
         assert len((out / "runs" / run / "cells.csv").read_text().strip().splitlines()) == 36  # header + 35 cells
         assert Image.open(out / "runs" / run / "heatmap.png").size[0] > 100
         assert f"heatmap ({run}): {out / 'runs' / run / 'heatmap.png'}" in printed
+        assert summary["runs"][run]["rc"] is not None and summary["runs"][run]["sc"] is not None
+    tokens = {run: summary["runs"][run]["mean_visual_tokens"] for run in ("native", "fixed", "crop")}
+    assert tokens["fixed"] < tokens["crop"] < tokens["native"], tokens
+    assert Image.open(out / "runs" / "rc_native_minus_fixed.png").size[0] > 100
+    assert set(summary["rc_native_minus_fixed"]) == {"large area (E, F, G)", "extreme aspect (BH, BW)"}
+    assert "large area (E, F, G): native" in printed and "area   G  >=24" in printed
     config = json.loads((out / "train" / "final" / "config.json").read_text())
     assert "AutoModelForImageTextToText" in config["auto_map"]
     assert "uses the image: native" in printed and "pipeline('image-text-to-text')" in printed
+    # the recipe's frozen vision side: the ViT as initialised, the merger's output bias moved by the centring only
+    init, final = (load_file(out / name / "model.safetensors") for name in ("init", "train/final"))
+    vision = [k for k in init if ".visual." in k]
+    assert vision and all(init[k].equal(final[k]) for k in vision if not k.endswith("merger.mlp.2.bias"))
+    assert not all(init[k].equal(final[k]) for k in init if ".visual." not in k)  # the LLM trained

@@ -493,7 +493,7 @@ def test_demo_refuses_a_folder_of_another_demo_and_prints_a_run_without_losses(t
     out = tmp_path / "demo"
     out.mkdir()
     (out / "demo_run.json").write_text(
-        json.dumps({"minutes": 10.0, "train_per_cell": 40, "test_per_cell": 4, "seed": 0})
+        json.dumps({"steps": 2000, "max_minutes": 30.0, "train_per_cell": 120, "test_per_cell": 4, "seed": 0})
     )
     assert cli_main(["demo", "--out", str(out), "--seed", "1"]) == 2
     _one_line_error(capsys, "seed: 0 -> 1", "--overwrite")
