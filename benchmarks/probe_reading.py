@@ -1,7 +1,9 @@
 """Can a small from-scratch Qwen2-VL-style ViT learn to read one digit? A probe, against a small CNN.
 
 Why this exists: the AVG-LLaVA benchmark (`train_granularity.py`, `bench_granularity.py`) needs a model whose
-reading (RC) accuracy depends on resolution, and tiny nativevl models trained on CPU never learn to read. This
+reading (RC) accuracy depends on resolution, and tiny nativevl models trained on CPU with the vision side at lr
+1e-3 never learnt to read (the cause was the collapse of the vision tokens, not the ViT: benchmarks/RESULTS.md,
+"Reading from scratch"). This
 isolates the vision tower: each step draws `--batch` fresh images (`--image` px square, light background) with one
 dark digit of font size `--text-size` at the centre shifted by up to `--jitter` px in x and y, and trains
 ViT + linear probe (mean of the merged tokens -> 10 classes) with cross-entropy; the same data trains a two-layer

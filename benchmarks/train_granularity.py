@@ -19,8 +19,12 @@ token costs), into `<out>/NAME`.
     python benchmarks/train_granularity.py --out /tmp/tile --rc-contents tile --snap --rglf-token-cost 0.05
     python benchmarks/bench_granularity.py --model /tmp/tile/rglf/final --data /tmp/tile/data/test/data.jsonl
 
-The tiny CPU model does not learn to read in these budgets, not even one digit at a fixed corner (see
-`probe_reading.py` and benchmarks/RESULTS.md); it learns "tile" items, whose accuracy falls with pooling.
+With the `tiny_scratch` recipe the tiny model reads the demo's items (benchmarks/RESULTS.md, "Reading from
+scratch"); the AVG table with reading items in RESULTS.md came from
+
+    python benchmarks/train_granularity.py --out /tmp/avg0 --seed 0 --rc-contents short_number short_code word \
+        --rc-placement grid --text-size 20 --snap --train-per-cell 120 --stage1-steps 2000 --batch-size 8 \
+        --rglf-minutes 4 --rglf-token-cost 0.05
 """
 
 import argparse
@@ -79,11 +83,16 @@ def run_stage1(args: argparse.Namespace, out: Path, batch: list[str]) -> tuple[P
     test_jsonl = generate_benchmark(out / "data" / "test", per_cell=args.test_per_cell, seed=args.seed + 1, **items)
     print(f"held-out set: {test_jsonl}", flush=True)
 
-    vision = {"depth": args.vision_depth, "embed_dim": args.vision_embed_dim}
-    model, processor = build_tiny(seed=args.seed, max_pixels=448 * 448, granularity=args.levels, vision=vision)
-    print(f"model: {model.num_parameters()} parameters ({args.levels} levels)", flush=True)
-    save_folder(model, processor, out / "init", overwrite=True)
-    stage1 = [str(RECIPES / "tiny_scratch.yaml"), "--model_name_or_path", str(out / "init")]
+    if args.init_model:  # a trained model (e.g. `nativevl demo`'s): levels and a fresh router are added to it
+        start, levels = args.init_model, ["--granularity", str(args.levels)]
+        print(f"stage 1 starts from {start}, adding {args.levels} levels", flush=True)
+    else:
+        vision = {"depth": args.vision_depth, "embed_dim": args.vision_embed_dim}
+        model, processor = build_tiny(seed=args.seed, max_pixels=448 * 448, granularity=args.levels, vision=vision)
+        print(f"model: {model.num_parameters()} parameters ({args.levels} levels)", flush=True)
+        save_folder(model, processor, out / "init", overwrite=True)
+        start, levels = str(out / "init"), []
+    stage1 = [str(RECIPES / "tiny_scratch.yaml"), "--model_name_or_path", start, *levels]
     stage1 += ["--dataset_path", str(train_jsonl), "--output_dir", str(out / "stage1"), *COMMON[2:], *batch]
     stage1 += ["--granularity_training", args.granularity_training, "--max_steps", str(args.stage1_steps)]
     print(
@@ -102,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", type=int, default=3, help="granularity levels L")
     parser.add_argument("--granularity-training", choices=["all", "random"], default="all")
     parser.add_argument("--stage1-steps", type=int, default=2000, help="stage-1 steps (tiny_scratch recipe)")
+    parser.add_argument("--init-model", default=None, help="stage 1 from this trained folder instead of a fresh model")
     parser.add_argument("--stage1-minutes", type=float, default=30.0, help="wall-clock cap on stage 1")
     parser.add_argument("--rglf-minutes", type=float, default=4.0)
     parser.add_argument("--train-per-cell", type=int, default=40, help="stage-1 items per cell and kind")

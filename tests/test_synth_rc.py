@@ -143,6 +143,23 @@ def test_rc_contents_and_placement():
         make_item("rc", 100, 50, rng, rc_placement="centre")
 
 
+def test_short_reading_items_on_the_token_grid():
+    """The demo's items: short numbers, codes and words starting TEXT_MARGIN px inside a random 28 px cell."""
+    rng, cells, answers = random.Random(3), set(), {}
+    for _ in range(60):
+        width, height = 28 * rng.randint(2, 8), 28 * rng.randint(1, 6)
+        contents = ("short_number", "short_code", "word")
+        image, record = make_item("rc", width, height, rng, 20, rc_contents=contents, rc_placement="grid")
+        x0, y0, x1, y1 = record["text_box"]
+        assert x0 % 28 == 2 and y0 % 28 == 2 and x1 <= width - 2 and y1 <= height - 2, (record, image.size)
+        cells.add((x0 // 28, y0 // 28))
+        answers.setdefault(record["content"], set()).add(record["answers"][0])
+    assert len(cells) > 10  # the cell varies
+    assert all(a.isdigit() and 10 <= int(a) <= 999 for a in answers["short_number"])
+    assert all(len(a) == 3 and a[0].isalpha() and a[1:].isdigit() for a in answers["short_code"])
+    assert all(len(a) == 3 and a.isalpha() for a in answers["word"]) and len(answers["word"]) > 5
+
+
 def test_snap_keeps_images_unresampled(tmp_path):
     from nativevl.processing import NativeVLImageProcessor
 
