@@ -7,6 +7,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from nativevl.cli import main
+from nativevl.demo import WallClockCap
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
@@ -39,3 +40,16 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     vision = [k for k in init if ".visual." in k]
     assert vision and all(init[k].equal(final[k]) for k in vision if not k.endswith("merger.mlp.2.bias"))
     assert not all(init[k].equal(final[k]) for k in init if ".visual." not in k)  # the LLM trained
+
+
+def test_wall_clock_cap_stops_training_and_says_so():
+    from transformers import TrainerControl
+
+    cap, control = WallClockCap(3600.0), TrainerControl()
+    cap.on_step_end(None, None, control)
+    assert not control.should_training_stop and not cap.hit
+    cap, control = WallClockCap(0.0), TrainerControl()
+    cap.on_step_end(None, None, control)  # starts the clock
+    while not control.should_training_stop:
+        cap.on_step_end(None, None, control)
+    assert cap.hit

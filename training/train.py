@@ -192,8 +192,8 @@ def set_trainable_parts(model, args: NativeVLArguments) -> dict[str, int]:
 
 
 def center_on_training_images(model, processor, dataset, limit: int) -> None:
-    """`center_vision_tokens` over the first `limit` training images; prints the input-dependent share of the
-    vision tokens before and after (`training/vision_init.py`)."""
+    """`center_vision_tokens` over up to `limit` training images drawn at random (seeded, the same on every
+    process); prints the input-dependent share of the vision tokens before and after (`training/vision_init.py`)."""
     images = training_images(dataset, limit)
     if not images:
         raise ValueError(f"center_vision_tokens={limit} needs training images, and the training data has none")
