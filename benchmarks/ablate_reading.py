@@ -12,7 +12,6 @@ Variants (`--variant`):
     frozen           ViT and merger frozen at their random initialisation
     frozen+c         frozen, vision tokens centred (`--center_vision_tokens 256`)
     train-1e-4+c     ViT and merger trained at lr 1e-4 (warmup as the LLM), tokens centred
-    train-1e-4+c+wd  the same with weight decay 0.1
 
 Tasks (`--task`): corner-digit (one 9 px digit at the top-left, unresampled `snap` images: RESULTS.md's case),
 random-digit (the digit anywhere), reading-14px (the demo's items: short numbers, codes and words, capitals 14 px
@@ -57,7 +56,6 @@ VARIANTS = {
     "frozen": _vision(False),
     "frozen+c": _vision(False),
     "train-1e-4+c": _vision(True, "1e-4"),
-    "train-1e-4+c+wd": _vision(True, "1e-4"),
 }
 TASKS = {
     "corner-digit": dict(rc_contents=["digit"], rc_placement="corner", text_size=13, snap=28),
@@ -69,10 +67,7 @@ TASKS = {
 
 def variant_argv(variant: str) -> list[str]:
     argv = list(VARIANTS[variant])
-    argv += ["--center_vision_tokens", "256" if variant.split("+")[1:2] == ["c"] else "0"]
-    if variant.endswith("+wd"):
-        argv += ["--weight_decay", "0.1"]
-    return argv
+    return argv + ["--center_vision_tokens", "256" if variant.endswith("+c") else "0"]
 
 
 def scores_by_content(run_dir: Path, records: list[dict]) -> dict[str, float]:
