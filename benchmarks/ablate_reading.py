@@ -73,8 +73,7 @@ def variant_argv(variant: str) -> list[str]:
 def scores_by_content(run_dir: Path, records: list[dict]) -> dict[str, float]:
     content = {r["id"]: r["content"] for r in records}
     hits = defaultdict(list)
-    for line in (run_dir / "predictions.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row in read_predictions(run_dir / "predictions.jsonl").values():
         hits[content[row["id"]]].append(row["score"])
     return {name: round(100 * sum(v) / len(v), 1) for name, v in sorted(hits.items())}
 

@@ -58,7 +58,7 @@ from nativevl.runs import RunFolderError, RunLock, check_fingerprint, file_diges
 from nativevl.training.checkpoints import AtomicCheckpointMixin
 from nativevl.training.data import load_training_data
 from nativevl.training.packing import GENERATION_MARKER, PackingCollator
-from nativevl.training.vision_init import center_vision_tokens, input_dependent_share, training_images, vision_tokens
+from nativevl.training.vision_init import center_vision_tokens, input_dependent_share, training_images
 
 
 PARTS = ("vision_tower", "merger", "projector", "llm")
@@ -197,12 +197,12 @@ def center_on_training_images(model, processor, dataset, limit: int) -> None:
     images = training_images(dataset, limit)
     if not images:
         raise ValueError(f"center_vision_tokens={limit} needs training images, and the training data has none")
-    before = input_dependent_share(vision_tokens(model, processor, images))
-    removed = center_vision_tokens(model, processor, images)
-    after = input_dependent_share(vision_tokens(model, processor, images))
+    tokens = center_vision_tokens(model, processor, images)
+    mean = tokens.mean(0)
+    before, after = input_dependent_share(tokens), input_dependent_share(tokens - mean)
     print(
-        f"centred the vision tokens over {len(images)} training images: mean of norm {removed:.3g} removed, "
-        f"input-dependent share {before:.1%} -> {after:.1%}",
+        f"centred the vision tokens over {len(images)} training images: mean of norm {float(mean.norm()):.3g} "
+        f"removed, input-dependent share {before:.1%} -> {after:.1%}",
         flush=True,
     )
 

@@ -70,12 +70,13 @@ def training_images(dataset: Sequence[dict], limit: int, seed: int = 0, images_k
 
 
 @torch.no_grad()
-def center_vision_tokens(model, processor, images: Sequence, batch_size: int = 16) -> float:
-    """Subtracts the mean vision token over `images` from the last vision layer's bias, in place; returns the norm
-    of the mean that was removed. After it the tokens of these images average to zero."""
-    mean = vision_tokens(model, processor, images, batch_size).mean(0)
+def center_vision_tokens(model, processor, images: Sequence, batch_size: int = 16) -> torch.Tensor:
+    """Subtracts the mean vision token over `images` from the last vision layer's bias, in place, so that the
+    tokens of these images average to zero. Returns their tokens as they were before (one pass of the vision tower:
+    the centred tokens are these minus their mean)."""
     layer = _last_vision_linear(model)
     if layer.bias is None:
         raise ValueError(f"cannot centre vision tokens: {type(layer).__name__} {layer} has no bias")
-    layer.bias.sub_(mean.to(layer.bias.dtype))
-    return float(mean.norm())
+    tokens = vision_tokens(model, processor, images, batch_size)
+    layer.bias.sub_(tokens.mean(0).to(layer.bias.dtype))
+    return tokens
