@@ -11,10 +11,12 @@
    `--granularity_training all|random`) for `--stage1-steps` steps; the router stays frozen in this stage.
 3. Stage 2, RGLF: `tiny_rglf` recipe from the stage-1 folder, router only, for its own time budget
    (`--rglf-token-cost`: the token cost of the feedback, 0 as released).
-4. Prints which level the model's own feedback (lowest answer loss) prefers on RGLF items, per kind (RC/SC).
+4. Prints which level the model's own feedback (lowest answer loss) prefers on RGLF items, per kind (RC/SC), and
+   how many of them each level answers right.
 
 `--rglf-only --rglf-dir NAME` repeats stage 2 alone from a finished run's stage-1 model and data (e.g. to compare
-token costs), into `<out>/NAME`.
+token costs), into `<out>/NAME`; with another `--rglf-per-cell` it first writes that many RGLF items per cell and
+kind, like the run's own (`<out>/data/rglf-N`).
 
     python benchmarks/train_granularity.py --out /tmp/tile --rc-contents tile --snap --rglf-token-cost 0.05
     python benchmarks/bench_granularity.py --model /tmp/tile/rglf/final --data /tmp/tile/data/test/data.jsonl
@@ -42,11 +44,15 @@ from nativevl.testing import build_tiny
 
 
 RECIPES = Path(__file__).resolve().parent.parent / "training" / "recipes"
+RGLF_PER_CELL = 20  # RGLF items per cell and kind by default (data/rglf)
+ITEMS_FILE = "items.json"  # the item options of a run's data (`--rglf-only --rglf-per-cell` writes more like them)
 COMMON = ["--max_steps", "100000", "--save_strategy", "no", "--dataloader_num_workers", "0", "--disable_tqdm", "true"]
 
 
 def feedback_summary(trainer, jsonl: Path, limit: int, batch_size: int = 16) -> dict:
-    """Per kind: how often each level has the lowest answer loss (the RGLF target) and the mean loss per level."""
+    """Per kind: how often each level has the lowest answer loss (the release's RGLF target), the mean loss per
+    level, and how many items each level answers right (teacher-forced greedy answer = label, the `exact_match`
+    feedback)."""
     from nativevl.training.data import load_training_data
 
     examples, _ = load_training_data(str(jsonl))
@@ -54,32 +60,47 @@ def feedback_summary(trainer, jsonl: Path, limit: int, batch_size: int = 16) -> 
     stride = max(1, len(examples) // limit) * 2
     examples = examples.select(sorted({i + j for i in range(0, len(examples) - 1, stride) for j in (0, 1)})[:limit])
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
-    best, totals, counts = {}, {}, Counter()
+    best, totals, right, counts = {}, {}, {}, Counter()
     for start in range(0, len(examples), batch_size):
         chunk = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
-        losses = trainer.level_losses(model, trainer.data_collator(chunk)["levels"])  # (samples, L)
-        for example, row in zip(chunk, losses.tolist(), strict=True):
+        levels = trainer.data_collator(chunk)["levels"]
+        losses, errors = trainer.level_losses(model, levels), trainer.level_errors(model, levels)  # (samples, L)
+        for example, row, wrong in zip(chunk, losses.tolist(), errors.tolist(), strict=True):
             kind = example["id"].rsplit("-", 1)[-1]
             counts[kind] += 1
             best.setdefault(kind, Counter())[min(range(len(row)), key=row.__getitem__)] += 1
             totals[kind] = [a + b for a, b in zip(totals.get(kind, [0.0] * len(row)), row, strict=True)]
+            right[kind] = [a + (1 - b) for a, b in zip(right.get(kind, [0] * len(row)), wrong, strict=True)]
     return {
         kind: {
             "items": counts[kind],
             "best_level_counts": dict(sorted(best[kind].items())),
             "mean_loss_per_level": [round(t / counts[kind], 3) for t in totals[kind]],
+            "right_per_level": [round(r) for r in right[kind]],
         }
         for kind in sorted(counts)
     }
 
 
-def run_stage1(args: argparse.Namespace, out: Path, batch: list[str]) -> tuple[Path, dict]:
-    """Writes the three data sets under `<out>/data`, then trains stage 1 from a fresh tiny model."""
-    print(f"generating data in {out / 'data'} ...", flush=True)
+def item_options(args: argparse.Namespace) -> dict:
+    """The `generate_benchmark` keyword arguments of the items given on the command line."""
     items = {"rc_contents": args.rc_contents, "rc_placement": args.rc_placement, "text_size": args.text_size}
-    items |= {"scale": args.scale, "snap": 28 if args.snap else None}
+    return items | {"scale": args.scale, "snap": 28 if args.snap else None}
+
+
+def rglf_folder(out: Path, per_cell: int) -> Path:
+    """Where the RGLF items live: `data/rglf` at the default count, `data/rglf-<per_cell>` for another."""
+    return out / "data" / ("rglf" if per_cell == RGLF_PER_CELL else f"rglf-{per_cell}")
+
+
+def run_stage1(args: argparse.Namespace, out: Path, batch: list[str]) -> tuple[Path, dict]:
+    """Writes the three data sets under `<out>/data` (and their item options, `items.json`), then trains stage 1
+    from a fresh tiny model."""
+    print(f"generating data in {out / 'data'} ...", flush=True)
+    items = item_options(args)
     train_jsonl = write_training_set(out / "data" / "train", args.train_per_cell, args.seed, **items)
-    write_training_set(out / "data" / "rglf", args.rglf_per_cell, args.seed + 2, **items)
+    (out / "data" / ITEMS_FILE).write_text(json.dumps(items, indent=2))
+    write_training_set(rglf_folder(out, args.rglf_per_cell), args.rglf_per_cell, args.seed + 2, **items)
     test_jsonl = generate_benchmark(out / "data" / "test", per_cell=args.test_per_cell, seed=args.seed + 1, **items)
     print(f"held-out set: {test_jsonl}", flush=True)
 
@@ -115,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage1-minutes", type=float, default=30.0, help="wall-clock cap on stage 1")
     parser.add_argument("--rglf-minutes", type=float, default=4.0)
     parser.add_argument("--train-per-cell", type=int, default=40, help="stage-1 items per cell and kind")
-    parser.add_argument("--rglf-per-cell", type=int, default=20, help="RGLF items per cell and kind")
+    parser.add_argument("--rglf-per-cell", type=int, default=RGLF_PER_CELL, help="RGLF items per cell and kind")
     parser.add_argument("--test-per-cell", type=int, default=4, help="held-out items per cell and kind")
     parser.add_argument(
         "--rc-contents", nargs="+", choices=RC_CONTENTS, default=list(DEFAULT_RC_CONTENTS), help="RC content types"
@@ -130,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vision-embed-dim", type=int, default=64, help="ViT width of the tiny model")
     parser.add_argument("--rglf-token-cost", type=float, default=0.0, help="RGLF token cost (0: the release)")
     parser.add_argument(
+        "--rglf-feedback", choices=["loss", "exact_match"], default="loss", help="what ranks the levels in RGLF"
+    )
+    parser.add_argument(
         "--rglf-only", action="store_true", help="reuse <out>/data and <out>/stage1/final: run stage 2 only"
     )
     parser.add_argument("--rglf-dir", default="rglf", help="stage-2 folder name under --out (to compare costs)")
@@ -143,18 +167,24 @@ def main(argv: list[str] | None = None) -> int:
     batch = ["--per_device_train_batch_size", str(args.batch_size), "--seed", str(seed)]
     if args.snap:  # no upscaling of 28 px sides, and no 224x224 cap (the recipes'): every snapped image as it is
         batch += ["--min_pixels", str(28 * 28), "--max_pixels", str(448 * 448)]
-    rglf_jsonl, test_jsonl = out / "data" / "rglf" / "train.jsonl", out / "data" / "test" / "data.jsonl"
+    rglf_jsonl, test_jsonl = rglf_folder(out, args.rglf_per_cell) / "train.jsonl", out / "data" / "test" / "data.jsonl"
     stage1_final = out / "stage1" / "final"
     if args.rglf_only:
-        if missing := [str(p) for p in (rglf_jsonl, test_jsonl, stage1_final) if not p.exists()]:
+        if missing := [str(p) for p in (test_jsonl, stage1_final) if not p.exists()]:
             parser.error(f"--rglf-only needs a finished run in {out}; missing: {', '.join(missing)}")
         stage1_stats = json.loads((out / "summary.json").read_text())["stage1"]
+        if not rglf_jsonl.exists():  # another --rglf-per-cell: new RGLF items like the run's own
+            saved = out / "data" / ITEMS_FILE
+            items = json.loads(saved.read_text()) if saved.exists() else item_options(args)
+            print(f"writing {args.rglf_per_cell} RGLF items per cell and kind ({items}) ...", flush=True)
+            write_training_set(rglf_jsonl.parent, args.rglf_per_cell, args.seed + 2, **items)
     else:
         stage1_final, stage1_stats = run_stage1(args, out, batch)
 
     rglf = [str(RECIPES / "tiny_rglf.yaml"), "--model_name_or_path", str(stage1_final), "--granularity"]
     rglf += [str(args.levels), "--dataset_path", str(rglf_jsonl), "--output_dir", str(out / args.rglf_dir)]
     rglf += [*COMMON, *batch, "--logging_steps", "10", "--rglf_token_cost", str(args.rglf_token_cost)]
+    rglf += ["--rglf_feedback", args.rglf_feedback]
     print(f"stage 2 (RGLF, router only) for {args.rglf_minutes} min ...", flush=True)
     trainer, final, rglf_stats = train_for(rglf, args.rglf_minutes * 60)
     print(f"RGLF: {rglf_stats}; model: {final}", flush=True)

@@ -20,15 +20,16 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert training["steps"] == training["max_steps"] == 6 and not training["stopped_by_wall_clock"]
     assert f"6 steps in {training['seconds']} s ({training['steps_per_second']} steps/s)" in printed
     assert [qa["expected"] is not None for qa in summary["pipeline"]] == [True, True]
-    for run in ("native", "fixed", "crop", "blank"):
+    for run in ("native", "fixed", "fixed16", "crop", "blank"):
         scores = json.loads((out / "runs" / run / "scores.json").read_text())
         assert scores["count"] == 70 and 0 <= scores["accuracy"] <= 100
         assert len((out / "runs" / run / "cells.csv").read_text().strip().splitlines()) == 36  # header + 35 cells
         assert Image.open(out / "runs" / run / "heatmap.png").size[0] > 100
         assert f"heatmap ({run}): {out / 'runs' / run / 'heatmap.png'}" in printed
         assert summary["runs"][run]["rc"] is not None and summary["runs"][run]["sc"] is not None
-    tokens = {run: summary["runs"][run]["mean_visual_tokens"] for run in ("native", "fixed", "crop")}
-    assert tokens["fixed"] < tokens["crop"] < tokens["native"], tokens
+    tokens = {run: summary["runs"][run]["mean_visual_tokens"] for run in ("native", "fixed", "fixed16", "crop")}
+    assert tokens["fixed"] < tokens["crop"] < tokens["native"] and tokens["fixed"] < tokens["fixed16"], tokens
+    assert "  SC items: native" in printed and "and fixed16" in printed
     assert Image.open(out / "runs" / "rc_native_minus_fixed.png").size[0] > 100
     assert set(summary["rc_native_minus_fixed"]) == {"large area (E, F, G)", "extreme aspect (BH, BW)"}
     assert "large area (E, F, G): native" in printed and "area   G  >=24" in printed

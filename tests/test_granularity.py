@@ -593,3 +593,16 @@ def test_bench_granularity_smoke_reports_every_setting(capsys):
     routed = sum(int(n) for line in per_content for n in re.findall(r"\d+: (\d+)", line.split("|")[3]))
     assert routed == sum(int(line.split("|")[1]) for line in per_content) == 8
     assert re.search(r"router uses -?\d+\.\d% fewer visual tokens", out) and "prefill time router / full" in out
+
+
+def test_bench_granularity_oracle_takes_the_coarsest_level_as_good_as_the_full_grid():
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_granularity.py"
+    oracle_levels = runpy.run_path(str(script))["oracle_levels"]
+    # (score, tokens) per item: item 0 is read at every level, item 1 only at level 0, item 2 by none but level 1
+    results = {
+        "full": {"rc": [(1.0, 30), (1.0, 30), (0.0, 30)]},
+        0: {"rc": [(1.0, 30), (1.0, 30), (0.0, 30)]},
+        1: {"rc": [(1.0, 16), (0.0, 16), (1.0, 16)]},
+        2: {"rc": [(1.0, 9), (0.0, 9), (0.0, 9)]},
+    }
+    assert oracle_levels(results, "rc", levels=3) == [(1.0, 9), (1.0, 30), (0.0, 9)]

@@ -8,7 +8,13 @@ from PIL import Image
 from nativevl.conversion.export import save_folder
 from nativevl.testing import build_tiny
 from nativevl.training.packing import PackingCollator
-from nativevl.training.rglf import RGLFCollator, per_sample_answer_loss, rglf_loss, token_fractions
+from nativevl.training.rglf import (
+    RGLFCollator,
+    per_sample_answer_errors,
+    per_sample_answer_loss,
+    rglf_loss,
+    token_fractions,
+)
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +26,19 @@ def setup(tmp_path_factory):
 
 
 def trainer_for(setup, recipe: str, out: str, *overrides: str):
+    torch.manual_seed(0)  # the fresh router is drawn while loading, before the Trainer seeds: same draw in any order
     return recipe_trainer(*setup, recipe, out, *overrides)[0]
+
+
+def routed(trainer, samples: int = 8):
+    """The trained router's levels and logits on the first `samples` training samples (at level 0, as inferred)."""
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(samples)])["levels"][0]
+    with torch.no_grad():
+        levels, logits, _ = trainer.model.eval().model.choose_granularity(
+            batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+            instruction_mask=batch["labels"] == -100, cu_seq_lens_q=batch["cu_seq_lens_q"],
+        )  # fmt: skip
+    return levels, logits
 
 
 def test_rglf_loss_by_hand():
@@ -57,6 +75,38 @@ def test_per_sample_answer_loss_equals_each_sample_alone():
     assert [b["image_granularity"].tolist() for b in levels] == [[0] * 3, [1] * 3, [2] * 3]
 
 
+def test_per_sample_answer_errors_by_hand():
+    # one row, two segments [0, 3) and [3, 6); answer tokens (labels != -100) at positions 2 and 4, 5
+    labels = torch.tensor([[-100, -100, 3, -100, 1, 2]])
+    logits = torch.zeros(1, 6, 5)
+    for position, token in ((1, 3), (3, 1), (4, 4)):  # prediction p is of token p + 1; (4, 4) misses label 2
+        logits[0, position, token] = 1.0
+    cu = torch.tensor([0, 3, 6])
+    torch.testing.assert_close(per_sample_answer_errors(logits, labels, cu), torch.tensor([0.0, 1.0]))
+    logits[0, 4, 2] = 2.0  # now the greedy token at 4 is the label: no miss left
+    torch.testing.assert_close(per_sample_answer_errors(logits, labels, cu), torch.tensor([0.0, 0.0]))
+
+
+def test_exact_match_feedback_ranks_right_answers_before_confidence(setup):
+    trainer = trainer_for(
+        setup, "tiny_rglf.yaml", "rglf-exact", "--max_steps", "40", "--save_strategy", "no",
+        "--rglf_feedback", "exact_match", "--rglf_token_cost", "0.05",
+    )  # fmt: skip
+
+    def level_errors(model, batches):  # levels 0 and 1 answer right, level 2 wrong
+        return torch.tensor([0.0, 0.0, 1.0]).expand(int(batches[0]["cu_seq_lens_q"].shape[0]) - 1, -1)
+
+    def level_losses(model, batches):  # ... while level 0 is the most confident by far
+        raise AssertionError("exact_match feedback must not rank by the answer loss")
+
+    trainer.level_errors, trainer.level_losses = level_errors, level_losses
+    trainer.train()
+    levels, _ = routed(trainer)
+    assert (levels == 1).all(), levels  # the cheapest level that answers right
+    with pytest.raises(ValueError, match="rglf_feedback must be one of loss, exact_match, got 'accuracy'"):
+        trainer_for(setup, "tiny_rglf.yaml", "rglf-bad-feedback", "--rglf_feedback", "accuracy")
+
+
 def test_rglf_learns_the_feedback_ranking(setup):
     trainer = trainer_for(setup, "tiny_rglf.yaml", "rglf-synthetic", "--max_steps", "40", "--save_strategy", "no")
     feedback = torch.tensor([1.0, 0.2, 0.6])  # synthetic: level 1 always best, then level 2, then level 0
@@ -71,13 +121,7 @@ def test_rglf_learns_the_feedback_ranking(setup):
     assert sum(history[-5:]) / 5 < 0.7 * sum(history[:5]) / 5, history
     for name, param in trainer.model.named_parameters():
         assert torch.equal(before[name], param.detach()) != (".granularity_router." in name), name
-    model, collator = trainer.model.eval(), trainer.data_collator
-    batch = collator([trainer.train_dataset[i] for i in range(8)])["levels"][0]
-    with torch.no_grad():
-        _, logits, _ = model.model.choose_granularity(
-            batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
-            instruction_mask=batch["labels"] == -100, cu_seq_lens_q=batch["cu_seq_lens_q"],
-        )  # fmt: skip
+    _, logits = routed(trainer)
     order = logits.argsort(-1, descending=True)
     assert (order == torch.tensor([1, 2, 0])).all(), order  # the router ranks levels as the feedback did
 
@@ -104,12 +148,7 @@ def test_token_cost_turns_equal_feedback_into_a_preference_for_fewer_tokens(setu
 
     trainer.level_losses = level_losses
     trainer.train()
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])["levels"][0]
-    with torch.no_grad():
-        levels, _, _ = trainer.model.eval().model.choose_granularity(
-            batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
-            instruction_mask=batch["labels"] == -100, cu_seq_lens_q=batch["cu_seq_lens_q"],
-        )  # fmt: skip
+    levels, _ = routed(trainer)
     assert (levels == 2).all(), levels  # the cheapest of the equally good levels
     with pytest.raises(ValueError, match="rglf_token_cost must be >= 0, got -1.0"):
         trainer_for(setup, "tiny_rglf.yaml", "rglf-bad", "--rglf_token_cost", "-1")

@@ -14,11 +14,17 @@ Pairs at every rank gap count (not only neighbours), each with a margin proporti
 uses margin 1.0, rank weight 1.0, CE weight 0.1 and lr 1e-3 (`recipes/rglf.yaml`). An image in a sample with
 several images takes its sample's level losses (all images of the sample are forced to the same level).
 
-`token_cost` (nativevl's addition, 0 in the release recipe) ranks the levels by answer loss plus token_cost times
-the image's visual tokens at that level over its level-0 tokens. Where every level answers equally well (an easy
-question), the release's feedback is decided by noise of the order of 1e-3 nats, so the router learns no
-preference there; a cost of a few hundredths makes the cheapest of the equally good levels win, while a level that
-lowers the answer loss by more than the difference in cost still ranks first.
+`feedback="exact_match"` (nativevl's addition; `--rglf_feedback`) ranks the levels by whether the model's
+teacher-forced greedy answer (end of turn included) is the label: 0 right, 1 wrong, instead of the answer loss. A
+coarse level that still answers right then ties with the full grid instead of losing to its more confident answer
+by a loss margin larger than the token costs tried (benchmarks/RESULTS.md, "AVG with reading items").
+
+`token_cost` (nativevl's addition, 0 in the release recipe) ranks the levels by the feedback (answer loss, or the
+0 / 1 of `exact_match`) plus token_cost times the image's visual tokens at that level over its level-0 tokens.
+Where every level answers equally well (an easy question), the release's feedback is decided by noise of the order
+of 1e-3 nats, so the router learns no preference there; a cost of a few hundredths makes the cheapest of the
+equally good levels win, while a level that lowers the answer loss by more than the difference in cost still ranks
+first.
 
     nativevl train training/recipes/tiny_rglf.yaml --model_name_or_path runs/tiny \\
         --dataset_path data/train.jsonl --output_dir runs/rglf --max_steps 20
@@ -31,6 +37,9 @@ from transformers import Trainer
 from nativevl.modeling.positions_nativevl import first_image_tokens, image_token_counts, sum_per_image
 from nativevl.training.checkpoints import AtomicCheckpointMixin
 from nativevl.training.packing import IGNORE_INDEX, PackingCollator
+
+
+FEEDBACK = ("loss", "exact_match")  # what ranks the levels: the answer loss (the release) or the answer's exactness
 
 
 def rglf_loss(
@@ -52,22 +61,40 @@ def rglf_loss(
     return rank_weight * rank + ce_weight * ce
 
 
+def _answer_tokens(labels: torch.LongTensor, cu_seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For the next-token predictions of packed rows (rows, seq) (prediction p is of token p + 1): the segment of
+    each prediction and whether it is an answer token, both flattened (rows * (seq - 1),), and the segment count."""
+    rows, seq = labels.shape
+    target = torch.arange(seq, device=labels.device)[1:].expand(rows, -1) + seq * torch.arange(
+        rows, device=labels.device
+    ).unsqueeze(1)  # (rows, seq-1): flattened index of the predicted token
+    segment = torch.searchsorted(cu_seq_lens.to(labels.device, torch.long), target.reshape(-1), right=True) - 1
+    counted = (labels[:, 1:] != IGNORE_INDEX).reshape(-1).float()
+    return segment, counted, cu_seq_lens.shape[0] - 1
+
+
 def per_sample_answer_loss(logits: torch.Tensor, labels: torch.LongTensor, cu_seq_lens: torch.Tensor) -> torch.Tensor:
     """logits: (rows, seq, V); labels: (rows, seq) unshifted, -100 ignored; cu_seq_lens: (segments + 1,) over the
     flattened rows. Returns each segment's mean answer-token loss (segments,); segments without labels get 0."""
     rows, seq, vocab = logits.shape
     token_loss = F.cross_entropy(
         logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1), reduction="none"
-    ).view(rows, seq - 1)  # (rows, seq-1): loss of predicting token p+1
-    target = torch.arange(seq, device=logits.device)[1:].expand(rows, -1) + seq * torch.arange(
-        rows, device=logits.device
-    ).unsqueeze(1)  # (rows, seq-1): flattened index of the predicted token
-    segment = torch.searchsorted(cu_seq_lens.to(logits.device, torch.long), target.reshape(-1), right=True) - 1
-    counted = (labels[:, 1:] != IGNORE_INDEX).reshape(-1).float()
-    n = cu_seq_lens.shape[0] - 1
-    total = torch.zeros(n, device=logits.device).index_add_(0, segment, token_loss.reshape(-1) * counted)
+    )  # (rows * (seq-1),): loss of predicting token p+1
+    segment, counted, n = _answer_tokens(labels, cu_seq_lens)
+    total = torch.zeros(n, device=logits.device).index_add_(0, segment, token_loss * counted)
     count = torch.zeros(n, device=logits.device).index_add_(0, segment, counted)
     return total / count.clamp(min=1)
+
+
+def per_sample_answer_errors(
+    logits: torch.Tensor, labels: torch.LongTensor, cu_seq_lens: torch.Tensor
+) -> torch.Tensor:
+    """Same arguments as `per_sample_answer_loss`. Returns (segments,) 1.0 where some answer token is not the
+    model's most likely next token (teacher forced: the greedy answer is not the label), else 0.0."""
+    wrong = (logits[:, :-1].argmax(-1) != labels[:, 1:]).reshape(-1).float()
+    segment, counted, n = _answer_tokens(labels, cu_seq_lens)
+    misses = torch.zeros(n, device=logits.device).index_add_(0, segment, wrong * counted)
+    return (misses > 0).float()
 
 
 class RGLFCollator:
@@ -108,11 +135,15 @@ class RGLFTrainer(AtomicCheckpointMixin, Trainer):
         rank_weight: float = 1.0,
         ce_weight: float = 0.1,
         token_cost: float = 0.0,
+        feedback: str = "loss",
         **kwargs,
     ):
         if token_cost < 0:
             raise ValueError(f"rglf_token_cost must be >= 0, got {token_cost}")
+        if feedback not in FEEDBACK:
+            raise ValueError(f"rglf_feedback must be one of {', '.join(FEEDBACK)}, got {feedback!r}")
         self.margin, self.rank_weight, self.ce_weight, self.token_cost = margin, rank_weight, ce_weight, token_cost
+        self.feedback = feedback
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -126,20 +157,29 @@ class RGLFTrainer(AtomicCheckpointMixin, Trainer):
             trainable += param.numel() if param.requires_grad else 0
         return trainable
 
-    def level_losses(self, model, batches: list[dict]) -> torch.Tensor:
-        """The model's feedback: each sample's average answer loss at each level, (samples, L), no gradient."""
+    @staticmethod
+    def _per_level(model, batches: list[dict], score) -> torch.Tensor:
+        """`score(logits, labels, cu_seq_lens)` of each sample at each level, (samples, L), no gradient."""
         columns = []
         with torch.no_grad():
             for batch in batches:
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
-                logits = model(**inputs).logits
-                columns.append(per_sample_answer_loss(logits, batch["labels"], batch["cu_seq_lens_q"]))
+                columns.append(score(model(**inputs).logits, batch["labels"], batch["cu_seq_lens_q"]))
         return torch.stack(columns, dim=-1)  # (samples, L)
+
+    def level_losses(self, model, batches: list[dict]) -> torch.Tensor:
+        """The model's feedback: each sample's average answer loss at each level, (samples, L), no gradient."""
+        return self._per_level(model, batches, per_sample_answer_loss)
+
+    def level_errors(self, model, batches: list[dict]) -> torch.Tensor:
+        """Feedback `exact_match`: 1.0 where a sample's greedy answer misses the label at a level, (samples, L)."""
+        return self._per_level(model, batches, per_sample_answer_errors)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batches = inputs["levels"]
         core = self.accelerator.unwrap_model(model).model
-        sample_losses = self.level_losses(model, batches)  # (samples, L)
+        level_feedback = self.level_losses if self.feedback == "loss" else self.level_errors
+        sample_feedback = level_feedback(model, batches)  # (samples, L)
         base = batches[0]  # level 0: the full grids the router sees at inference
         with torch.no_grad():
             image_out = core.get_image_features(base["pixel_values"], base["image_grid_thw"])
@@ -154,7 +194,7 @@ class RGLFTrainer(AtomicCheckpointMixin, Trainer):
             image_num_grids=base.get("image_num_grids"),
         )  # (images, L)
         image_sample = image_segments(base, core.config)  # (images,): the sample of each image
-        feedback = sample_losses[image_sample]  # (images, L)
+        feedback = sample_feedback[image_sample]  # (images, L)
         if self.token_cost:
             fractions = token_fractions(base["image_grid_thw"], core.config, base.get("image_num_grids"))
             feedback = feedback + self.token_cost * fractions.to(feedback)
@@ -202,4 +242,5 @@ def build_rglf_trainer(training_args, model, processor, train_dataset, eval_data
         rank_weight=args.rglf_rank_weight,
         ce_weight=args.rglf_ce_weight,
         token_cost=args.rglf_token_cost,
+        feedback=args.rglf_feedback,
     )

@@ -133,6 +133,10 @@ class NativeVLArguments:
         default=0.0,
         metadata={"help": "RGLF feedback = answer loss + this x (level's visual tokens / level 0's); 0: the release"},
     )
+    rglf_feedback: str = field(
+        default="loss",
+        metadata={"help": "what ranks the levels: loss (the release) | exact_match (the greedy answer is the label)"},
+    )
 
 
 def part_of(name: str) -> str:
