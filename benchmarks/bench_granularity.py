@@ -14,6 +14,7 @@ run only shows that every path works and what the token and time accounting look
 """
 
 import argparse
+import json
 import tempfile
 import time
 from collections import Counter
@@ -145,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument(
+        "--items-out", metavar="JSONL", help="also write one row per item: its record and each setting's answer"
+    )
+    parser.add_argument(
         "--prefill-at-scale", type=int, metavar="PX", help="only time the prefill at Qwen2-VL-2B's shape on PX images"
     )
     args = parser.parse_args(argv)
@@ -173,15 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     results = {s: {"rc": [], "sc": []} for s in settings}  # kind -> [(score, tokens)]
     by_content = {}  # content -> {"full": [scores], "router": [scores], "levels": Counter of the router's levels}
     full_time = routed_time = 0.0
+    items = []  # per item: the record without the image path, and per setting its answer, score, tokens and level
     for start in range(0, len(records), args.batch_size):
         chunk = records[start : start + args.batch_size]
         images = [load_image(r, root) for r in chunk]
         questions = [r["question"] for r in chunk]
+        rows = [{k: v for k, v in r.items() if k != "image"} | {"settings": {}} for r in chunk]
+        items += rows
         for setting in settings:
             answers, tokens, levels = answer(model, processor, images, questions, setting, args.max_new_tokens)
-            for record, prediction, n, level in zip(chunk, answers, tokens, levels, strict=True):
+            for record, item, prediction, n, level in zip(chunk, rows, answers, tokens, levels, strict=True):
                 score = score_sample(prediction, record["answers"], record.get("metric"))
                 results[setting][record["kind"]].append((score, n))
+                item["settings"][str(setting)] = {"answer": prediction, "score": score, "tokens": n, "level": level}
                 if setting in ("full", "router"):
                     row = by_content.setdefault(record["content"], {"full": [], "router": [], "levels": Counter()})
                     row[setting].append(score)
@@ -218,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         f"fewer at accuracy {100 * mean(oracle['rc'] + oracle['sc'], 0):.1f} (the most a router saves at no loss)"
     )
     print(f"prefill time router / full: {routed_time / full_time:.2f} (router path includes the router itself)")
+    if args.items_out:
+        Path(args.items_out).write_text("".join(json.dumps(item) + "\n" for item in items))
+        print(f"per-item answers: {args.items_out}")
     return 0
 
 

@@ -2,6 +2,7 @@
 router per sample, `generate(granularity="auto")`, processor and packing at chosen levels."""
 
 import copy
+import json
 import re
 import runpy
 from pathlib import Path
@@ -580,10 +581,10 @@ def test_packing_at_granularity_levels(tiny, mode):
         PackingCollator(processor, granularity_training="all")
 
 
-def test_bench_granularity_smoke_reports_every_setting(capsys):
+def test_bench_granularity_smoke_reports_every_setting(capsys, tmp_path):
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_granularity.py"
     main = runpy.run_path(str(script))["main"]
-    assert main(["--smoke", "--limit", "8", "--batch-size", "4"]) == 0
+    assert main(["--smoke", "--limit", "8", "--batch-size", "4", "--items-out", str(tmp_path / "items.jsonl")]) == 0
     out = capsys.readouterr().out
     rows = {line.split("|")[0].strip(): line for line in out.splitlines() if line.count("|") == 2}
     assert {"full", "level 0", "level 1", "level 2", "router"} <= rows.keys()
@@ -593,6 +594,9 @@ def test_bench_granularity_smoke_reports_every_setting(capsys):
     routed = sum(int(n) for line in per_content for n in re.findall(r"\d+: (\d+)", line.split("|")[3]))
     assert routed == sum(int(line.split("|")[1]) for line in per_content) == 8
     assert re.search(r"router uses -?\d+\.\d% fewer visual tokens", out) and "prefill time router / full" in out
+    items = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
+    assert len(items) == 8 and all(set(item["settings"]) == {"full", "0", "1", "2", "router"} for item in items)
+    assert [item["settings"]["2"]["tokens"] <= item["settings"]["full"]["tokens"] for item in items] == [True] * 8
 
 
 def test_bench_granularity_oracle_takes_the_coarsest_level_as_good_as_the_full_grid():
