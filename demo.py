@@ -267,16 +267,24 @@ def rc_summary(run_dir: Path) -> dict:
     return summarize(rows).to_dict()
 
 
+def pooled_extremes(scores: dict) -> dict[str, float | None]:
+    """RC accuracy of one run (`rc_summary`) pooled over the large-area and over the extreme-aspect bins
+    (EXTREMES); None where those bins hold no item."""
+    pooled = {}
+    for label, (axis, bins) in EXTREMES.items():
+        acc, count = scores[f"{axis}_accuracy"], scores[f"{axis}_count"]
+        n = sum(count[b] for b in bins)
+        pooled[label] = sum(acc[b] * count[b] for b in bins if count[b]) / n if n else None
+    return pooled
+
+
 def extremes_gap(native: dict, fixed: dict) -> dict[str, dict]:
     """RC accuracy of native and fixed, and native minus fixed, pooled over the large-area and the extreme-aspect
     bins (EXTREMES)."""
     gaps = {}
+    by_run = {"native": pooled_extremes(native), "fixed": pooled_extremes(fixed)}
     for label, (axis, bins) in EXTREMES.items():
-        pooled = {}
-        for name, scores in (("native", native), ("fixed", fixed)):
-            acc, count = scores[f"{axis}_accuracy"], scores[f"{axis}_count"]
-            n = sum(count[b] for b in bins)
-            pooled[name] = sum(acc[b] * count[b] for b in bins if count[b]) / n if n else None
+        pooled = {name: by_run[name][label] for name in by_run}
         diff = None if None in pooled.values() else pooled["native"] - pooled["fixed"]
         gaps[label] = pooled | {"native_minus_fixed": diff, "items": sum(native[f"{axis}_count"][b] for b in bins)}
     return gaps

@@ -2,6 +2,8 @@
 `tiny_scratch` recipe (nothing overridden but the step count)."""
 
 import json
+import runpy
+from pathlib import Path
 
 from PIL import Image
 from safetensors.torch import load_file
@@ -41,6 +43,20 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     vision = [k for k in init if ".visual." in k]
     assert vision and all(init[k].equal(final[k]) for k in vision if not k.endswith("merger.mlp.2.bias"))
     assert not all(init[k].equal(final[k]) for k in init if ".visual." not in k)  # the LLM trained
+
+    # benchmarks/compare_modes.py on this demo: one model per mode, from the demo's init, scored in its own mode
+    compare = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" / "compare_modes.py"))["main"]
+    assert compare(["--demo", str(out), "--steps", "2", "--out", str(tmp_path / "modes")]) == 0
+    modes = json.loads((tmp_path / "modes" / "summary.json").read_text())
+    assert modes["steps"] == 2 and [stats["steps"] for stats in modes["training"].values()] == [2, 2]
+    tokens = {name.split()[0]: row["mean_visual_tokens"] for name, row in modes["scores"].items()}
+    assert tokens["fixed"] < tokens["crop"] < tokens["native"], tokens
+    assert tokens["native"] == summary["runs"]["native"]["mean_visual_tokens"]
+    for mode in ("fixed", "crop"):
+        processor = json.loads((tmp_path / "modes" / mode / "train" / "final" / "processor_config.json").read_text())
+        assert processor["image_processor"]["mode"] == mode
+        scores = json.loads((tmp_path / "modes" / mode / "run" / "scores.json").read_text())
+        assert scores["count"] == 70
 
 
 def test_wall_clock_cap_stops_training_and_says_so():
