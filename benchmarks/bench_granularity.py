@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {s: {"rc": [], "sc": []} for s in settings}  # kind -> [(score, tokens)]
     by_content = {}  # content -> {"full": [scores], "router": [scores], "levels": Counter of the router's levels}
     full_time = routed_time = 0.0
-    items = []  # per item: the record without the image path, and per setting its answer, score, tokens and level
+    items = []  # per item (--items-out): its record and, per setting, its answer, score, tokens and level
     for start in range(0, len(records), args.batch_size):
         chunk = records[start : start + args.batch_size]
         images = [load_image(r, root) for r in chunk]

@@ -392,6 +392,14 @@ def test_training_into_another_runs_output_dir_refuses(model_dir, tmp_path):
     check_output_dir(*_training_args(model_dir, data_b, out, "--overwrite", "true"))
     assert not (out / "checkpoint-2").exists()
     assert resume_argument("true") is True and resume_argument("False") is None
+    # stage rglf: the feedback the router learns from is part of the run (a resumed run must not change it)
+    rglf = ("--stage", "rglf", "--granularity", "3")
+    check_output_dir(*_training_args(model_dir, data_a, out, *rglf, "--overwrite", "true"))
+    (out / "checkpoint-2").mkdir()
+    check_output_dir(*_training_args(model_dir, data_a, out, *rglf))  # the same rglf run again: fine
+    with pytest.raises(RunFolderError, match="rglf_feedback") as refused:
+        check_output_dir(*_training_args(model_dir, data_a, out, *rglf, "--rglf_feedback", "exact_match"))
+    assert "granularity" not in str(refused.value).replace("rglf_", "")
     assert resume_argument(str(out / "checkpoint-2")) == str(out / "checkpoint-2")
 
 

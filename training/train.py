@@ -308,6 +308,8 @@ def run_fingerprint(args: NativeVLArguments) -> dict:
     model = Path(args.model_name_or_path)
     options = ("stage", "lora", "lora_r", "granularity", "granularity_training", "image_mode", "multimodal_packing")
     options += ("center_vision_tokens",)
+    if args.stage == "rglf":  # what the router is trained towards
+        options += ("rglf_margin", "rglf_rank_weight", "rglf_ce_weight", "rglf_token_cost", "rglf_feedback")
     return {
         "model": weights_fingerprint(model) if model.is_dir() else args.model_name_or_path,
         "dataset": dataset,
