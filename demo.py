@@ -8,7 +8,7 @@
    multimodal packing, the `tiny_scratch` recipe: random frozen ViT with centred tokens, LLM trained) for a fixed
    number of steps, and exports a remote-code folder.
 3. Answers a question about a freshly generated image through `pipeline("image-text-to-text")`.
-4. Evaluates the model in native, fixed (56x56 and 112x112 px: 4 and up to 16 tokens) and crop mode and with
+4. Evaluates the model in native, fixed (56x56 and 112x112 px: about 4 and 16 tokens) and crop mode and with
    blank images (does it use the image at all?) and prints the summary, the RC accuracy per area and aspect bin
    with native minus fixed, and the heatmap paths (the native-minus-fixed heatmap of RC items is NativeRes-LLaVA's
    figure). Every figure printed is measured in this run.
@@ -47,11 +47,11 @@ SCALE = 1 / 8  # linear scale of the synthetic images: nominal cell sizes / 8 (a
 # 28 px (native mode feeds them unresampled), starting at a random merged-token cell (benchmarks/RESULTS.md,
 # "Reading from scratch": a from-scratch ViT does not learn to read glyphs at arbitrary pixel offsets in CPU budgets)
 READING = dict(rc_contents=["short_number", "short_code", "word"], rc_placement="grid", text_size=20, snap=28)
-FIXED_PIXELS = 56 * 56  # the Fixed baseline at this scale: 4 LLM tokens per image, aspect kept
-# A second Fixed budget, 112x112 px (up to 16 tokens; 14.7-14.8 per item on the demo's items). The paper's Fixed
-# (182 tokens) still spreads a large object over many tokens; in 4 the demo's tiny LLM names the large shape less
-# well than from the native grid although the tokens carry it (benchmarks/RESULTS.md, "The shape question at 4
-# tokens"); in 16 it names it as well, and the reading in large and extreme-aspect images is still lost.
+FIXED_PIXELS = 56 * 56  # the Fixed baseline at this scale: about 4 LLM tokens per image (2-8), aspect kept
+# A second Fixed budget, 112x112 px (about 16 tokens: 8-24, 14.7-14.8 per item on the demo's items). The paper's
+# Fixed (182 tokens) still spreads a large object over many tokens; in 4 the demo's tiny LLM names the large shape
+# less well than from the native grid although the tokens carry it (benchmarks/RESULTS.md, "The shape question at
+# 4 tokens"); in 16 it names it as well, and the reading in large and extreme-aspect images is still lost.
 FIXED16_PIXELS = 112 * 112
 # the Crop baseline at this scale (LLaVA-NeXT's 336 px tiles / 8 -> 56): a 56x56 global view plus 2-4 56x56 tiles
 CROP = {
