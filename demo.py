@@ -58,6 +58,16 @@ CROP = {
     "crop_base_size": 56,
     "crop_grid_pinpoints": [[56 * h, 56 * w] for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))],
 }
+# the demo's evaluation runs: `evaluate` settings per run name, and what they share (every demo trains a new model,
+# so its evaluation runs start over, overwrite, instead of being refused)
+SETTINGS = {
+    "native": dict(mode="native"),
+    "fixed": dict(mode="fixed", images_kwargs={"fixed_pixels": FIXED_PIXELS}),
+    "fixed16": dict(mode="fixed", images_kwargs={"fixed_pixels": FIXED16_PIXELS}),
+    "crop": dict(mode="crop", images_kwargs=CROP),
+    "blank": dict(mode="native", blank_images=True),
+}
+EVALUATION = dict(batch_size=16, max_new_tokens=16, progress=False, overwrite=True)
 DEFAULT_STEPS = 4500  # calibrated on the reference machine (2 cores): 8.8 steps/s, 8.8 minutes in all
 RUN_FILE = "demo_run.json"  # the options of the demo that wrote an --out folder (`nativevl.runs.check_fingerprint`)
 EXTREMES = {"large area (E, F, G)": ("area", ("E", "F", "G")), "extreme aspect (BH, BW)": ("aspect", ("BH", "BW"))}
@@ -221,10 +231,7 @@ def run_demo(out: Path, args: argparse.Namespace) -> int:
     print(summary_text(runs, rc, out))
     summary = {"training": stats, "pipeline": asked, "runs": {}}
     for name, scores in runs.items():
-        kinds = scores.get("kind_accuracy") or {}
-        summary["runs"][name] = {m: scores[m] for m in ("accuracy", "acv", "rcv", "mean_visual_tokens")}
-        summary["runs"][name] |= {"rc": kinds.get("rc"), "sc": kinds.get("sc")}
-        summary["runs"][name] |= {f"rc_{m}": rc[name][m] for m in ("acv", "rcv", "area_accuracy", "aspect_accuracy")}
+        summary["runs"][name] = run_row(scores, rc[name])
     summary["rc_native_minus_fixed"] = extremes_gap(rc["native"], rc["fixed"])
     summary["minutes"] = round((time.monotonic() - start) / 60, 2)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -245,20 +252,18 @@ def evaluate_modes(final: Path, records: list, image_root: Path, out: Path) -> d
 
     model = AutoModelForImageTextToText.from_pretrained(final).eval()
     processor = AutoProcessor.from_pretrained(final)
-    # every demo trains a new model, so its evaluation runs start over (overwrite) instead of being refused
-    common = dict(
-        batch_size=16, max_new_tokens=16, progress=False, image_root=image_root, model_path=str(final), overwrite=True
-    )
-    settings = {
-        "native": dict(mode="native"),
-        "fixed": dict(mode="fixed", images_kwargs={"fixed_pixels": FIXED_PIXELS}),
-        "fixed16": dict(mode="fixed", images_kwargs={"fixed_pixels": FIXED16_PIXELS}),
-        "crop": dict(mode="crop", images_kwargs=CROP),
-        "blank": dict(mode="native", blank_images=True),
-    }
+    common = dict(image_root=image_root, model_path=str(final), **EVALUATION)
     return {
-        name: evaluate(model, processor, records, out / "runs" / name, **kw, **common) for name, kw in settings.items()
+        name: evaluate(model, processor, records, out / "runs" / name, **kw, **common) for name, kw in SETTINGS.items()
     }
+
+
+def run_row(scores: dict, rc: dict) -> dict:
+    """The summary of one evaluation run: its `evaluate` scores and the `rc_summary` of its RC items."""
+    kinds = scores.get("kind_accuracy") or {}
+    row = {m: scores[m] for m in ("accuracy", "acv", "rcv", "mean_visual_tokens")}
+    row |= {"rc": kinds.get("rc"), "sc": kinds.get("sc")}
+    return row | {f"rc_{m}": rc[m] for m in ("acv", "rcv", "area_accuracy", "aspect_accuracy")}
 
 
 def rc_summary(run_dir: Path) -> dict:

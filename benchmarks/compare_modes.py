@@ -23,28 +23,27 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from nativevl.conversion.export import save_folder
 from nativevl.demo import (
-    CROP,
+    EVALUATION,
     EXTREMES,
-    FIXED_PIXELS,
     RUN_FILE,
     SCRATCH_RECIPE,
+    SETTINGS,
     _num,
     pooled_extremes,
     rc_summary,
+    run_row,
     train_for,
 )
 from nativevl.evaluation.run import evaluate, load_records
 
 
-MODES = {"native": {}, "fixed": {"fixed_pixels": FIXED_PIXELS}, "crop": CROP}  # image-processor settings per mode
-
-
 def mode_init(demo: Path, mode: str, out: Path) -> Path:
-    """A copy of the demo's random init whose image processor is set to `mode` (and its MODES settings)."""
+    """A copy of the demo's random init whose image processor is set to `mode` (and the demo's settings of that
+    mode, `demo.SETTINGS`)."""
     model = AutoModelForImageTextToText.from_pretrained(demo / "init")
     processor = AutoProcessor.from_pretrained(demo / "init")
     processor.image_processor.mode = mode
-    for key, value in MODES[mode].items():
+    for key, value in SETTINGS[mode].get("images_kwargs", {}).items():
         setattr(processor.image_processor, key, value)
     processor.image_processor.validate()
     save_folder(model, processor, out, overwrite=True)
@@ -56,20 +55,10 @@ def score(final: Path, mode: str, records: list, image_root: Path, out: Path) ->
     model = AutoModelForImageTextToText.from_pretrained(final).eval()
     processor = AutoProcessor.from_pretrained(final)
     scores = evaluate(
-        model, processor, records, out, mode=mode, images_kwargs=MODES[mode] or None, batch_size=16,
-        max_new_tokens=16, progress=False, image_root=image_root, model_path=str(final), overwrite=True,
-    )  # fmt: skip
+        model, processor, records, out, **SETTINGS[mode], image_root=image_root, model_path=str(final), **EVALUATION
+    )
     rc = rc_summary(out)
-    kinds = scores.get("kind_accuracy") or {}
-    return {
-        "accuracy": scores["accuracy"],
-        "rc": kinds.get("rc"),
-        "sc": kinds.get("sc"),
-        "rc_acv": rc["acv"],
-        "rc_rcv": rc["rcv"],
-        "mean_visual_tokens": scores["mean_visual_tokens"],
-        "rc_pooled": pooled_extremes(rc),
-    }
+    return run_row(scores, rc) | {"rc_pooled": pooled_extremes(rc)}
 
 
 def main(argv: list[str] | None = None) -> int:
