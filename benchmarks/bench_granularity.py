@@ -5,6 +5,13 @@ at every fixed level and with the router (`generate(granularity="auto")`), and p
 per item (RC, SC, all), exact-match accuracy (RC, SC, all), and the prefill time of the router path (vision tower +
 router + LLM prefill on the compacted prompt) against the full grid's (vision tower + LLM prefill).
 
+`--fallback-threshold T` adds two settings with nativevl's confidence fallback (`generate(fallback_threshold=T)`):
+`cascade` (every image at the coarsest level first) and `router+fb` (the router's level first); an item whose
+answer has a token below probability T is answered again on the full grid, and its visual tokens count both
+passes. It also prints, for thresholds from 0 to 1, what each would give on these items (the first pass is the
+coarsest level's or the router's answer, a fallback is the full grid's): choose T on items the model was not
+trained on (e.g. the RGLF set), then run the held-out set with it.
+
     python benchmarks/bench_granularity.py --model runs/avg2/final --data rc_demo/data.jsonl --limit 200
     python benchmarks/bench_granularity.py --smoke      # fresh tiny model, random router, 70 tiny items: seconds
     python benchmarks/bench_granularity.py --prefill-at-scale 448 --batch-size 2   # timing only, random 2B model
@@ -30,21 +37,30 @@ from nativevl.modeling.granularity_nativevl import compact_image_placeholders
 from nativevl.modeling.positions_nativevl import grid_levels, image_token_counts, sum_per_image
 
 
+FALLBACK_SETTINGS = {"cascade": "cascade", "router+fb": "auto"}  # setting -> generate's granularity
+FRONTIER = [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0]  # thresholds of the printed frontier
+
+
 def prompts(processor, questions: list[str]) -> list[str]:
     turns = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}] for q in questions]
     return processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
 
 
 @torch.inference_mode()
-def answer(model, processor, images, questions, setting, max_new_tokens: int):
-    """Greedy answers, visual tokens and level (None for "full") per item for `setting`: "full", an int level, or
-    "router"."""
+def answer(model, processor, images, questions, setting, max_new_tokens: int, threshold: float | None = None):
+    """Greedy answers, visual tokens, level (None for "full") and first-pass confidence (None without a fallback)
+    per item for `setting`: "full", an int level, "router", or (with `threshold`) "cascade" / "router+fb"."""
     level = setting if isinstance(setting, int) else None
     batch = processor(
         images=[[im] for im in images], text=prompts(processor, questions), padding_side="left", granularity=level
     )
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
-    if setting == "router":
+    confidence = [None] * len(images)
+    if setting in FALLBACK_SETTINGS:
+        first = FALLBACK_SETTINGS[setting]
+        out = model.generate(**batch, granularity=first, fallback_threshold=threshold, **kwargs)
+        tokens, levels, confidence = (out[k].tolist() for k in ("visual_tokens", "image_granularity", "confidence"))
+    elif setting == "router":
         out = model.generate(**batch, granularity="auto", **kwargs)
         merge, grids = model.config.vision_config.spatial_merge_size, batch["image_grid_thw"]
         num_grids = batch["image_num_grids"]
@@ -56,7 +72,24 @@ def answer(model, processor, images, questions, setting, max_new_tokens: int):
         tokens = (batch["input_ids"] == processor.image_token_id).sum(-1).tolist()
         levels = [level] * len(images)
     new = out.sequences[:, batch["input_ids"].shape[1] :]
-    return [a.strip() for a in processor.batch_decode(new, skip_special_tokens=True)], tokens, levels
+    return [a.strip() for a in processor.batch_decode(new, skip_special_tokens=True)], tokens, levels, confidence
+
+
+def fallback_frontier(items: list[dict], first: str, thresholds: list[float]) -> list[tuple[float, float, float]]:
+    """(threshold, visual tokens per item, accuracy) of a confidence fallback from `first` ("router" or a level) to
+    the full grid on `items` (`--items-out` rows with the first pass's `confidence`): an item whose first answer,
+    at a level above 0, has confidence below the threshold takes the full grid's score and pays both passes."""
+    rows = []
+    for threshold in thresholds:
+        tokens = score = 0.0
+        for item in items:
+            one, full = item["settings"][first], item["settings"]["full"]
+            if one["level"] and one["confidence"] < threshold:
+                tokens, score = tokens + one["tokens"] + full["tokens"], score + full["score"]
+            else:
+                tokens, score = tokens + one["tokens"], score + one["score"]
+        rows.append((threshold, tokens / len(items), 100 * score / len(items)))
+    return rows
 
 
 def oracle_levels(results: dict, kind: str, levels: int) -> list[tuple[float, int]]:
@@ -149,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         "--items-out", metavar="JSONL", help="also write one row per item: its record and each setting's answer"
     )
     parser.add_argument(
+        "--fallback-threshold", type=float, metavar="T", help="add the cascade and router+fb settings with threshold T"
+    )
+    parser.add_argument(
         "--prefill-at-scale", type=int, metavar="PX", help="only time the prefill at Qwen2-VL-2B's shape on PX images"
     )
     args = parser.parse_args(argv)
@@ -174,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     records = load_records(data, limit=args.limit)
     root = Path(data).parent
     settings = ["full", *range(model.config.granularity), "router"]
+    settings += list(FALLBACK_SETTINGS) if args.fallback_threshold is not None else []
     results = {s: {"rc": [], "sc": []} for s in settings}  # kind -> [(score, tokens)]
     by_content = {}  # content -> {"full": [scores], "router": [scores], "levels": Counter of the router's levels}
     full_time = routed_time = 0.0
@@ -185,11 +222,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = [{k: v for k, v in r.items() if k != "image"} | {"settings": {}} for r in chunk]
         items += rows
         for setting in settings:
-            answers, tokens, levels = answer(model, processor, images, questions, setting, args.max_new_tokens)
-            for record, item, prediction, n, level in zip(chunk, rows, answers, tokens, levels, strict=True):
+            per_item = answer(
+                model, processor, images, questions, setting, args.max_new_tokens, args.fallback_threshold
+            )
+            for record, item, prediction, n, level, confidence in zip(chunk, rows, *per_item, strict=True):
                 score = score_sample(prediction, record["answers"], record.get("metric"))
                 results[setting][record["kind"]].append((score, n))
                 item["settings"][str(setting)] = {"answer": prediction, "score": score, "tokens": n, "level": level}
+                if confidence is not None:
+                    item["settings"][str(setting)]["confidence"] = confidence
                 if setting in ("full", "router"):
                     row = by_content.setdefault(record["content"], {"full": [], "router": [], "levels": Counter()})
                     row[setting].append(score)
@@ -202,12 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     def mean(rows, index):
         return sum(r[index] for r in rows) / len(rows) if rows else float("nan")
 
-    print(f"\n{'setting':>8} | {'tokens RC':>9} {'SC':>7} {'all':>7} | {'acc RC':>7} {'SC':>6} {'all':>6}")
+    print(f"\n{'setting':>9} | {'tokens RC':>9} {'SC':>7} {'all':>7} | {'acc RC':>7} {'SC':>6} {'all':>6}")
     for setting in settings:
         rc, sc = results[setting]["rc"], results[setting]["sc"]
         name = f"level {setting}" if isinstance(setting, int) else setting
         print(
-            f"{name:>8} | {mean(rc, 1):9.1f} {mean(sc, 1):7.1f} {mean(rc + sc, 1):7.1f} | "
+            f"{name:>9} | {mean(rc, 1):9.1f} {mean(sc, 1):7.1f} {mean(rc + sc, 1):7.1f} | "
             f"{100 * mean(rc, 0):7.1f} {100 * mean(sc, 0):6.1f} {100 * mean(rc + sc, 0):6.1f}"
         )
     print(f"\n{'content':>8} | {'items':>5} | {'acc full':>8} {'router':>6} | router's levels (level: items)")
@@ -225,6 +266,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{mean(oracle['rc'], 1):.1f}, SC {mean(oracle['sc'], 1):.1f}, {100 * (1 - oracle_tokens / full_tokens):.1f}% "
         f"fewer at accuracy {100 * mean(oracle['rc'] + oracle['sc'], 0):.1f} (the most a router saves at no loss)"
     )
+    if args.fallback_threshold is not None:
+        coarsest = model.config.granularity - 1
+        for name, first in (("cascade", coarsest), ("router+fb", "router")):
+            for item in items:  # the first pass's answer is the coarsest level's / the router's; its confidence:
+                item["settings"][str(first)]["confidence"] = item["settings"][name]["confidence"]
+            print(f"\n{name} at other thresholds (first pass {first}, fallback full grid; from these answers):")
+            for threshold, tokens, accuracy in fallback_frontier(items, str(first), FRONTIER):
+                fewer = 100 * (1 - tokens / full_tokens)
+                print(
+                    f"  threshold {threshold:4.2f}: {tokens:5.1f} tokens per item ({fewer:5.1f}% fewer), acc {accuracy:5.1f}"
+                )
     print(f"prefill time router / full: {routed_time / full_time:.2f} (router path includes the router itself)")
     if args.items_out:
         Path(args.items_out).write_text("".join(json.dumps(item) + "\n" for item in items))

@@ -9,6 +9,8 @@ and placeholder compaction for a routed prompt.
   one image, not across crops as the release's missing batch_first did).
 - Prompt compaction (`drop_surplus_placeholders`, `compact_image_placeholders`, `next_kept_labels`): a prompt
   expanded for one level, shortened or masked to fit the routed levels.
+- Confidence fallback (nativevl's addition; `answer_confidence`, `image_rows`): a sample whose answer at its
+  routed level has a token the model gave less than a threshold probability is answered again on the full grid.
 
 This file is remote code: it imports only torch and single-dot siblings.
 """
@@ -18,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .configuration_nativevl import IGNORE_INDEX, NativeVLConfig
-from .positions_nativevl import image_token_counts
+from .positions_nativevl import first_image_tokens, grid_levels, image_token_counts, sum_per_image
 
 
 def _pair_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -181,10 +183,45 @@ def next_kept_labels(labels: torch.LongTensor, kept: torch.Tensor) -> torch.Long
     return shifted
 
 
+def answer_confidence(
+    logits: tuple[torch.Tensor, ...], tokens: torch.LongTensor, end_token_ids: list[int]
+) -> torch.Tensor:
+    """Per row, the lowest probability the model gave a token it generated, up to and including its first end
+    token (later steps are padding). logits: one (batch, V) tensor per step (`generate(output_logits=True)`, before
+    any logits processor); tokens: (batch, steps) the generated tokens. Returns (batch,) float32 in [0, 1]; a row
+    without generated tokens gets 1.0."""
+    chosen = torch.ones(tokens.shape, dtype=torch.float32, device=tokens.device)  # (batch, steps)
+    for step, step_logits in enumerate(logits):
+        log_probs = step_logits.float().log_softmax(-1)  # (batch, V)
+        chosen[:, step] = log_probs.gather(-1, tokens[:, step : step + 1].to(log_probs.device)).squeeze(-1).exp()
+    is_end = torch.isin(tokens, torch.tensor(end_token_ids, dtype=tokens.dtype, device=tokens.device))
+    after_end = (is_end.long().cumsum(1) - is_end.long()) > 0  # (batch, steps): past the first end token
+    return chosen.masked_fill(after_end, 1.0).amin(-1) if tokens.shape[1] else chosen.new_ones(tokens.shape[0])
+
+
+def image_rows(
+    input_ids: torch.LongTensor,
+    image_grid_thw: torch.LongTensor,
+    image_granularity: torch.LongTensor | None,
+    image_num_grids: torch.LongTensor | None,
+    image_token_id: int,
+    merge_size: int,
+) -> torch.LongTensor:
+    """The row of `input_ids` (batch, seq) holding each image, (num_images,) long, for a prompt whose placeholders
+    are expanded for `image_granularity` (num_images,) (None: level 0); image_num_grids (num_images,): grids per
+    image, None: one."""
+    per_grid = grid_levels(image_granularity, image_num_grids, image_grid_thw.shape[0])
+    counts = torch.tensor(image_token_counts(image_grid_thw, per_grid, merge_size), dtype=torch.long)
+    counts = sum_per_image(counts, None if image_num_grids is None else image_num_grids.cpu()).tolist()
+    return first_image_tokens(input_ids, image_token_id, counts) // input_ids.shape[1]
+
+
 __all__ = [
     "NativeVLGranularityRouter",
+    "answer_confidence",
     "compact_image_placeholders",
     "drop_surplus_placeholders",
+    "image_rows",
     "next_kept_labels",
     "pool_grid",
     "router_inputs",

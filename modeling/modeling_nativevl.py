@@ -51,8 +51,10 @@ from .attention_nativevl import NativeVLAttentionSupport, register_attention
 from .configuration_nativevl import IGNORE_INDEX, NativeVLConfig, NativeVLTextConfig
 from .granularity_nativevl import (
     NativeVLGranularityRouter,
+    answer_confidence,
     compact_image_placeholders,
     drop_surplus_placeholders,
+    image_rows,
     next_kept_labels,
     pool_grid,
     router_inputs,
@@ -71,6 +73,19 @@ from .positions_nativevl import (
 )
 from .vision_nativevl import NativeVLVisionModel, NativeVLVisionModelOutput, check_grids
 
+
+# generate(granularity="cascade"): the fallback threshold unless one is given (benchmarks/RESULTS.md, "AVG with
+# reading items": the lowest answer-token probability separates the reading items pooling breaks)
+CASCADE_THRESHOLD = 0.9
+# generation settings a fallback cannot honour (one answer per sample, no per-step outputs)
+FALLBACK_REFUSED = (
+    "num_beams",
+    "num_return_sequences",
+    "output_scores",
+    "output_logits",
+    "output_attentions",
+    "output_hidden_states",
+)
 
 # The name of the KV cache in forward arguments and model outputs: `cache` from transformers 5.24 on,
 # `past_key_values` before. Both names are accepted by the forwards here; outputs carry the release's own field.
@@ -978,10 +993,16 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
         )
         return torch.cat([text_ids.unsqueeze(0).to(mrope_ids.device), mrope_ids], dim=0)  # (4, batch, seq)
 
-    def generate(self, *args, granularity: str | int | torch.LongTensor | None = None, **kwargs):
+    def generate(
+        self,
+        *args,
+        granularity: str | int | torch.LongTensor | None = None,
+        fallback_threshold: float | None = None,
+        **kwargs,
+    ):
         """`GenerationMixin.generate` plus `granularity`: None (full grids), an int level or one level per image
         (the prompt's placeholders must already match, e.g. from `processor(..., granularity=...)`; crop mode's
-        tiles take their image's level through the processor's `image_num_grids`), or `"auto"`.
+        tiles take their image's level through the processor's `image_num_grids`), `"auto"` or `"cascade"`.
 
         The processor's batch-first M-RoPE ids (batch, seq, 3) are accepted as `position_ids`; zero-row pixel
         values (text-only samples) count as none. The vision tower runs once, before the prefill, through
@@ -994,6 +1015,17 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
         returned sequences are the ORIGINAL prompt ids followed by the generated tokens, so slicing off
         `input_ids.shape[1]` (as `pipeline` does) stays correct; with `return_dict_in_generate=True` the output
         also carries `image_granularity` (num_images,).
+
+        `fallback_threshold` (nativevl's addition, with `"auto"` or `"cascade"`): a sample whose answer at its
+        images' levels has a token the model gave a probability below the threshold (`answer_confidence`, up to
+        its first end token) is answered again with its images on the full grid (level 0), from the same vision
+        features; the other samples keep their answers. `"cascade"` answers every image at the coarsest level
+        first (no router; threshold `CASCADE_THRESHOLD` unless given). With a fallback, `image_granularity` is each
+        image's final level, `visual_tokens` (num_images,) the placeholders its passes fed the LLM (first level
+        plus, after a fallback, level 0), `fallback` (batch,) bool the samples answered again and `confidence`
+        (batch,) the confidence of each first answer; per-step outputs
+        (scores, logits, attentions, hidden states, the cache) are not returned, streaming and beam search are
+        refused, and sequences are right-padded with the pad token after their answer.
         """
         input_ids = kwargs.pop("input_ids", None)
         if input_ids is None and args and isinstance(args[0], torch.Tensor):
@@ -1007,8 +1039,18 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
             kwargs.pop("image_num_grids", None)  # zero rows for a text-only batch
         if kwargs.get("position_ids") is not None and input_ids is not None:
             kwargs["position_ids"] = channels_first_position_ids(kwargs["position_ids"], *input_ids.shape[:2])
-        if isinstance(granularity, str) and granularity != "auto":
-            raise ValueError(f"granularity must be None, an int, per-image levels or 'auto', got {granularity!r}")
+        if isinstance(granularity, str) and granularity not in ("auto", "cascade"):
+            raise ValueError(
+                f"granularity must be None, an int, per-image levels, 'auto' or 'cascade', got {granularity!r}"
+            )
+        if fallback_threshold is not None and granularity not in ("auto", "cascade"):
+            raise ValueError(f"fallback_threshold needs granularity='auto' or 'cascade', got {granularity!r}")
+        if granularity == "cascade":
+            if not self.config.granularity:
+                raise ValueError("granularity='cascade' needs a model with granularity levels (config.granularity)")
+            fallback_threshold = CASCADE_THRESHOLD if fallback_threshold is None else fallback_threshold
+        if fallback_threshold is not None and not 0.0 <= fallback_threshold <= 1.0:
+            raise ValueError(f"fallback_threshold is a probability in [0, 1], got {fallback_threshold}")
         grids = kwargs.get("image_grid_thw")
         if not isinstance(granularity, str):
             if granularity is not None and grids is not None:
@@ -1018,21 +1060,46 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
             return super().generate(*args, input_ids=input_ids, **kwargs)
         if kwargs.get("pixel_values") is None or input_ids is None:  # nothing to route
             return super().generate(*args, input_ids=input_ids, **kwargs)
-        return self._generate_routed(input_ids, *args, **kwargs)
-
-    def _generate_routed(self, input_ids: torch.LongTensor, *args, **kwargs):
-        """`generate(granularity="auto")` (see `generate`): route, compact the prompt, generate on pooled features."""
-        pixel_values, grids = kwargs.pop("pixel_values"), kwargs.get("image_grid_thw")
-        num_grids, mask = kwargs.get("image_num_grids"), kwargs.get("attention_mask")
-        with torch.no_grad():
-            image_out = self.model._encode(pixel_values, grids)
-        levels, kept = self.model.route_images(
-            input_ids, image_out, grids, mask, None, kwargs.pop("image_granularity", None), num_grids
+        if fallback_threshold is None:
+            return self._generate_routed(input_ids, *args, granularity=granularity, **kwargs)
+        return self._generate_with_fallback(
+            input_ids, *args, granularity=granularity, threshold=fallback_threshold, **kwargs
         )
+
+    def _first_levels(self, granularity: str, input_ids: torch.LongTensor, image_out, kwargs: dict):
+        """Levels (num_images,) and kept-placeholder mask (batch, seq) of the first pass: the router's choice
+        (`"auto"`) or the coarsest level for every image (`"cascade"`). Pops `image_granularity` from `kwargs`."""
+        grids, num_grids, mask = kwargs["image_grid_thw"], kwargs.get("image_num_grids"), kwargs.get("attention_mask")
+        from_levels = kwargs.pop("image_granularity", None)
+        if granularity == "auto":
+            return self.model.route_images(input_ids, image_out, grids, mask, None, from_levels, num_grids)
+        from_levels = self.model.resolve_granularity(from_levels, grids, num_grids)
+        n_images = grids.shape[0] if num_grids is None else num_grids.shape[0]
+        levels = torch.full((n_images,), self.config.granularity - 1, dtype=torch.long)
+        return levels, self.model.surplus_placeholder_mask(input_ids, mask, grids, from_levels, levels, num_grids)
+
+    def _pad_id(self) -> int:
         pad = self.generation_config.pad_token_id
         pad = pad if pad is not None else (self.config.text_config.pad_token_id or 0)
-        pad = int(pad if not isinstance(pad, torch.Tensor) else pad.flatten()[0])
-        compact_ids, compact_mask = compact_image_placeholders(input_ids, mask, kept, pad)
+        return int(pad if not isinstance(pad, torch.Tensor) else pad.flatten()[0])
+
+    def _generate_routed(self, input_ids: torch.LongTensor, *args, granularity: str = "auto", **kwargs):
+        """`generate(granularity="auto" | "cascade")` without fallback (see `generate`): choose the levels,
+        compact the prompt, generate on pooled features."""
+        pixel_values = kwargs.pop("pixel_values")
+        with torch.no_grad():
+            image_out = self.model._encode(pixel_values, kwargs["image_grid_thw"])
+        levels, kept = self._first_levels(granularity, input_ids, image_out, kwargs)
+        return self._generate_at_levels(input_ids, levels, kept, image_out, *args, **kwargs)
+
+    def _generate_at_levels(self, input_ids, levels, kept, image_out, *args, **kwargs):
+        """One `generate` of a prompt expanded for level 0 whose images are pooled to `levels` (num_images,):
+        the placeholders `kept` (batch, seq) marks 0 are removed. Returns generate's output with the ORIGINAL
+        prompt ids in front of the generated tokens and, as a dict, `image_granularity`."""
+        grids, num_grids = kwargs["image_grid_thw"], kwargs.get("image_num_grids")
+        compact_ids, compact_mask = compact_image_placeholders(
+            input_ids, kwargs.get("attention_mask"), kept, self._pad_id()
+        )
         kwargs.pop("position_ids", None)  # the processor's ids describe the full grids; recomputed for the levels
         kwargs["attention_mask"] = compact_mask
         kwargs["image_granularity"] = levels
@@ -1045,6 +1112,92 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
             return sequences
         out.sequences = sequences
         out["image_granularity"] = levels
+        return out
+
+    def _generate_with_fallback(self, input_ids, *args, granularity: str, threshold: float, **kwargs):
+        """`generate` with `fallback_threshold` (see `generate`): a first pass at the chosen levels, then the
+        samples whose answer confidence is below `threshold` again at level 0, from the same vision features."""
+        config = kwargs.get("generation_config") or self.generation_config
+        setting = {name: kwargs.get(name, getattr(config, name, None)) for name in FALLBACK_REFUSED}
+        refused = {k: v for k, v in setting.items() if v is not None and v is not False and (v is True or v != 1)}
+        if refused:  # None / False: not asked; 1: one beam, one sequence
+            raise ValueError(f"fallback_threshold cannot be combined with {refused}")
+        for name in FALLBACK_REFUSED:
+            kwargs.pop(name, None)
+        if kwargs.get("streamer") is not None:
+            raise ValueError("fallback_threshold cannot stream: a sample may be answered twice")
+        return_dict = kwargs.pop("return_dict_in_generate", getattr(config, "return_dict_in_generate", False))
+        grids, num_grids = kwargs["image_grid_thw"], kwargs.get("image_num_grids")
+        merge = self.config.vision_config.spatial_merge_size
+        from_levels = self.model.resolve_granularity(kwargs.get("image_granularity"), grids, num_grids)
+        if from_levels is not None and bool((from_levels != 0).any()):
+            raise ValueError(
+                "fallback_threshold needs the prompt expanded for the full grids (the processor's default)"
+            )
+        rows = image_rows(input_ids, grids, None, num_grids, self.config.image_token_id, merge).cpu()  # (images,)
+        pixel_values = kwargs.pop("pixel_values")
+        with torch.no_grad():
+            image_out = self.model._encode(pixel_values, grids)
+        features = image_out.pooler_output
+        features = features if isinstance(features, torch.Tensor) else torch.cat(features)  # level 0, all grids
+        levels, kept = self._first_levels(granularity, input_ids, image_out, kwargs)
+        first = self._generate_at_levels(
+            input_ids, levels, kept, image_out, *args, return_dict_in_generate=True, output_logits=True, **kwargs
+        )
+        prompt_len = input_ids.shape[1]
+        answers = list(first.sequences[:, prompt_len:])
+        end_ids = config.eos_token_id if kwargs.get("eos_token_id") is None else kwargs["eos_token_id"]
+        end_ids = [end_ids] if isinstance(end_ids, int) else list(end_ids or [])
+        confidence = answer_confidence(first.logits, first.sequences[:, prompt_len:], end_ids).cpu()  # (batch,)
+        coarse_rows = set(rows[levels.cpu() > 0].tolist())
+        redo = [b for b in range(input_ids.shape[0]) if b in coarse_rows and confidence[b] < threshold]
+        counts = torch.tensor(image_token_counts(grids, grid_levels(levels, num_grids, grids.shape[0]), merge))
+        visual_tokens = sum_per_image(counts, None if num_grids is None else num_grids.cpu())  # (images,)
+        full_tokens = sum_per_image(
+            torch.tensor(image_token_counts(grids, None, merge)), None if num_grids is None else num_grids.cpu()
+        )
+        final_levels = levels.clone()
+        if redo:
+            images = torch.isin(rows, torch.tensor(redo)).nonzero().squeeze(-1)  # in order
+            grids_per_image = num_grids.cpu() if num_grids is not None else torch.ones(len(rows), dtype=torch.long)
+            grid_of_image = torch.repeat_interleave(torch.arange(len(rows)), grids_per_image)  # (grids,)
+            grid_ids = torch.isin(grid_of_image, images).nonzero().squeeze(-1)
+            parts, _ = split_by_image(features, grids, merge)
+            sub_out = NativeVLVisionModelOutput(pooler_output=torch.cat([parts[g] for g in grid_ids.tolist()]))
+            index = torch.tensor(redo, device=input_ids.device)
+            sub = {k: v for k, v in kwargs.items() if k not in ("position_ids", "image_granularity")}
+            sub["image_grid_thw"] = grids[grid_ids.to(grids.device)]
+            if num_grids is not None:
+                sub["image_num_grids"] = num_grids[images.to(num_grids.device)]
+            for name in ("attention_mask", "mm_token_type_ids"):  # per-row inputs
+                if sub.get(name) is not None:
+                    sub[name] = sub[name][index.to(sub[name].device)]
+            sub_ids = input_ids[index]
+            kept = self.model.surplus_placeholder_mask(
+                sub_ids, sub.get("attention_mask"), sub["image_grid_thw"], None,
+                torch.zeros(len(images), dtype=torch.long), sub.get("image_num_grids"),
+            )  # fmt: skip
+            second = self._generate_at_levels(
+                sub_ids, torch.zeros(len(images), dtype=torch.long), kept, sub_out, *args, **sub
+            )
+            second = second if isinstance(second, torch.Tensor) else second.sequences
+            for i, b in enumerate(redo):
+                answers[b] = second[i, prompt_len:]
+            final_levels[images] = 0
+            visual_tokens[images] += full_tokens[images]
+        width = max(len(a) for a in answers)
+        pad = self._pad_id()
+        sequences = input_ids.new_full((input_ids.shape[0], prompt_len + width), pad)
+        sequences[:, :prompt_len] = input_ids
+        for b, answer in enumerate(answers):
+            sequences[b, prompt_len : prompt_len + len(answer)] = answer.to(sequences.device)
+        if not return_dict:
+            return sequences
+        fallback = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        fallback[redo] = True
+        out = type(first)(sequences=sequences)
+        out["image_granularity"], out["visual_tokens"], out["fallback"] = final_levels, visual_tokens, fallback
+        out["confidence"] = confidence
         return out
 
 

@@ -584,10 +584,15 @@ def test_packing_at_granularity_levels(tiny, mode):
 def test_bench_granularity_smoke_reports_every_setting(capsys, tmp_path):
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_granularity.py"
     main = runpy.run_path(str(script))["main"]
-    assert main(["--smoke", "--limit", "8", "--batch-size", "4", "--items-out", str(tmp_path / "items.jsonl")]) == 0
+    argv = ["--smoke", "--limit", "8", "--batch-size", "4", "--items-out", str(tmp_path / "items.jsonl")]
+    assert main([*argv, "--fallback-threshold", "0.9"]) == 0
     out = capsys.readouterr().out
     rows = {line.split("|")[0].strip(): line for line in out.splitlines() if line.count("|") == 2}
-    assert {"full", "level 0", "level 1", "level 2", "router"} <= rows.keys()
+    assert {"full", "level 0", "level 1", "level 2", "router", "cascade", "router+fb"} <= rows.keys()
+    for name in ("cascade", "router+fb"):  # the frontier, worked out from the answers, agrees with generate's run
+        measured = rows[name].split("|")[1].split()[2]
+        frontier = out.split(f"{name} at other thresholds")[1]
+        assert re.search(rf"threshold 0\.90: +{measured} tokens per item", frontier), (measured, frontier)
     full, *levels = (float(rows[k].split("|")[1].split()[2]) for k in ("full", "level 0", "level 1", "level 2"))
     assert full == levels[0] > levels[1] > levels[2]  # the "all" column of visual tokens per item
     per_content = [line for line in out.splitlines() if line.count("|") == 3 and "content" not in line]
@@ -595,8 +600,25 @@ def test_bench_granularity_smoke_reports_every_setting(capsys, tmp_path):
     assert routed == sum(int(line.split("|")[1]) for line in per_content) == 8
     assert re.search(r"router uses -?\d+\.\d% fewer visual tokens", out) and "prefill time router / full" in out
     items = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
-    assert len(items) == 8 and all(set(item["settings"]) == {"full", "0", "1", "2", "router"} for item in items)
+    names = {"full", "0", "1", "2", "router", "cascade", "router+fb"}
+    assert len(items) == 8 and all(set(item["settings"]) == names for item in items)
+    assert all(0 <= item["settings"]["cascade"]["confidence"] <= 1 for item in items)
     assert [item["settings"]["2"]["tokens"] <= item["settings"]["full"]["tokens"] for item in items] == [True] * 8
+
+
+def test_bench_granularity_fallback_frontier_by_hand():
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_granularity.py"
+    fallback_frontier = runpy.run_path(str(script))["fallback_frontier"]
+    full = {"score": 1.0, "tokens": 30}
+    items = [
+        {"settings": {"full": full, "2": {"score": 1.0, "tokens": 9, "level": 2, "confidence": 0.95}}},
+        {"settings": {"full": full, "2": {"score": 0.0, "tokens": 9, "level": 2, "confidence": 0.4}}},
+        {"settings": {"full": full, "2": {"score": 0.0, "tokens": 30, "level": 0, "confidence": 0.1}}},  # at full
+    ]
+    rows = fallback_frontier(items, "2", [0.0, 0.5, 1.0])
+    assert rows[0] == (0.0, 48 / 3, 100 / 3)  # no fallback
+    assert rows[1] == (0.5, (9 + 39 + 30) / 3, 200 / 3)  # item 1 answered again: both passes paid
+    assert rows[2] == (1.0, (39 + 39 + 30) / 3, 200 / 3)  # item 2 is on the full grid already
 
 
 def test_bench_granularity_oracle_takes_the_coarsest_level_as_good_as_the_full_grid():
