@@ -213,3 +213,29 @@ def test_pipeline_with_cascade_in_batches(tiny):
     inputs = processor(images=[noise(80, 120, 0)], text=chat(processor, 1))
     out = model.generate(**inputs, granularity="cascade", max_new_tokens=4, do_sample=False)
     assert one_by_one[0] == processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+
+
+def test_probe_fallback_signal_auc_and_residuals_by_hand():
+    import runpy
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "probe_fallback_signal.py"
+    probe = runpy.run_path(str(script))
+    assert probe["auc"]([3.0, 2.0], [1.0, 2.0]) == (1 + 1 + 1 + 0.5) / 4
+    # a merged 1x2 grid (patches t=1, h=2, w=4) with tokens (3, 0) and (-1, 0): mean (1, 0), spread 2;
+    # level 1 pools the pair to (1, 0), so each token is 2 from its pooled token: residual 1.0; level 2 (height,
+    # one row) changes nothing more
+    tokens = torch.tensor([[3.0, 0.0], [-1.0, 0.0]])
+    model = SimpleNamespace(
+        config=SimpleNamespace(granularity=3, vision_config=SimpleNamespace(spatial_merge_size=2)),
+        model=SimpleNamespace(get_image_features=lambda pixels, grid: SimpleNamespace(pooler_output=(tokens,))),
+    )
+    processor = SimpleNamespace(
+        image_processor=lambda images, return_tensors: {
+            "pixel_values": None,
+            "image_grid_thw": torch.tensor([[1, 2, 4]]),
+        }
+    )
+    residuals = probe["pooling_residuals"](model, processor, image=None)
+    assert residuals == {f"residual level {lv}, {s}": 1.0 for lv in (1, 2) for s in ("mean", "max")}
