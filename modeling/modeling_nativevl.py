@@ -1023,9 +1023,9 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
         first (no router; threshold `CASCADE_THRESHOLD` unless given). With a fallback, `image_granularity` is each
         image's final level, `visual_tokens` (num_images,) the placeholders its passes fed the LLM (first level
         plus, after a fallback, level 0), `fallback` (batch,) bool the samples answered again and `confidence`
-        (batch,) the confidence of each first answer; per-step outputs
-        (scores, logits, attentions, hidden states, the cache) are not returned, streaming and beam search are
-        refused, and sequences are right-padded with the pad token after their answer.
+        (batch,) the confidence of each first answer; per-step outputs (scores, logits, attentions, hidden states,
+        the cache) are not returned, streaming and beam search are refused, and sequences are right-padded with
+        the pad token after their answer.
         """
         input_ids = kwargs.pop("input_ids", None)
         if input_ids is None and args and isinstance(args[0], torch.Tensor):
@@ -1158,29 +1158,7 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
         )
         final_levels = levels.clone()
         if redo:
-            images = torch.isin(rows, torch.tensor(redo)).nonzero().squeeze(-1)  # in order
-            grids_per_image = num_grids.cpu() if num_grids is not None else torch.ones(len(rows), dtype=torch.long)
-            grid_of_image = torch.repeat_interleave(torch.arange(len(rows)), grids_per_image)  # (grids,)
-            grid_ids = torch.isin(grid_of_image, images).nonzero().squeeze(-1)
-            parts, _ = split_by_image(features, grids, merge)
-            sub_out = NativeVLVisionModelOutput(pooler_output=torch.cat([parts[g] for g in grid_ids.tolist()]))
-            index = torch.tensor(redo, device=input_ids.device)
-            sub = {k: v for k, v in kwargs.items() if k not in ("position_ids", "image_granularity")}
-            sub["image_grid_thw"] = grids[grid_ids.to(grids.device)]
-            if num_grids is not None:
-                sub["image_num_grids"] = num_grids[images.to(num_grids.device)]
-            for name in ("attention_mask", "mm_token_type_ids"):  # per-row inputs
-                if sub.get(name) is not None:
-                    sub[name] = sub[name][index.to(sub[name].device)]
-            sub_ids = input_ids[index]
-            kept = self.model.surplus_placeholder_mask(
-                sub_ids, sub.get("attention_mask"), sub["image_grid_thw"], None,
-                torch.zeros(len(images), dtype=torch.long), sub.get("image_num_grids"),
-            )  # fmt: skip
-            second = self._generate_at_levels(
-                sub_ids, torch.zeros(len(images), dtype=torch.long), kept, sub_out, *args, **sub
-            )
-            second = second if isinstance(second, torch.Tensor) else second.sequences
+            images, second = self._answer_on_full_grids(input_ids, redo, rows, features, *args, **kwargs)
             for i, b in enumerate(redo):
                 answers[b] = second[i, prompt_len:]
             final_levels[images] = 0
@@ -1199,6 +1177,33 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
         out["image_granularity"], out["visual_tokens"], out["fallback"] = final_levels, visual_tokens, fallback
         out["confidence"] = confidence
         return out
+
+    def _answer_on_full_grids(self, input_ids, redo: list[int], rows, features, *args, **kwargs):
+        """The fallback pass: rows `redo` of `input_ids` (a prompt expanded for level 0) generated again with their
+        images on the full grids, from the level-0 `features` (sum t*h*w/4, D) of all grids; `rows` (num_images,)
+        is the row of each image. Returns the indices of those images (k,) and the sequences (len(redo), seq')."""
+        grids, num_grids = kwargs["image_grid_thw"], kwargs.get("image_num_grids")
+        images = torch.isin(rows, torch.tensor(redo)).nonzero().squeeze(-1)  # (k,), in order
+        per_image = num_grids.cpu() if num_grids is not None else torch.ones(len(rows), dtype=torch.long)
+        grid_ids = (
+            torch.isin(torch.repeat_interleave(torch.arange(len(rows)), per_image), images).nonzero().squeeze(-1)
+        )
+        parts, _ = split_by_image(features, grids, self.config.vision_config.spatial_merge_size)
+        sub_out = NativeVLVisionModelOutput(pooler_output=torch.cat([parts[g] for g in grid_ids.tolist()]))
+        index = torch.tensor(redo, device=input_ids.device)
+        sub = {k: v for k, v in kwargs.items() if k not in ("position_ids", "image_granularity")}
+        sub["image_grid_thw"] = grids[grid_ids.to(grids.device)]
+        if num_grids is not None:
+            sub["image_num_grids"] = num_grids[images.to(num_grids.device)]
+        for name in ("attention_mask", "mm_token_type_ids"):  # per-row inputs
+            if sub.get(name) is not None:
+                sub[name] = sub[name][index.to(sub[name].device)]
+        sub_ids, full = input_ids[index], torch.zeros(len(images), dtype=torch.long)
+        kept = self.model.surplus_placeholder_mask(
+            sub_ids, sub.get("attention_mask"), sub["image_grid_thw"], None, full, sub.get("image_num_grids")
+        )  # nothing is dropped at level 0; the rows are re-padded
+        out = self._generate_at_levels(sub_ids, full, kept, sub_out, *args, **sub)
+        return images, out if isinstance(out, torch.Tensor) else out.sequences
 
 
 __all__ = [

@@ -7,9 +7,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import TinyVLTester
 from PIL import Image
-from test_granularity import GRIDS, fixed_router, pooled_batch
+from test_granularity import GRIDS, LEVELS, fixed_router, granularity_model, pooled_batch
 
 from nativevl import NativeVLForConditionalGeneration
 from nativevl.modeling.granularity_nativevl import answer_confidence, image_rows
@@ -17,18 +16,12 @@ from nativevl.modeling.positions_nativevl import pooled_grid_thw
 from nativevl.testing import build_tiny
 
 
-LEVELS = 3
 NEW = dict(max_new_tokens=8, do_sample=False)
 
 
 @pytest.fixture(scope="module")
 def model():
-    tester = TinyVLTester()
-    torch.manual_seed(0)
-    config = tester.nativevl_config(
-        granularity=LEVELS, router_num_heads=4, router_top_k=4, router_intermediate_size=64
-    )
-    return tester, NativeVLForConditionalGeneration(config).eval()
+    return granularity_model()
 
 
 def answers_at(tester, ours, levels):

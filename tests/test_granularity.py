@@ -101,14 +101,19 @@ def test_mrope_ids_of_pooled_grids(tester):
     ]
 
 
-@pytest.fixture(scope="module")
-def model():
+def granularity_model() -> tuple[TinyVLTester, NativeVLForConditionalGeneration]:
+    """A tester and a random tiny model with LEVELS levels and a small router (seeded)."""
     tester = TinyVLTester()
     torch.manual_seed(0)
     config = tester.nativevl_config(
         granularity=LEVELS, router_num_heads=4, router_top_k=4, router_intermediate_size=64
     )
     return tester, NativeVLForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return granularity_model()
 
 
 GRIDS = [(1, 6, 10), (1, 2, 6), (1, 4, 4)]  # merged 3x5, 1x3, 2x2
