@@ -189,6 +189,18 @@ def test_crop_mode_cascade_takes_one_level_per_image(tiny):
     assert out.visual_tokens.tolist() == per_image.tolist()  # every tile's tokens, both passes
 
 
+def test_text_only_rows_are_never_answered_again(tiny):
+    model, processor = tiny
+    text_only = [{"role": "user", "content": [{"type": "text", "text": "Hello there?"}]}]
+    prompts = [processor.apply_chat_template([text_only], add_generation_prompt=True, tokenize=False)[0]]
+    prompts += chat(processor, 1)
+    batch = processor(images=[[], [noise(60, 90, 0)]], text=prompts, padding_side="left")
+    out, new = fallback(model, batch, "cascade", 1.0)
+    assert out.fallback.tolist() == [False, True] and out.image_granularity.tolist() == [0]
+    full = model.generate(**batch, **NEW)
+    assert torch.equal(new, full[:, batch["input_ids"].shape[1] :])
+
+
 def test_pipeline_with_cascade_in_batches(tiny):
     from transformers import pipeline
 
@@ -199,9 +211,12 @@ def test_pipeline_with_cascade_in_batches(tiny):
         [{"role": "user", "content": [{"type": "image", "image": noise(80, 120, s)}, {"type": "text", "text": "Hi?"}]}]
         for s in range(3)
     ]
-    kwargs = {"max_new_tokens": 4, "generate_kwargs": {"do_sample": False, "granularity": "cascade"}}
-    one_by_one = [pipe(text=m, **kwargs)[0]["generated_text"][-1]["content"] for m in messages]
-    batched = [r[0]["generated_text"][-1]["content"] for r in pipe(text=messages, batch_size=2, **kwargs)]
+
+    def kwargs():  # fresh each call: some releases' pipelines write max_new_tokens into the given generate_kwargs
+        return {"max_new_tokens": 4, "generate_kwargs": {"do_sample": False, "granularity": "cascade"}}
+
+    one_by_one = [pipe(text=m, **kwargs())[0]["generated_text"][-1]["content"] for m in messages]
+    batched = [r[0]["generated_text"][-1]["content"] for r in pipe(text=messages, batch_size=2, **kwargs())]
     assert batched == one_by_one
     inputs = processor(images=[noise(80, 120, 0)], text=chat(processor, 1))
     out = model.generate(**inputs, granularity="cascade", max_new_tokens=4, do_sample=False)
