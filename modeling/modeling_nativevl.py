@@ -1066,17 +1066,22 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
             input_ids, *args, granularity=granularity, threshold=fallback_threshold, **kwargs
         )
 
-    def _first_levels(self, granularity: str, input_ids: torch.LongTensor, image_out, kwargs: dict):
-        """Levels (num_images,) and kept-placeholder mask (batch, seq) of the first pass: the router's choice
-        (`"auto"`) or the coarsest level for every image (`"cascade"`). Pops `image_granularity` from `kwargs`."""
+    def _first_levels(self, granularity: str, input_ids: torch.LongTensor, kwargs: dict):
+        """Runs the vision tower once and returns the first pass's levels (num_images,), kept-placeholder mask
+        (batch, seq) and level-0 vision outputs: the router's choice (`"auto"`) or the coarsest level for every
+        image (`"cascade"`). Pops `pixel_values` and `image_granularity` from `kwargs`."""
         grids, num_grids, mask = kwargs["image_grid_thw"], kwargs.get("image_num_grids"), kwargs.get("attention_mask")
         from_levels = kwargs.pop("image_granularity", None)
+        with torch.no_grad():
+            image_out = self.model._encode(kwargs.pop("pixel_values"), grids)
         if granularity == "auto":
-            return self.model.route_images(input_ids, image_out, grids, mask, None, from_levels, num_grids)
+            levels, kept = self.model.route_images(input_ids, image_out, grids, mask, None, from_levels, num_grids)
+            return levels, kept, image_out
         from_levels = self.model.resolve_granularity(from_levels, grids, num_grids)
         n_images = grids.shape[0] if num_grids is None else num_grids.shape[0]
         levels = torch.full((n_images,), self.config.granularity - 1, dtype=torch.long)
-        return levels, self.model.surplus_placeholder_mask(input_ids, mask, grids, from_levels, levels, num_grids)
+        kept = self.model.surplus_placeholder_mask(input_ids, mask, grids, from_levels, levels, num_grids)
+        return levels, kept, image_out
 
     def _pad_id(self) -> int:
         pad = self.generation_config.pad_token_id
@@ -1086,10 +1091,7 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
     def _generate_routed(self, input_ids: torch.LongTensor, *args, granularity: str = "auto", **kwargs):
         """`generate(granularity="auto" | "cascade")` without fallback (see `generate`): choose the levels,
         compact the prompt, generate on pooled features."""
-        pixel_values = kwargs.pop("pixel_values")
-        with torch.no_grad():
-            image_out = self.model._encode(pixel_values, kwargs["image_grid_thw"])
-        levels, kept = self._first_levels(granularity, input_ids, image_out, kwargs)
+        levels, kept, image_out = self._first_levels(granularity, input_ids, kwargs)
         return self._generate_at_levels(input_ids, levels, kept, image_out, *args, **kwargs)
 
     def _generate_at_levels(self, input_ids, levels, kept, image_out, *args, **kwargs):
@@ -1135,27 +1137,24 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
                 "fallback_threshold needs the prompt expanded for the full grids (the processor's default)"
             )
         rows = image_rows(input_ids, grids, None, num_grids, self.config.image_token_id, merge).cpu()  # (images,)
-        pixel_values = kwargs.pop("pixel_values")
-        with torch.no_grad():
-            image_out = self.model._encode(pixel_values, grids)
-        features = image_out.pooler_output
+        levels, kept, image_out = self._first_levels(granularity, input_ids, kwargs)
+        features = image_out.pooler_output  # read before the first pass pools image_out in place
         features = features if isinstance(features, torch.Tensor) else torch.cat(features)  # level 0, all grids
-        levels, kept = self._first_levels(granularity, input_ids, image_out, kwargs)
         first = self._generate_at_levels(
             input_ids, levels, kept, image_out, *args, return_dict_in_generate=True, output_logits=True, **kwargs
         )
         prompt_len = input_ids.shape[1]
-        answers = list(first.sequences[:, prompt_len:])
+        new_tokens = first.sequences[:, prompt_len:]  # (batch, steps)
+        answers = list(new_tokens)
         end_ids = config.eos_token_id if kwargs.get("eos_token_id") is None else kwargs["eos_token_id"]
         end_ids = [end_ids] if isinstance(end_ids, int) else list(end_ids or [])
-        confidence = answer_confidence(first.logits, first.sequences[:, prompt_len:], end_ids).cpu()  # (batch,)
+        confidence = answer_confidence(first.logits, new_tokens, end_ids).cpu()  # (batch,)
         coarse_rows = set(rows[levels.cpu() > 0].tolist())
         redo = [b for b in range(input_ids.shape[0]) if b in coarse_rows and confidence[b] < threshold]
+        grids_per_image = None if num_grids is None else num_grids.cpu()
         counts = torch.tensor(image_token_counts(grids, grid_levels(levels, num_grids, grids.shape[0]), merge))
-        visual_tokens = sum_per_image(counts, None if num_grids is None else num_grids.cpu())  # (images,)
-        full_tokens = sum_per_image(
-            torch.tensor(image_token_counts(grids, None, merge)), None if num_grids is None else num_grids.cpu()
-        )
+        visual_tokens = sum_per_image(counts, grids_per_image)  # (images,)
+        full_tokens = sum_per_image(torch.tensor(image_token_counts(grids, None, merge)), grids_per_image)
         final_levels = levels.clone()
         if redo:
             images, second = self._answer_on_full_grids(input_ids, redo, rows, features, *args, **kwargs)

@@ -2,13 +2,9 @@
 fallback_threshold=T)` answers at the first pass's levels and again on the full grid where an answer token's
 probability is below T; each sample ends with exactly the answer of its own pass, whatever its neighbours do."""
 
-import copy
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from test_granularity import GRIDS, LEVELS, fixed_router, granularity_model, pooled_batch
+from test_granularity import GRIDS, LEVELS, crop_mode, fixed_router, granularity_model, noise, pooled_batch
 
 from nativevl import NativeVLForConditionalGeneration
 from nativevl.modeling.granularity_nativevl import answer_confidence, image_rows
@@ -150,10 +146,6 @@ def test_fallback_refuses_what_it_cannot_honour(model):
         plain.generate(**full, granularity="cascade", **NEW)
 
 
-def noise(height: int, width: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (height, width, 3), dtype=np.uint8))
-
-
 @pytest.fixture(scope="module")
 def tiny():
     model, processor = build_tiny(max_pixels=112 * 112, granularity=LEVELS)
@@ -170,8 +162,7 @@ def chat(processor, n):
 
 def test_crop_mode_cascade_takes_one_level_per_image(tiny):
     model, processor = tiny
-    crop = copy.deepcopy(processor)
-    crop.image_processor.mode, crop.image_processor.crop_base_size = "crop", 56
+    crop = crop_mode(processor)
     images = [[noise(60, 90, 0)], [noise(57, 57, 1)]]
     full = crop(images=images, text=chat(crop, 2), padding_side="left")
     assert full["image_grid_thw"].shape[0] > 2  # tiles
