@@ -22,6 +22,7 @@ run only shows that every path works and what the token and time accounting look
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from collections import Counter
@@ -35,6 +36,8 @@ from nativevl.evaluation.run import load_image, load_records
 from nativevl.evaluation.synth_rc import generate_benchmark
 from nativevl.modeling.granularity_nativevl import compact_image_placeholders
 from nativevl.modeling.positions_nativevl import grid_levels, image_token_counts, sum_per_image
+from nativevl.training.cascade import choose_threshold
+from nativevl.training.cascade import fallback_frontier as cascade_frontier
 
 
 FALLBACK_SETTINGS = {"cascade": "cascade", "router+fb": "auto"}  # setting -> generate's granularity
@@ -75,21 +78,27 @@ def answer(model, processor, images, questions, setting, max_new_tokens: int, th
     return [a.strip() for a in processor.batch_decode(new, skip_special_tokens=True)], tokens, levels, confidence
 
 
+def frontier_inputs(items: list[dict], first: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`training/cascade.py`'s inputs from `--items-out` rows with the first pass's `confidence`: the score per item
+    (its first answer's confidence; infinity for an item whose first pass is the full grid already, which never
+    falls back) and the answers' scores and visual tokens of the first pass (`first`: "router" or a level) and of
+    the full grid."""
+    firsts, fulls = [item["settings"][first] for item in items], [item["settings"]["full"] for item in items]
+    answers = {
+        "coarse": torch.tensor([one["score"] for one in firsts], dtype=torch.float64),
+        "full": torch.tensor([full["score"] for full in fulls], dtype=torch.float64),
+        "coarse_tokens": torch.tensor([one["tokens"] for one in firsts], dtype=torch.float64),
+        "full_tokens": torch.tensor([full["tokens"] for full in fulls], dtype=torch.float64),
+    }
+    scores = torch.tensor([one["confidence"] if one["level"] else math.inf for one in firsts], dtype=torch.float64)
+    return scores, answers
+
+
 def fallback_frontier(items: list[dict], first: str, thresholds: list[float]) -> list[tuple[float, float, float]]:
-    """(threshold, visual tokens per item, accuracy) of a confidence fallback from `first` ("router" or a level) to
-    the full grid on `items` (`--items-out` rows with the first pass's `confidence`): an item whose first answer,
-    at a level above 0, has confidence below the threshold takes the full grid's score and pays both passes."""
-    rows = []
-    for threshold in thresholds:
-        tokens = score = 0.0
-        for item in items:
-            one, full = item["settings"][first], item["settings"]["full"]
-            if one["level"] and one["confidence"] < threshold:
-                tokens, score = tokens + one["tokens"] + full["tokens"], score + full["score"]
-            else:
-                tokens, score = tokens + one["tokens"], score + one["score"]
-        rows.append((threshold, tokens / len(items), 100 * score / len(items)))
-    return rows
+    """(threshold, visual tokens per item, accuracy) of a confidence fallback from `first` to the full grid on
+    `items`: an item whose first answer, at a level above 0, has confidence below the threshold takes the full
+    grid's score and pays both passes."""
+    return cascade_frontier(*frontier_inputs(items, first), thresholds)
 
 
 def oracle_levels(results: dict, kind: str, levels: int) -> list[tuple[float, int]]:
@@ -277,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"  threshold {threshold:4.2f}: {tokens:5.1f} tokens per item ({fewer:5.1f}% fewer), acc {accuracy:5.1f}"
                 )
+            threshold, tokens, accuracy = choose_threshold(*frontier_inputs(items, str(first)), max_loss=1.0)
+            print(
+                f"  chosen on these items at <= 1 point (python -m nativevl.training.cascade): threshold "
+                f"{threshold:.4f}, {tokens:.1f} tokens per item ({100 * (1 - tokens / full_tokens):.1f}% fewer), "
+                f"acc {accuracy:.1f}"
+            )
     print(f"prefill time router / full: {routed_time / full_time:.2f} (router path includes the router itself)")
     if args.items_out:
         Path(args.items_out).write_text("".join(json.dumps(item) + "\n" for item in items))

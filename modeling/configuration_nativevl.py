@@ -105,6 +105,10 @@ class NativeVLConfig(PreTrainedConfig):
       cosine-similar to the mean image token; 32 in AVG-LLaVA).
     - `router_num_heads`, `router_intermediate_size`, `router_dropout`: the router's one Transformer encoder layer
       (width = LLM width, so heads must divide it); 8 heads and torch's default 2048-wide FFN as in the release.
+    - `cascade_threshold` (nativevl's addition): `generate(granularity="cascade")` answers again on the full grid
+      where the coarse answer has a token below this probability, unless a threshold is given; 0.9 by default
+      (benchmarks/RESULTS.md, "AVG with reading items"), or chosen on a model's own items by
+      `python -m nativevl.training.cascade`.
     """
 
     model_type = "nativevl"
@@ -127,6 +131,7 @@ class NativeVLConfig(PreTrainedConfig):
     router_num_heads: int = 8  # heads of the router's encoder layer; must divide text_config.hidden_size
     router_intermediate_size: int = 2048  # FFN width of the router's encoder layer
     router_dropout: float = 0.0  # dropout inside the router's encoder layer
+    cascade_threshold: float = 0.9  # generate(granularity="cascade")'s default fallback threshold
 
     def __post_init__(self, **kwargs):
         # Defaults give a consistent model: without a vision_config the merger maps straight to the LLM width.
@@ -162,6 +167,8 @@ class NativeVLConfig(PreTrainedConfig):
                 )
             if self.router_top_k < 0:
                 raise ValueError(f"router_top_k must be >= 0, got {self.router_top_k}")
+        if not 0.0 <= self.cascade_threshold <= 1.0:
+            raise ValueError(f"cascade_threshold is a probability in [0, 1], got {self.cascade_threshold}")
 
 
 __all__ = ["NativeVLConfig", "NativeVLTextConfig", "NativeVLVisionConfig"]

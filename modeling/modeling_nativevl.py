@@ -74,9 +74,6 @@ from .positions_nativevl import (
 from .vision_nativevl import NativeVLVisionModel, NativeVLVisionModelOutput, check_grids
 
 
-# generate(granularity="cascade"): the fallback threshold unless one is given (benchmarks/RESULTS.md, "AVG with
-# reading items": the lowest answer-token probability separates the reading items pooling breaks)
-CASCADE_THRESHOLD = 0.9
 # generation settings a fallback cannot honour (one answer per sample, no per-step outputs)
 FALLBACK_REFUSED = (
     "num_beams",
@@ -1020,12 +1017,12 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
         images' levels has a token the model gave a probability below the threshold (`answer_confidence`, up to
         its first end token) is answered again with its images on the full grid (level 0), from the same vision
         features; the other samples keep their answers. `"cascade"` answers every image at the coarsest level
-        first (no router; threshold `CASCADE_THRESHOLD` unless given). With a fallback, `image_granularity` is each
-        image's final level, `visual_tokens` (num_images,) the placeholders its passes fed the LLM (first level
-        plus, after a fallback, level 0), `fallback` (batch,) bool the samples answered again and `confidence`
-        (batch,) the confidence of each first answer; per-step outputs (scores, logits, attentions, hidden states,
-        the cache) are not returned, streaming and beam search are refused, and sequences are right-padded with
-        the pad token after their answer.
+        first (no router; threshold `config.cascade_threshold` unless given). With a fallback, `image_granularity`
+        is each image's final level, `visual_tokens` (num_images,) the placeholders its passes fed the LLM (first
+        level plus, after a fallback, level 0), `fallback` (batch,) bool the samples answered again and
+        `confidence` (batch,) the confidence of each first answer; per-step outputs (scores, logits, attentions,
+        hidden states, the cache) are not returned, streaming and beam search are refused, and sequences are
+        right-padded with the pad token after their answer.
         """
         input_ids = kwargs.pop("input_ids", None)
         if input_ids is None and args and isinstance(args[0], torch.Tensor):
@@ -1048,7 +1045,7 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
         if granularity == "cascade":
             if not self.config.granularity:
                 raise ValueError("granularity='cascade' needs a model with granularity levels (config.granularity)")
-            fallback_threshold = CASCADE_THRESHOLD if fallback_threshold is None else fallback_threshold
+            fallback_threshold = self.config.cascade_threshold if fallback_threshold is None else fallback_threshold
         if fallback_threshold is not None and not 0.0 <= fallback_threshold <= 1.0:
             raise ValueError(f"fallback_threshold is a probability in [0, 1], got {fallback_threshold}")
         grids = kwargs.get("image_grid_thw")

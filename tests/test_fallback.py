@@ -79,8 +79,15 @@ def test_cascade_answers_coarse_or_full(model):
     both = [a + b for a, b in zip(tokens_at([2, 2, 2]), tokens_at([0, 0, 0]), strict=True)]
     assert out.visual_tokens.tolist() == both  # the tokens of both passes
     default = ours.generate(**full, granularity="cascade", return_dict_in_generate=True, **NEW)
-    expected = [c < 0.9 for c in default.confidence.tolist()]  # CASCADE_THRESHOLD
+    expected = [c < 0.9 for c in default.confidence.tolist()]  # config.cascade_threshold's default
     assert default.fallback.tolist() == expected
+    try:  # the threshold a calibration wrote into the config (training/cascade.py)
+        ours.config.cascade_threshold = default.confidence.mean().item()
+        calibrated = ours.generate(**full, granularity="cascade", return_dict_in_generate=True, **NEW)
+        assert calibrated.fallback.tolist() == [c < ours.config.cascade_threshold for c in default.confidence]
+        assert calibrated.fallback.tolist() in ([True, False], [False, True])
+    finally:
+        ours.config.cascade_threshold = 0.9
 
 
 def test_fallback_answers_only_the_unsure_sample_again(model):
@@ -238,3 +245,92 @@ def test_probe_fallback_signal_auc_and_residuals_by_hand():
     )
     residuals = probe["pooling_residuals"](model, processor, image=None)
     assert residuals == {f"residual level {lv}, {s}": 1.0 for lv in (1, 2) for s in ("mean", "max")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Calibrating the cascade's threshold (training/cascade.py) and the learned-head probe
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_frontier_and_threshold_by_hand():
+    from nativevl.training.cascade import choose_threshold, fallback_frontier
+
+    answers = {  # 4 items: coarse 3 tokens, full 10; item 2 is broken by pooling, item 3 wrong at both
+        "coarse": torch.tensor([1.0, 1.0, 0.0, 0.0]),
+        "full": torch.tensor([1.0, 1.0, 1.0, 0.0]),
+        "coarse_tokens": torch.full((4,), 3.0),
+        "full_tokens": torch.full((4,), 10.0),
+    }
+    confidence = torch.tensor([0.9, 0.8, 0.1, 0.5])
+    assert fallback_frontier(confidence, answers, [0.0, 0.2, 0.6, 1.0]) == [
+        (0.0, 3.0, 50.0),  # nothing falls back
+        (0.2, 5.5, 75.0),  # item 2: 3 + 10 tokens, now right
+        (0.6, 8.0, 75.0),  # item 3 too, for nothing
+        (1.0, 13.0, 75.0),  # everything: the full grid's accuracy at both passes' tokens
+    ]
+    assert choose_threshold(confidence, answers, max_loss=1.0) == (0.5, 5.5, 75.0)  # the lowest that catches item 2
+    assert choose_threshold(confidence, answers, max_loss=30.0) == (0.0, 3.0, 50.0)
+    answers["coarse"] = torch.zeros(4)  # only falling back everywhere keeps the full grid's accuracy
+    sure = torch.ones(4)  # every answer at probability 1: no threshold up to 1 sends one back
+    assert choose_threshold(sure, answers, max_loss=1.0) == (float("inf"), 13.0, 75.0)
+
+
+def test_cascade_calibration_writes_a_complete_folder(tiny, tmp_path):
+    import json
+
+    from nativevl.evaluation.synth_rc import generate_benchmark
+    from nativevl.training.cascade import RUN_FILE, main
+
+    model, processor = tiny
+    source = tmp_path / "model"
+    model.save_pretrained(source)
+    processor.save_pretrained(source)
+    data = generate_benchmark(tmp_path / "data", per_cell=1, scale=1 / 8)
+    out = tmp_path / "calibrated"
+    args = ["--model", str(source), "--data", str(data), "--limit", "12", "--max-new-tokens", "4"]
+    assert main([*args, "--output-dir", str(out), "--max-loss", "100"]) == 0
+    run = json.loads((out / RUN_FILE).read_text())
+    assert run["source_model"] == str(source.resolve()) and run["items"] == 12
+    assert run["cascade_threshold"] == 0.0 and run["tokens"] == run["coarse_tokens"]  # any loss allowed: no fallback
+    loaded = NativeVLForConditionalGeneration.from_pretrained(out)
+    assert loaded.config.cascade_threshold == 0.0
+    with pytest.raises(FileExistsError):  # a finished folder is never replaced silently
+        main([*args, "--output-dir", str(out)])
+    assert json.loads((out / RUN_FILE).read_text()) == run
+
+
+def test_probe_fallback_head_features_equal_the_teacher_forced_coarse_pass(tiny, tmp_path):
+    """The probe's head inputs, read through a hook while the cascade decodes (KV cache), equal those of one forward
+    pass over the prompt expanded for the coarsest level plus the answer."""
+    import runpy
+    from pathlib import Path
+
+    model, processor = tiny
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "probe_fallback_head.py"
+    probe = runpy.run_path(str(script))
+    assert probe["auc"](torch.tensor([3.0, 2.0]), torch.tensor([1.0, 0.0])) == 1.0
+    images = [noise(60, 90, 0), noise(57, 57, 1)]
+    records = []
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"{i}.png")
+        records.append({"id": str(i), "image": f"{i}.png", "question": "Hi?", "answers": ["x"]})
+    features = probe["coarse_features"](model, processor, records, tmp_path, max_new_tokens=6)
+    end = model.generation_config.eos_token_id
+    for b, image in enumerate(images):
+        small = processor(images=[image], text=chat(processor, 1), granularity=LEVELS - 1)
+        answer = model.generate(**small, granularity=LEVELS - 1, max_new_tokens=6, do_sample=False)
+        answer = answer[0, small["input_ids"].shape[1] :]
+        ends = (answer == end).nonzero()
+        answer = answer[: ends[0, 0] + 1] if len(ends) else answer  # up to the end token, if any
+        ids = torch.cat([small["input_ids"], answer[None]], dim=1)
+        with torch.no_grad():
+            state = model.model(
+                input_ids=ids, pixel_values=small["pixel_values"], image_grid_thw=small["image_grid_thw"],
+                image_granularity=torch.tensor([LEVELS - 1]),
+            ).last_hidden_state[0]  # fmt: skip
+        steps = state[small["input_ids"].shape[1] - 1 : ids.shape[1] - 1]  # (answer, D): each chose the next token
+        log_probs = model.lm_head(steps).log_softmax(-1).gather(-1, answer[:, None]).squeeze(-1)
+        expected = torch.cat([steps[0], steps.mean(0), log_probs.min()[None], log_probs.mean()[None]])
+        torch.testing.assert_close(features[b], expected, atol=1e-5, rtol=1e-5)
+    score = probe["fit_head"](features, torch.tensor([1.0, 0.0]), hidden=0, steps=50)
+    assert score(features)[0] > score(features)[1]  # two points, one logistic head: separated
