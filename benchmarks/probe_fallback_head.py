@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nativevl.evaluation.run import _prompt, load_image, load_records
+from nativevl.evaluation.run import load_image, load_records, question_turn
 from nativevl.training.cascade import choose_threshold, collect_answers, fallback_frontier
 
 
@@ -53,7 +53,7 @@ def coarse_features(model, processor, records, root, batch_size: int = 16, max_n
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
             prompts = processor.apply_chat_template(
-                [_prompt(r["question"]) for r in chunk], add_generation_prompt=True, tokenize=False
+                [question_turn(r["question"]) for r in chunk], add_generation_prompt=True, tokenize=False
             )
             images = [[load_image(r, root)] for r in chunk]
             batch = processor(images=images, text=prompts, padding_side="left", return_tensors="pt")

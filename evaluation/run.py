@@ -287,7 +287,7 @@ def records_digest(items: Sequence[Mapping]) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def _prompt(question: str) -> list[dict]:
+def question_turn(question: str) -> list[dict]:
     """One user turn: the image, then the question."""
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
@@ -307,7 +307,7 @@ def generate_batch(
     placeholder tokens in its `input_ids`).
     """
     prompts = processor.apply_chat_template(
-        [_prompt(q) for q in questions], add_generation_prompt=True, tokenize=False
+        [question_turn(q) for q in questions], add_generation_prompt=True, tokenize=False
     )
     batch = processor(
         images=[[image] for image in images],
@@ -666,6 +666,8 @@ __all__ = [
     "load_records",
     "print_report",
     "profile",
+    "question_turn",
     "read_predictions",
+    "records_digest",
     "resolve_image",
 ]

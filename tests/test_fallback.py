@@ -297,6 +297,10 @@ def test_cascade_calibration_writes_a_complete_folder(tiny, tmp_path):
     with pytest.raises(FileExistsError):  # a finished folder is never replaced silently
         main([*args, "--output-dir", str(out)])
     assert json.loads((out / RUN_FILE).read_text()) == run
+    # scored in bfloat16, the copy keeps the source's weights byte for byte
+    assert main([*args, "--output-dir", str(out), "--dtype", "bfloat16", "--overwrite"]) == 0
+    assert (out / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
+    assert json.loads((out / RUN_FILE).read_text())["args"]["dtype"] == "bfloat16"
 
 
 def test_probe_fallback_head_features_equal_the_teacher_forced_coarse_pass(tiny, tmp_path):

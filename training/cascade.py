@@ -14,7 +14,7 @@ chooses it from the model's own answers:
 
     python -m nativevl.training.cascade --model runs/avg/final --data calib/data.jsonl --output-dir runs/avg-cal
 
-writes a complete model folder (or none) whose config's `cascade_threshold` is the chosen one, and
+writes a complete copy of the model folder (or none) whose config's `cascade_threshold` is the chosen one, and
 `cascade_run.json`: the source model's weights digest, the data digest, the arguments, the chosen threshold with
 its tokens and accuracy, and the frontier. Choose it on items the model was not trained on, and report accuracy on
 others.
@@ -23,6 +23,7 @@ others.
 import argparse
 import json
 import math
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import torch
 
 from nativevl.conversion.atomic import atomic_output_dir
 from nativevl.evaluation.metrics import score_sample
-from nativevl.evaluation.run import _prompt, load_image, load_records, records_digest
+from nativevl.evaluation.run import load_image, load_records, question_turn, records_digest
 from nativevl.runs import weights_fingerprint
 
 
@@ -55,7 +56,7 @@ def collect_answers(
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         prompts = processor.apply_chat_template(
-            [_prompt(r["question"]) for r in chunk], add_generation_prompt=True, tokenize=False
+            [question_turn(r["question"]) for r in chunk], add_generation_prompt=True, tokenize=False
         )
         images = [[load_image(r, root)] for r in chunk]
         batch = processor(images=images, text=prompts, padding_side="left", return_tensors="pt").to(model.device)
@@ -113,18 +114,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--limit", type=int, default=None, help="first N items")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
-    from nativevl.modeling import NativeVLForConditionalGeneration
-    from nativevl.processing import NativeVLProcessor
+    from nativevl.evaluation.cli import load_model
+    from nativevl.modeling import NativeVLConfig
 
-    model = NativeVLForConditionalGeneration.from_pretrained(args.model).eval()
-    processor = NativeVLProcessor.from_pretrained(args.model)
+    target = Path(args.output_dir)
+    if target.exists() and any(target.iterdir()) and not args.overwrite:  # before minutes of answering
+        raise FileExistsError(f"{target} exists and is not empty; pass --overwrite to replace it")
+    model, processor = load_model(args.model, args.device, args.dtype)
     records = load_records(args.data, limit=args.limit)
     answers = collect_answers(model, processor, records, Path(args.data).parent, args.batch_size, args.max_new_tokens)
     threshold, tokens, accuracy = choose_threshold(answers["confidence"], answers, args.max_loss)
-    model.config.cascade_threshold = min(threshold, 1.0)  # infinity: a probability of 1.0 still keeps its answer
+    chosen = min(threshold, 1.0)  # infinity: everything falls back, but a probability of 1.0 keeps its answer
     full_tokens, full_accuracy = answers["full_tokens"].mean().item(), 100 * answers["full"].mean().item()
     summary = {
         "source_model": str(Path(args.model).resolve()),
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "data_digest": records_digest(records),
         "args": vars(args),
         "items": len(records),
-        "cascade_threshold": model.config.cascade_threshold,
+        "cascade_threshold": chosen,
         "tokens": tokens,
         "accuracy": accuracy,
         "full_tokens": full_tokens,
@@ -143,11 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         "frontier": fallback_frontier(answers["confidence"], answers, FRONTIER),
     }
     with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        shutil.copytree(args.model, tmp, dirs_exist_ok=True)  # the weights as they were, whatever --dtype scored
+        config = NativeVLConfig.from_pretrained(tmp)
+        config.cascade_threshold = chosen
+        config.save_pretrained(tmp)
         (tmp / RUN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     print(
-        f"cascade_threshold {model.config.cascade_threshold:.4f} on {len(records)} items: {tokens:.1f} visual tokens "
+        f"cascade_threshold {chosen:.4f} on {len(records)} items: {tokens:.1f} visual tokens "
         f"per item ({100 * (1 - tokens / full_tokens):.1f}% fewer than the full grid's {full_tokens:.1f}), "
         f"accuracy {accuracy:.1f} (full grid {full_accuracy:.1f}); wrote {args.output_dir}"
     )
