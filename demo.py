@@ -5,8 +5,8 @@
    number, code or word printed at a fixed pixel height (14 px capitals) somewhere in the image, SC items for the
    background colour or the large shape.
 2. Trains a small nativevl model from scratch through the `nativevl train` path (TRL SFTTrainer, padding-free
-   multimodal packing, the `tiny_scratch` recipe: random frozen ViT with centred tokens, LLM trained) for a fixed
-   number of steps, and exports a remote-code folder.
+   multimodal packing, the `tiny_scratch` recipe: random frozen ViT with centred tokens, LLM trained, learning
+   rate decaying linearly to 0) for a fixed number of steps, and exports a remote-code folder.
 3. Answers a question about a freshly generated image through `pipeline("image-text-to-text")`.
 4. Evaluates the model in native, fixed (56x56 and 112x112 px: about 4 and 16 tokens) and crop mode and with
    blank images (does it use the image at all?) and prints the summary, the RC accuracy per area and aspect bin
@@ -51,7 +51,7 @@ FIXED_PIXELS = 56 * 56  # the Fixed baseline at this scale: about 4 LLM tokens p
 # A second Fixed budget, 112x112 px (about 16 tokens: 8-24, 14.7-14.8 per item on the demo's items). The paper's
 # Fixed (182 tokens) still spreads a large object over many tokens; in 4 the demo's tiny LLM names the large shape
 # less well than from the native grid although the tokens carry it (benchmarks/RESULTS.md, "The shape question at
-# 4 tokens"); in 16 it names it as well, and the reading in large and extreme-aspect images is still lost.
+# 4 tokens"); in 16 it names it about as well, and the reading in large and extreme-aspect images is still lost.
 FIXED16_PIXELS = 112 * 112
 # the Crop baseline at this scale (LLaVA-NeXT's 336 px tiles / 8 -> 56): a 56x56 global view plus 2-4 56x56 tiles
 CROP = {
@@ -68,7 +68,7 @@ SETTINGS = {
     "blank": dict(mode="native", blank_images=True),
 }
 EVALUATION = dict(batch_size=16, max_new_tokens=16, progress=False, overwrite=True)
-DEFAULT_STEPS = 4500  # calibrated on the reference machine (2 cores): 8.8 steps/s, 8.8 minutes in all
+DEFAULT_STEPS = 4500  # calibrated on the reference machine (2 cores): 8.4-8.8 steps/s, 8.8-9.2 minutes in all
 RUN_FILE = "demo_run.json"  # the options of the demo that wrote an --out folder (`nativevl.runs.check_fingerprint`)
 EXTREMES = {"large area (E, F, G)": ("area", ("E", "F", "G")), "extreme aspect (BH, BW)": ("aspect", ("BH", "BW"))}
 
