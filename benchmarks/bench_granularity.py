@@ -32,10 +32,10 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from nativevl.evaluation.metrics import score_sample
-from nativevl.evaluation.run import load_image, load_records
+from nativevl.evaluation.run import load_image, load_records, question_turn
 from nativevl.evaluation.synth_rc import generate_benchmark
 from nativevl.modeling.granularity_nativevl import compact_image_placeholders
-from nativevl.modeling.positions_nativevl import grid_levels, image_token_counts, sum_per_image
+from nativevl.modeling.positions_nativevl import image_token_counts, tokens_per_image
 from nativevl.training.cascade import choose_threshold
 from nativevl.training.cascade import fallback_frontier as cascade_frontier
 
@@ -45,7 +45,7 @@ FRONTIER = [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0]  # thresho
 
 
 def prompts(processor, questions: list[str]) -> list[str]:
-    turns = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}] for q in questions]
+    turns = [question_turn(q) for q in questions]
     return processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
 
 
@@ -66,9 +66,7 @@ def answer(model, processor, images, questions, setting, max_new_tokens: int, th
     elif setting == "router":
         out = model.generate(**batch, granularity="auto", **kwargs)
         merge, grids = model.config.vision_config.spatial_merge_size, batch["image_grid_thw"]
-        num_grids = batch["image_num_grids"]
-        per_grid = image_token_counts(grids, grid_levels(out.image_granularity, num_grids, len(grids)), merge)
-        tokens = sum_per_image(torch.tensor(per_grid), num_grids).tolist()  # per image
+        tokens = tokens_per_image(grids, out.image_granularity, batch["image_num_grids"], merge).tolist()
         levels = out.image_granularity.tolist()
     else:
         out = model.generate(**batch, **kwargs)

@@ -22,21 +22,24 @@ RGLF sets of `train_granularity.py` nest: the larger one holds the smaller one).
 
 import argparse
 import hashlib
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nativevl.evaluation.run import load_image, load_records, question_turn
-from nativevl.training.cascade import choose_threshold, collect_answers, fallback_frontier
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_fallback_signal import auc as signal_auc  # noqa: E402
+
+from nativevl.evaluation.run import load_image, load_records, question_turn  # noqa: E402
+from nativevl.training.cascade import choose_threshold, collect_answers, fallback_frontier  # noqa: E402
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """ROC AUC: the chance that an item of label 1 scores above one of label 0 (ties count half)."""
-    pos, neg = scores[labels > 0], scores[labels == 0]
-    above = (pos[:, None] > neg[None]).float() + 0.5 * (pos[:, None] == neg[None]).float()
-    return above.mean().item()
+    """ROC AUC of `scores` (n,) for `labels` (n,) in {0, 1}: `probe_fallback_signal.auc` of the two classes."""
+    return signal_auc(scores[labels > 0].tolist(), scores[labels == 0].tolist())
 
 
 @torch.inference_mode()

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .configuration_nativevl import IGNORE_INDEX, NativeVLConfig
-from .positions_nativevl import first_image_tokens, grid_levels, image_token_counts, sum_per_image
+from .positions_nativevl import first_image_tokens, image_token_counts, tokens_per_image
 
 
 def _pair_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -210,9 +210,7 @@ def image_rows(
     """The row of `input_ids` (batch, seq) holding each image, (num_images,) long, for a prompt whose placeholders
     are expanded for `image_granularity` (num_images,) (None: level 0); image_num_grids (num_images,): grids per
     image, None: one."""
-    per_grid = grid_levels(image_granularity, image_num_grids, image_grid_thw.shape[0])
-    counts = torch.tensor(image_token_counts(image_grid_thw, per_grid, merge_size), dtype=torch.long)
-    counts = sum_per_image(counts, None if image_num_grids is None else image_num_grids.cpu()).tolist()
+    counts = tokens_per_image(image_grid_thw, image_granularity, image_num_grids, merge_size).tolist()
     return first_image_tokens(input_ids, image_token_id, counts) // input_ids.shape[1]
 
 

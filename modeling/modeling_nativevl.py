@@ -70,6 +70,7 @@ from .positions_nativevl import (
     split_by_image,
     sum_per_image,
     text_positions,
+    tokens_per_image,
 )
 from .vision_nativevl import NativeVLVisionModel, NativeVLVisionModelOutput, check_grids
 
@@ -1148,10 +1149,8 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
         confidence = answer_confidence(first.logits, new_tokens, end_ids).cpu()  # (batch,)
         coarse_rows = set(rows[levels.cpu() > 0].tolist())
         redo = [b for b in range(input_ids.shape[0]) if b in coarse_rows and confidence[b] < threshold]
-        grids_per_image = None if num_grids is None else num_grids.cpu()
-        counts = torch.tensor(image_token_counts(grids, grid_levels(levels, num_grids, grids.shape[0]), merge))
-        visual_tokens = sum_per_image(counts, grids_per_image)  # (images,)
-        full_tokens = sum_per_image(torch.tensor(image_token_counts(grids, None, merge)), grids_per_image)
+        visual_tokens = tokens_per_image(grids, levels, num_grids, merge)  # (images,)
+        full_tokens = tokens_per_image(grids, None, num_grids, merge)
         final_levels = levels.clone()
         if redo:
             images, second = self._answer_on_full_grids(input_ids, redo, rows, features, *args, **kwargs)

@@ -261,6 +261,20 @@ def sum_per_image(values: torch.Tensor, image_num_grids: torch.LongTensor | None
     return values.new_zeros((n_images, *values.shape[1:])).index_add_(0, index, values)
 
 
+def tokens_per_image(
+    image_grid_thw: torch.LongTensor,
+    image_granularity: torch.LongTensor | None,
+    image_num_grids: torch.LongTensor | None,
+    merge_size: int,
+) -> torch.LongTensor:
+    """Placeholder tokens of each image (num_images,) long, on the host: its grids at its level
+    (`image_granularity` (num_images,), None: level 0) summed (`image_num_grids` (num_images,), None: one grid per
+    image)."""
+    per_grid = grid_levels(image_granularity, image_num_grids, image_grid_thw.shape[0])
+    counts = torch.tensor(image_token_counts(image_grid_thw, per_grid, merge_size), dtype=torch.long)
+    return sum_per_image(counts, None if image_num_grids is None else image_num_grids.cpu())
+
+
 def split_by_image(
     features: torch.Tensor, image_grid_thw: torch.LongTensor, merge_size: int
 ) -> tuple[tuple[torch.Tensor, ...], list[tuple[int, int, int]]]:
@@ -298,4 +312,5 @@ __all__ = [
     "split_by_image",
     "sum_per_image",
     "text_positions",
+    "tokens_per_image",
 ]

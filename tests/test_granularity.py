@@ -18,7 +18,7 @@ from test_packing import example
 from nativevl import NativeVLForConditionalGeneration
 from nativevl.modeling import get_rope_index, level_grid, pool_grid
 from nativevl.modeling.granularity_nativevl import compact_image_placeholders, drop_surplus_placeholders
-from nativevl.modeling.positions_nativevl import pooled_grid_thw, repeat_per_grid, sum_per_image
+from nativevl.modeling.positions_nativevl import pooled_grid_thw, repeat_per_grid, sum_per_image, tokens_per_image
 from nativevl.processing.processing_nativevl import level_grid as processor_level_grid
 from nativevl.processing.processing_nativevl import mrope_position_ids
 from nativevl.testing import build_tiny
@@ -483,6 +483,15 @@ def test_repeat_per_grid_maps_images_to_their_grids():
         repeat_per_grid([1], [3, 1], 4)
     with pytest.raises(ValueError, match=r"image_num_grids \[3, 2\] must be >= 1 each and add up to the 4 image"):
         repeat_per_grid([1, 2], [3, 2], 4)
+
+
+def test_tokens_per_image_sums_each_images_grids_at_its_level():
+    grids = torch.tensor(GRIDS)  # merged 3x5 (15 tokens), 1x3 (3), 2x2 (4)
+    assert tokens_per_image(grids, None, None, 2).tolist() == [15, 3, 4]
+    # level 1 pools the width: 3x3, 1x2, 2x1; level 2 also the height: 2x3, 1x2, 1x1
+    assert tokens_per_image(grids, torch.tensor([1, 2, 0]), None, 2).tolist() == [9, 2, 4]
+    # two images: the first owns the first two grids, each grid at its image's level
+    assert tokens_per_image(grids, torch.tensor([2, 1]), torch.tensor([2, 1]), 2).tolist() == [6 + 2, 2]
 
 
 def crop_mode(processor):

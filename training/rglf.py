@@ -34,7 +34,12 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from nativevl.modeling.positions_nativevl import first_image_tokens, image_token_counts, sum_per_image
+from nativevl.modeling.positions_nativevl import (
+    first_image_tokens,
+    image_token_counts,
+    sum_per_image,
+    tokens_per_image,
+)
 from nativevl.training.checkpoints import AtomicCheckpointMixin
 from nativevl.training.packing import IGNORE_INDEX, PackingCollator
 
@@ -219,10 +224,8 @@ def token_fractions(
 def image_segments(batch: dict, config) -> torch.LongTensor:
     """The `cu_seq_lens_q` segment of each image of a packed batch at level 0: (images,) long (an image's grids
     follow each other in one placeholder run, so its first grid's first token finds its sample)."""
-    counts = image_token_counts(batch["image_grid_thw"], None, config.vision_config.spatial_merge_size)
-    num_grids = batch.get("image_num_grids")
-    if num_grids is not None:
-        counts = sum_per_image(torch.tensor(counts), num_grids.cpu()).tolist()  # (images,)
+    merge = config.vision_config.spatial_merge_size
+    counts = tokens_per_image(batch["image_grid_thw"], None, batch.get("image_num_grids"), merge).tolist()
     firsts = first_image_tokens(batch["input_ids"], config.image_token_id, counts)  # (images,)
     return torch.searchsorted(batch["cu_seq_lens_q"].to(firsts.device, torch.long), firsts, right=True) - 1
 
