@@ -99,14 +99,28 @@ def fallback_frontier(items: list[dict], first: str, thresholds: list[float]) ->
     return cascade_frontier(*frontier_inputs(items, first), thresholds)
 
 
-def oracle_levels(results: dict, kind: str, levels: int) -> list[tuple[float, int]]:
-    """(score, tokens) per `kind` item for a router that knows the answers: the coarsest level whose score is at
-    least the full grid's (the full grid when none is). `results[setting][kind]` lists the items in one order."""
-    chosen = []
-    for i, (full_score, full_tokens) in enumerate(results["full"][kind]):
-        coarse = [results[level][kind][i] for level in reversed(range(levels))]
-        chosen.append(next((row for row in coarse if row[0] >= full_score), (full_score, full_tokens)))
-    return chosen
+def oracle_choice(settings: dict, levels: int) -> dict:
+    """An item's result (score, tokens, ...) for a router that knows the answers: the coarsest level whose score is
+    at least the full grid's (the full grid when none is). `settings` maps "full" and each level ("0", "1", ...)
+    to the item's result there, as in `--items-out`."""
+    full = settings["full"]
+    coarse = (settings[str(level)] for level in reversed(range(levels)))
+    return next((row for row in coarse if row["score"] >= full["score"]), full)
+
+
+def tokens_by_content(items: list[dict], levels: int) -> dict[tuple[str, str], dict[str, float]]:
+    """Visual tokens per item, for each (content, kind) of `items`, under the full grid, the oracle and the
+    router (and cascade / router+fb where the items have them), with the group's number of items ("items"):
+    where each policy spends its tokens."""
+    groups = {}
+    for item in items:
+        group = groups.setdefault((item["content"], item["kind"]), {})
+        row = {"full": item["settings"]["full"], "oracle": oracle_choice(item["settings"], levels)}
+        row |= {name: item["settings"][name] for name in ("router", *FALLBACK_SETTINGS) if name in item["settings"]}
+        for name, result in row.items():
+            group.setdefault(name, []).append(result["tokens"])
+    means = {key: {name: sum(n) / len(n) for name, n in group.items()} for key, group in sorted(groups.items())}
+    return {key: row | {"items": len(groups[key]["full"])} for key, row in means.items()}
 
 
 @torch.inference_mode()
@@ -266,13 +280,22 @@ def main(argv: list[str] | None = None) -> int:
     full_tokens = mean(results["full"]["rc"] + results["full"]["sc"], 1)
     router_tokens = mean(results["router"]["rc"] + results["router"]["sc"], 1)
     print(f"\nrouter uses {100 * (1 - router_tokens / full_tokens):.1f}% fewer visual tokens than the full grid")
-    oracle = {kind: oracle_levels(results, kind, model.config.granularity) for kind in ("rc", "sc")}
+    oracle = {"rc": [], "sc": []}  # kind -> [(score, tokens)]
+    for item in items:
+        choice = oracle_choice(item["settings"], model.config.granularity)
+        oracle[item["kind"]].append((choice["score"], choice["tokens"]))
     oracle_tokens = mean(oracle["rc"] + oracle["sc"], 1)
     print(
         f"oracle router (per item, the coarsest level scoring as well as the full grid): tokens RC "
         f"{mean(oracle['rc'], 1):.1f}, SC {mean(oracle['sc'], 1):.1f}, {100 * (1 - oracle_tokens / full_tokens):.1f}% "
         f"fewer at accuracy {100 * mean(oracle['rc'] + oracle['sc'], 0):.1f} (the most a router saves at no loss)"
     )
+    columns = ["full", "oracle", "router", *(FALLBACK_SETTINGS if args.fallback_threshold is not None else ())]
+    print("\nvisual tokens per item, by content:")
+    print(f"{'content':>12} {'kind':>4} {'items':>5} " + " ".join(f"{name:>9}" for name in columns))
+    for (content, kind), tokens in tokens_by_content(items, model.config.granularity).items():
+        cells = " ".join(f"{tokens[name]:9.1f}" for name in columns)
+        print(f"{content:>12} {kind:>4} {tokens['items']:5d} {cells}")
     if args.fallback_threshold is not None:
         coarsest = model.config.granularity - 1
         for name, first in (("cascade", coarsest), ("router+fb", "router")):

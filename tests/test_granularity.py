@@ -613,6 +613,9 @@ def test_bench_granularity_smoke_reports_every_setting(capsys, tmp_path):
     routed = sum(int(n) for line in per_content for n in re.findall(r"\d+: (\d+)", line.split("|")[3]))
     assert routed == sum(int(line.split("|")[1]) for line in per_content) == 8
     assert re.search(r"router uses -?\d+\.\d% fewer visual tokens", out) and "prefill time router / full" in out
+    by_content = out.split("visual tokens per item, by content:\n")[1].split("\n\n")[0].splitlines()
+    assert by_content[0].split() == ["content", "kind", "items", "full", "oracle", "router", "cascade", "router+fb"]
+    assert sum(int(line.split()[2]) for line in by_content[1:]) == 8
     items = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
     names = {"full", "0", "1", "2", "router", "cascade", "router+fb"}
     assert len(items) == 8 and all(set(item["settings"]) == names for item in items)
@@ -637,12 +640,24 @@ def test_bench_granularity_fallback_frontier_by_hand():
 
 def test_bench_granularity_oracle_takes_the_coarsest_level_as_good_as_the_full_grid():
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_granularity.py"
-    oracle_levels = runpy.run_path(str(script))["oracle_levels"]
-    # (score, tokens) per item: item 0 is read at every level, item 1 only at level 0, item 2 by none but level 1
-    results = {
-        "full": {"rc": [(1.0, 30), (1.0, 30), (0.0, 30)]},
-        0: {"rc": [(1.0, 30), (1.0, 30), (0.0, 30)]},
-        1: {"rc": [(1.0, 16), (0.0, 16), (1.0, 16)]},
-        2: {"rc": [(1.0, 9), (0.0, 9), (0.0, 9)]},
+    namespace = runpy.run_path(str(script))
+    oracle_choice, tokens_by_content = namespace["oracle_choice"], namespace["tokens_by_content"]
+
+    def item(content, kind, scores, cascade_tokens):  # scores at full, 0, 1, 2 (the full grid has 30 tokens)
+        settings = {
+            name: {"score": s, "tokens": n} for name, s, n in zip(("full", "0", "1", "2"), scores, (30, 30, 16, 9))
+        }
+        extra = {"router": {"score": 1.0, "tokens": 16}, "cascade": {"score": 1.0, "tokens": cascade_tokens}}
+        return {"content": content, "kind": kind, "settings": settings | extra}
+
+    items = [
+        item("code", "rc", (1.0, 1.0, 1.0, 1.0), 9),  # read at every level
+        item("code", "rc", (1.0, 1.0, 0.0, 0.0), 39),  # only at level 0 (the cascade paid both passes)
+        item("shape", "sc", (0.0, 0.0, 1.0, 0.0), 9),  # by none but level 1: the coarsest as good as full is 2
+    ]
+    assert [oracle_choice(i["settings"], levels=3)["tokens"] for i in items] == [9, 30, 9]
+    assert oracle_choice(items[1]["settings"], levels=2) == items[1]["settings"]["0"]
+    assert tokens_by_content(items, levels=3) == {
+        ("code", "rc"): {"full": 30, "oracle": 19.5, "router": 16, "cascade": 24, "items": 2},
+        ("shape", "sc"): {"full": 30, "oracle": 9, "router": 16, "cascade": 9, "items": 1},
     }
-    assert oracle_levels(results, "rc", levels=3) == [(1.0, 9), (1.0, 30), (0.0, 9)]
