@@ -275,6 +275,22 @@ def test_frontier_and_threshold_by_hand():
     assert choose_threshold(sure, answers, max_loss=1.0) == (float("inf"), 13.0, 75.0)
 
 
+def test_loss_interval_by_hand():
+    from nativevl.training.cascade import loss_interval
+
+    answers = {"coarse": torch.tensor([1.0, 0.0]), "full": torch.tensor([1.0, 1.0])}  # item 1 broken by pooling
+    confidence = torch.tensor([0.9, 0.5])
+    assert loss_interval(confidence, answers, threshold=0.6) == (0.0, 0.0)  # item 1 falls back: nothing lost
+    # kept coarse, item 1 loses 100 points: a resample of 2 items loses 0, 50 or 100 points on average
+    low, high = loss_interval(confidence, answers, threshold=0.1)
+    assert (low, high) == (0.0, 100.0)
+    assert loss_interval(confidence, answers, 0.1, level=0.2) == (50.0, 50.0)  # the middle 20%: the mode, 50
+    many = {key: value.repeat(500) for key, value in answers.items()}  # 1000 items, half of them losing 100
+    low, high = loss_interval(confidence.repeat(500), many, threshold=0.1)
+    assert 46.0 < low < 50.0 < high < 54.0  # 50 +- 1.96 x 100 x sqrt(0.25 / 1000) = 50 +- 3.1
+    assert loss_interval(confidence.repeat(500), many, threshold=0.1) == (low, high)  # seeded
+
+
 def test_cascade_calibration_writes_a_complete_folder(tiny, tmp_path):
     import json
 
@@ -292,6 +308,8 @@ def test_cascade_calibration_writes_a_complete_folder(tiny, tmp_path):
     run = json.loads((out / RUN_FILE).read_text())
     assert run["source_model"] == str(source.resolve()) and run["items"] == 12
     assert run["cascade_threshold"] == 0.0 and run["tokens"] == run["coarse_tokens"]  # any loss allowed: no fallback
+    low, high = run["loss_interval_95"]
+    assert low <= run["full_accuracy"] - run["accuracy"] <= high
     loaded = NativeVLForConditionalGeneration.from_pretrained(out)
     assert loaded.config.cascade_threshold == 0.0
     with pytest.raises(FileExistsError):  # a finished folder is never replaced silently
