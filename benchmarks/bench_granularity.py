@@ -3,7 +3,9 @@
 For a model with `config.granularity` levels, answers every item of `nativevl.evaluation.synth_rc` at the full grid,
 at every fixed level and with the router (`generate(granularity="auto")`), and prints per setting: visual tokens
 per item (RC, SC, all), exact-match accuracy (RC, SC, all), and the prefill time of the router path (vision tower +
-router + LLM prefill on the compacted prompt) against the full grid's (vision tower + LLM prefill).
+router + LLM prefill on the compacted prompt) against the full grid's (vision tower + LLM prefill). It also prints
+an oracle router (per item, the coarsest level scoring as well as the full grid) and, per content, the visual
+tokens each policy spends there (full grid, oracle, router, and the fallback settings below).
 
 `--fallback-threshold T` adds two settings with nativevl's confidence fallback (`generate(fallback_threshold=T)`):
 `cascade` (every image at the coarsest level first) and `router+fb` (the router's level first); an item whose
