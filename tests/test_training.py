@@ -36,6 +36,19 @@ def losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_every_recipe_names_its_activation_checkpointing(recipe, recwarn):
+    """TRL's SFTConfig defaults the deprecated `gradient_checkpointing` to True; a recipe that leaves
+    `activation_checkpointing` unset gets it on, with transformers' FutureWarning, instead of choosing."""
+    from nativevl.training.train import parse
+
+    argv = [str(RECIPES / recipe), "--model_name_or_path", "unused", "--output_dir", "unused"]
+    training_args, _ = parse([*argv, "--bf16", "false"])  # the GPU recipes' bf16 is refused on a CPU machine
+    assert not [w for w in recwarn if "gradient_checkpointing" in str(w.message)]
+    expected = "tiny" not in recipe  # the tiny CPU recipes keep every activation; the real ones recompute
+    assert training_args.activation_checkpointing is expected
+
+
 def test_packed_sft_run_reduces_the_loss(setup):
     trainer, _ = trainer_for(setup, "tiny_stage2.yaml", "sft", "--max_steps", "24", "--save_strategy", "no")
     trainer.train()
