@@ -28,7 +28,7 @@ IGNORE_INDEX = -100  # label value the loss skips (transformers' convention): pr
 # The transformers releases CI runs the test suite on (lowest and newest): the package's install range is
 # >= TESTED_TRANSFORMERS[0] and below the next minor release after TESTED_TRANSFORMERS[1] (setup.cfg, checked by a
 # test). A folder loaded under another release still loads, with one warning naming both.
-TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
+TESTED_TRANSFORMERS = ("5.23.0", "5.25.0")
 
 
 def _minor(version: str) -> tuple[int, int]:

@@ -23,8 +23,10 @@ transformers internals the remote-code files (modeling/ and processing/) rely on
 - `utils.output_capturing.capture_outputs` with `_can_record_outputs` (vision hidden states and attentions),
   `utils.can_return_tuple`, `utils.TransformersKwargs`, `processing_utils.Unpack`,
   `modeling_layers.GradientCheckpointingLayer`, `initialization`, `activations.ACT2FN`.
-- `GenerationMixin._prepare_position_ids_for_generation` (overridden for M-RoPE) and `generate`'s
-  `mm_encoder_outputs` (the vision tower runs once before the prefill, through `get_image_features`).
+- `GenerationMixin._prepare_position_ids_for_generation` (overridden for M-RoPE),
+  `GenerationMixin._expand_inputs_for_generation` (overridden in `generation_nativevl.py`: per-image inputs expand by
+  sample for beams and `num_return_sequences`) and `generate`'s `mm_encoder_outputs` (the vision tower runs once
+  before the prefill, through `get_image_features`).
 - `PreTrainedModel._can_set_attn_implementation` (overridden), `AttentionInterface` /
   `masking_utils.ALL_MASK_ATTENTION_FUNCTIONS` / `sdpa_mask` / `integrations.sdpa_attention.sdpa_attention_forward`
   (the `nativevl_varlen` attention), `modeling_utils.slice_logits_to_keep`.
@@ -49,6 +51,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .attention_nativevl import NativeVLAttentionSupport, register_attention
 from .configuration_nativevl import IGNORE_INDEX, NativeVLConfig, NativeVLTextConfig
+from .generation_nativevl import NativeVLGenerationMixin
 from .granularity_nativevl import (
     NativeVLGranularityRouter,
     answer_confidence,
@@ -346,7 +349,9 @@ class NativeVLModel(NativeVLPreTrainedModel):
         n_tokens = int(mask.sum())
         if n_tokens != features.shape[0]:
             raise ValueError(
-                f"found {n_tokens} {name} tokens in the input but the {name}s give {features.shape[0]} features; "
+                f"{name.capitalize()} features and {name} tokens do not match, tokens: {n_tokens}, features: "
+                f"{features.shape[0]}: found {n_tokens} {name} tokens in the input but the {name}s give "
+                f"{features.shape[0]} features; "
                 f"each {name} of grid (t, h, w) needs t*h*w/4 placeholder tokens (at granularity level l > 0, the "
                 f"count of its pooled grid level_grid(t, h/2, w/2, l))"
             )
@@ -838,7 +843,7 @@ def drop_empty(pixels: torch.Tensor | None, grid_thw: torch.LongTensor | None):
     return pixels, grid_thw
 
 
-class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin):
+class NativeVLForConditionalGeneration(NativeVLGenerationMixin, NativeVLPreTrainedModel, GenerationMixin):
     """`NativeVLModel` + LM head; `generate` places decoded tokens after the images' M-RoPE ids."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
@@ -1107,7 +1112,8 @@ class NativeVLForConditionalGeneration(NativeVLPreTrainedModel, GenerationMixin)
         kwargs["mm_encoder_outputs"] = {"image": pooled}
         out = super().generate(*args, input_ids=compact_ids, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        sequences = torch.cat([input_ids.to(sequences.device), sequences[:, compact_ids.shape[1] :]], dim=1)
+        prompts = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)  # num_return_sequences
+        sequences = torch.cat([prompts.to(sequences.device), sequences[:, compact_ids.shape[1] :]], dim=1)
         if isinstance(out, torch.Tensor):
             return sequences
         out.sequences = sequences

@@ -20,11 +20,14 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs
+from transformers.utils import TransformersKwargs, logging
 from transformers.utils.output_capturing import capture_outputs
 
 from .attention_nativevl import NativeVLAttentionSupport, flash_attn_varlen_func, varlen_attn, vision_attention_backend
 from .configuration_nativevl import NativeVLVisionConfig
+
+
+logger = logging.get_logger(__name__)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -33,13 +36,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x: (N, ..., d) in any float dtype; cos, sin: (N, d/2) float32, broadcast over the middle dims. Returns a new
     contiguous float32 tensor shaped like x: (x1 * cos - x2 * sin, x2 * cos + x1 * sin). Without autograd it runs
     four fused kernels into one buffer instead of materialising `rotate_half` (same values as transformers' float32
-    path); `out=` kernels cannot be differentiated, so training takes the plain expression.
+    path); `out=` kernels cannot be differentiated, so training takes the plain expression, and so does a
+    compiled graph (inductor fuses it anyway, and cannot lower `out=` writes into slices of a buffer).
     """
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (half,)
     cos, sin = cos.view(shape), sin.view(shape)
-    if torch.is_grad_enabled() and x.requires_grad:
+    if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
         x1, x2 = x1.float(), x2.float()
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
@@ -140,8 +144,9 @@ class NativeVLVisionAttention(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """hidden_states: (N, D). cu_seqlens: (num_segments + 1,) int32 boundaries. segment_runs: (start, length,
         count) for runs of `count` consecutive segments of equal `length`. Returns (N, D) and, when
-        `output_attentions` (eager only: the fused kernels never form the weights), one (count, H, L, L) float tensor
-        of softmax weights per run of equal-length segments, None otherwise."""
+        `output_attentions` (eager only: the fused kernels never form the weights; other backends warn once and
+        return None, as transformers' sdpa attention does), one (count, H, L, L) float tensor of softmax weights per
+        run of equal-length segments, None otherwise."""
         n = hidden_states.shape[0]
         qkv = self.qkv(hidden_states).view(n, 3, self.num_heads, self.head_dim)  # (N, 3, H, d)
         q, k = apply_rotary(qkv[:, :2], *position_embeddings).to(qkv.dtype).unbind(1)  # (N, H, d) each
@@ -149,10 +154,12 @@ class NativeVLVisionAttention(nn.Module):
 
         impl = self.config._attn_implementation or "sdpa"
         if output_attentions and impl != "eager":
-            raise ValueError(
-                f"output_attentions needs attn_implementation='eager' in the vision tower, got {impl!r}: the fused "
-                "kernels never form the attention weights"
+            # as transformers' sdpa attention does (integrations/sdpa_attention.py): warn once, return no weights
+            logger.warning_once(
+                f"`{impl}` attention does not support `output_attentions=True`. Please set your attention to `eager` "
+                "if you want any of these features (the vision tower returns no attention weights)."
             )
+            output_attentions = False
         backend = vision_attention_backend(impl, q)
         if backend == "flash_varlen":
             out = flash_attn_varlen_func(
@@ -307,7 +314,7 @@ class NativeVLVisionModel(NativeVLAttentionSupport, PreTrainedModel):
 
         Returns `last_hidden_state` (num_patches, embed_dim) and `pooler_output` (num_patches / 4, hidden_size);
         `hidden_states` (depth + 1 of (num_patches, embed_dim)) and `attentions` with `output_hidden_states` /
-        `output_attentions` (the latter needs eager attention).
+        `output_attentions` (the weights need eager attention; other backends warn once and return none).
         """
         check_grids(pixel_values, grid_thw, self.spatial_merge_size, "grid_thw")
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)

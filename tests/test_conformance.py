@@ -110,12 +110,29 @@ def test_hidden_states_and_attentions_from_every_part(built):
         torch.testing.assert_close(per_segment[0].sum(-1), torch.ones_like(per_segment[0].sum(-1)))
 
 
-def test_vision_attentions_need_eager(built):
+def test_attentions_under_sdpa_are_empty_as_in_transformers(built):
+    """transformers' Qwen2-VL under sdpa: `output_attentions=True` warns once and returns no text attention
+    weights (an empty tuple); nativevl does the same in the decoder and in the vision tower, with the logits and
+    the tuple / dict outputs unchanged (transformers' `test_model_outputs_equivalence`)."""
     tester, model = built
     inputs = tester.inputs()
     model.set_attn_implementation("sdpa")
-    with pytest.raises(ValueError, match="output_attentions needs attn_implementation='eager'"):
-        model(**inputs, output_attentions=True)
+    with torch.no_grad():
+        plain = model(**inputs)
+        out = model(**inputs, output_attentions=True)
+        as_tuple = model(**inputs, output_attentions=True, return_dict=False)
+    assert out.attentions == ()
+    for part in (out.image_outputs, out.video_outputs):
+        assert part is None or not part.attentions
+    torch.testing.assert_close(out.logits, plain.logits, atol=0, rtol=0)
+    torch.testing.assert_close(as_tuple[0], out.logits, atol=0, rtol=0)
+    if model.config.position_scheme == "mrope":
+        reference = Qwen2VLForConditionalGeneration(tester.qwen2_vl_config()).eval()
+        with torch.no_grad():
+            expected = reference(
+                **inputs, mm_token_type_ids=mm_token_type_ids(inputs["input_ids"], tester), output_attentions=True
+            )
+        assert expected.attentions == out.attentions == ()
 
 
 @pytest.mark.parametrize("owner", ["base", "generation"])
@@ -383,12 +400,15 @@ def test_transformers_internals_are_where_the_remote_code_expects_them():
     assert callable(sdpa_attention_forward) and callable(sdpa_mask) and callable(capture_outputs)
     assert hasattr(AttentionInterface, "register") and hasattr(ALL_MASK_ATTENTION_FUNCTIONS, "register")
     assert hasattr(GenerationMixin, "_prepare_position_ids_for_generation")
+    expand = inspect.signature(GenerationMixin._expand_inputs_for_generation).parameters
+    assert list(expand)[1:4] == ["expand_size", "is_encoder_decoder", "input_ids"], list(expand)
     assert hasattr(PreTrainedModel, "_can_set_attn_implementation")
     assert "mm_encoder_outputs" in inspect.signature(Qwen2VLForConditionalGeneration.forward).parameters
     assert modeling_nativevl.CACHE_NAME in inspect.signature(Qwen2VLTextModel.forward).parameters
     assert modeling_nativevl.CACHE_NAME in transformers.modeling_outputs.BaseModelOutputWithPast.__dataclass_fields__
     listed = modeling_nativevl.__doc__
-    for name in ("capture_outputs", "_prepare_position_ids_for_generation", "mm_encoder_outputs", "Qwen2VLTextModel"):
+    names = ("capture_outputs", "_prepare_position_ids_for_generation", "_expand_inputs_for_generation")
+    for name in (*names, "mm_encoder_outputs", "Qwen2VLTextModel"):
         assert name in listed, f"{name} is used but not listed in modeling_nativevl's docstring"
 
 

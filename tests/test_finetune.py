@@ -402,29 +402,49 @@ def test_lora_adapter_at_output_dir_and_merged_folder_load_without_nativevl(fold
 
 
 def test_wheel_installs_and_trains_with_a_bundled_recipe(folders, tmp_path):
-    """`pip wheel` of the source, installed into a fresh venv (torch & co. from the system's site-packages), runs
-    `nativevl train` with a recipe read from the installed package."""
+    """`pip wheel` of the source built by the running interpreter (the one the README's install set up: its
+    setuptools and the `dev` extra's `wheel`, whatever the base interpreter lacks), installed into a fresh venv that
+    sees the running interpreter's packages (torch & co.) but not its nativevl, runs `nativevl train` with a recipe
+    read from the installed package."""
     import os
+    import site
     import subprocess
     import sys
+    import sysconfig
 
     root, _, train, _ = folders
     source = tmp_path / "src"  # the build writes build/ and *.egg-info next to setup.cfg: not into the checkout
     skip = shutil.ignore_patterns("tests", "build", "dist", "*.egg-info", "__pycache__", ".*", "runs")
     shutil.copytree(Path(__file__).parents[1], source, ignore=skip)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    base = getattr(sys, "_base_executable", sys.executable)
 
     def run(*command: str, cwd: Path = tmp_path) -> str:
         result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
         assert result.returncode == 0, (command, result.stdout[-2000:], result.stderr[-3000:])
         return result.stdout
 
-    run(base, "-m", "venv", "--system-site-packages", "--without-pip", str(tmp_path / "venv"))
-    python = str(tmp_path / "venv" / "bin" / "python")
-    run(python, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source), "-w", str(tmp_path))
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        str(source),
+        "-w",
+        str(tmp_path),
+    )
     (wheel,) = tmp_path.glob("nativevl-*.whl")
-    run(python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel))
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", "--without-pip", str(venv))
+    python = str(venv / "bin" / "python")
+    venv_site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").strip())
+    # the running interpreter's site-packages as plain path entries: their .pth files (an editable nativevl's
+    # finder among them) are not processed, so the only nativevl the venv can import is the wheel's
+    running = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"]])
+    (venv_site / "running_interpreter.pth").write_text("\n".join(running) + "\n")
+    run(python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", "-q", str(wheel))
     where = "import nativevl, pathlib; print(pathlib.Path(nativevl.__file__).parent)"
     package = Path(run(python, "-c", where).strip())
     assert package.is_relative_to(tmp_path / "venv"), package

@@ -119,6 +119,13 @@ def test_placeholder_count_mismatch_names_both_numbers(pair):
     batch["input_ids"][0, 5] = 50  # one image token fewer than the grid's 4
     with pytest.raises(ValueError, match="found 3 image tokens in the input but the images give 4 features"):
         ours(**batch)
+    with pytest.raises(ValueError) as raised:  # transformers' wording first: tests and user code match on it
+        ours(**batch)
+    assert str(raised.value).startswith("Image features and image tokens do not match, tokens: 3, features: 4")
+    video = tester.batch([[3, ("video", (2, 4, 4)), 2]])
+    video["input_ids"][0, 5] = 50
+    with pytest.raises(ValueError, match="^Video features and video tokens do not match, tokens: 7, features: 8"):
+        ours(**video)
     with pytest.raises(ValueError, match=r"grid \[1, 4, 4\] needs 4 consecutive image tokens but 1 start"):
         get_rope_index(batch["input_ids"], ours.config, image_grid_thw=batch["image_grid_thw"])
 

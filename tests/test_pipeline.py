@@ -38,6 +38,17 @@ def test_pipeline_batches_equal_one_by_one(folder, batch_size):
     assert [b[0]["generated_text"][-1]["content"] for b in batched] == alone
 
 
+@pytest.mark.parametrize("generate_kwargs", [{"num_beams": 2}, {"num_beams": 3, "num_return_sequences": 2}])
+def test_pipeline_beam_search_batches_equal_one_by_one(folder, generate_kwargs):
+    pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+    chats = [chat(2, 0), chat(0, 1), chat(1, 2)]
+    settings = dict(max_new_tokens=4, do_sample=False, generate_kwargs=generate_kwargs)
+    alone = [[a["generated_text"][-1]["content"] for a in pipe(text=c, **settings)] for c in chats]
+    batched = pipe(text=chats, batch_size=2, **settings)
+    assert [[a["generated_text"][-1]["content"] for a in b] for b in batched] == alone
+    assert [len(a) for a in alone] == [generate_kwargs.get("num_return_sequences", 1)] * len(chats)
+
+
 def test_video_in_chat_messages_through_template_and_pipeline(folder):
     from transformers import AutoProcessor
 
