@@ -23,9 +23,11 @@ Crop with 336-px tiles) and the blank-image control::
     nativevl eval run --model MODEL --data rc_bench/data.jsonl --out runs/blank --blank-images
     nativevl eval compare runs/native runs/crop
 
-A killed `eval run` resumes where it stopped when rerun with the same arguments and inputs; a rerun into the same
-`--out` with another data file, model (weights), dtype, mode or limit is refused naming what differs
-(`--overwrite` starts over), and so is a second run into a folder another process is writing. Image paths in the
+A killed `eval run` resumes where it stopped when rerun with the same arguments and inputs. A rerun with another
+`--limit` reuses the run: a larger limit generates only the records not yet answered, a smaller one scores the
+first N from the answers already there. A rerun into the same `--out` with another data file, model (weights), dtype,
+mode or image setting is refused naming what differs (`--overwrite` starts over), and so is a second run into a
+folder another process is writing. Image paths in the
 data file must lie under its folder (`--allow-outside-paths` lifts this). Bad input (missing file, a record
 without image/question/answers, an unreadable image, an unknown mode) exits with status 2 and a message naming the
 value.
@@ -69,7 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=_positive_int, default=8)
     run.add_argument("--max-new-tokens", type=_positive_int, default=32)
     run.add_argument("--blank-images", action="store_true", help="control: uniform grey images of the same sizes")
-    run.add_argument("--limit", type=_positive_int, help="only the first N records of the data file")
+    run.add_argument(
+        "--limit",
+        type=_positive_int,
+        help="only the first N records of the data file; a rerun into --out with a larger N extends the run, with a "
+        "smaller one scores its first N",
+    )
     run.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")

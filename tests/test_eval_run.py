@@ -13,6 +13,7 @@ from PIL import Image
 
 import nativevl
 from nativevl.conversion.export import save_folder
+from nativevl.evaluation import cli as eval_cli
 from nativevl.evaluation import generate_benchmark, load_benchmark, profile_dataset
 from nativevl.evaluation import run as run_module
 from nativevl.evaluation.cli import main, synth_main
@@ -105,9 +106,26 @@ def test_run_writes_outputs_and_resumes(bench, model_dir, tmp_path, count_genera
     assert count_generate == [3]  # the cut item and records 7 and 8
     assert len(_lines(out / "predictions.jsonl")) == 8
 
+    # a smaller limit scores the first records from the answers already there; the file keeps every answer
+    count_generate.clear()
+    assert _run(model_dir, bench, out, "--limit", "5") == 0
+    assert count_generate == [] and len(_lines(out / "predictions.jsonl")) == 8
+    assert json.loads((out / "scores.json").read_text())["count"] == 5
+    capsys.readouterr()
+
     # other settings into the same folder are refused
     assert _run(model_dir, bench, out, "--limit", "8", "--mode", "fixed") == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_eval_help_says_what_a_rerun_with_another_limit_does(capsys):
+    """The help and the behaviour above agree: another --limit extends the run; other settings are refused."""
+    assert main(["run", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "a larger N extends the run" in text and "smaller one scores its first N" in text
+    doc = " ".join(eval_cli.__doc__.split())
+    assert "a larger limit generates only the records not yet answered" in doc
+    assert "mode or limit is refused" not in doc
 
 
 def test_blank_images_and_compare(bench, model_dir, tmp_path, monkeypatch, capsys):
