@@ -388,7 +388,7 @@ def parity_images(seed: int = 0) -> tuple[list, list]:
 
 def processor_parity(folder, ours) -> dict[str, float]:
     """transformers' processor for the written folder vs nativevl's `ours` on three images and a video: the chat
-    template's rendering of a message with them, and the input_ids and grids of that text with the placeholders
+    template's rendering of a message with them, and the input_ids and grids of a ChatML text with the placeholders
     written out, must be equal; returns the max abs difference of the image pixel values against
     `AutoImageProcessor.from_pretrained(folder, backend="pil")` (nativevl's processor resizes with PIL).
 
@@ -407,7 +407,7 @@ def processor_parity(folder, ours) -> dict[str, float]:
     prompt = ours.apply_chat_template(messages, add_generation_prompt=True)
     # the processors' input: the placeholders written out (a folder's template need not place images)
     image, video = "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
-    text = f"{prompt}{image}a{image}{image}{video}b"
+    text = f"<|im_start|>user\n{image}a{image}{image}{video}b<|im_end|>\n"
     expected = ours(text=[text], images=images, videos=[frames], return_tensors="pt")
     image_processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
     pixels = image_processor(images=images, return_tensors="pt")
