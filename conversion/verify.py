@@ -361,7 +361,6 @@ def verify_to_qwen2_vl(
         source_model, source_weights, f"source folder {source.folder}", lambda ids: source_model(ids, **vision).logits
     )
     got, got_tokens = run(stock, stock_weights, f"written folder as {model_class.__name__}", stock_forward)
-    del stock, source_model
     if got_tokens != expected_tokens:
         raise ConversionError(
             f"verification failed: greedy tokens of {model_class.__name__} {got_tokens} differ from the nativevl "
@@ -431,7 +430,9 @@ def processor_parity(folder, ours) -> dict[str, float]:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         their_prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         got = {"image_grid_thw": pixels["image_grid_thw"]}
-        got["video_grid_thw"] = torch.tensor([video_grid(Path(folder), len(frames), frames[0].height, frames[0].width)])
+        got["video_grid_thw"] = torch.tensor(
+            [video_grid(Path(folder), len(frames), frames[0].height, frames[0].width)]
+        )
         merge = image_processor.merge_size**2
         expanded = text
         for kind, grids in (("<|image_pad|>", got["image_grid_thw"]), ("<|video_pad|>", got["video_grid_thw"])):

@@ -121,7 +121,7 @@ def test_command_reports_its_checks(folders):
     assert "verify: logits vs nativevl (3 images, 1 video), Qwen2VLForConditionalGeneration: max abs diff" in out
     assert "input_ids, image and video grids of" in out and "image pixel values vs Qwen2VLImageProcessorPil" in out
     card = (folders / "stock" / "README.md").read_text()
-    assert "AutoModelForImageTextToText.from_pretrained(path, dtype=\"auto\")" in card
+    assert 'AutoModelForImageTextToText.from_pretrained(path, dtype="auto")' in card
     assert "trust_remote_code=True" not in card and "logits vs nativevl (3 images, 1 video)" in card
 
 
