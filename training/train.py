@@ -101,7 +101,12 @@ class NativeVLArguments:
     max_pixels: int | None = field(default=None, metadata={"help": "override the processor's max_pixels"})
     fixed_pixels: int | None = field(default=None, metadata={"help": "pixels per image in fixed mode"})
     max_image_tokens: int | None = field(default=None, metadata={"help": "per-sample image token budget"})
-    multimodal_packing: bool = field(default=True, metadata={"help": "padding-free packing (PackingCollator)"})
+    multimodal_packing: bool = field(
+        default=True,
+        metadata={
+            "help": "padding-free packing (PackingCollator); false: one sample per row, padded (PaddedCollator)"
+        },
+    )
     max_tokens_per_row: int | None = field(default=None, metadata={"help": "row length when packing; None: 1 row"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flex_attention | flash_..."})
     export_dir: str | None = field(default=None, metadata={"help": "final remote-code folder (<output_dir>/final)"})
