@@ -22,6 +22,7 @@ Verification (`verify.verify_to_qwen2_vl`) loads the written folder through tran
 remote code and compares it with the source nativevl model, and transformers' processor with nativevl's.
 """
 
+import json
 from pathlib import Path
 
 import torch
@@ -168,8 +169,6 @@ def video_processor_config(processor: NativeVLProcessor) -> dict:
 def write_processor_files(folder: Path, source: Path, processor: NativeVLProcessor) -> None:
     """Tokenizer files and chat template (copied), tokenizer_config.json without nativevl's remote code,
     preprocessor_config.json and video_preprocessor_config.json for transformers' Qwen2-VL processors."""
-    import json
-
     copied = copy_files(source, folder, TOKENIZER_FILES)
     config_path = folder / "tokenizer_config.json"
     if config_path.exists():
