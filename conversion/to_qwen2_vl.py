@@ -193,6 +193,11 @@ def plan_to_qwen2_vl(
     """Plans `nativevl convert to-qwen2-vl`: a nativevl folder (merger, M-RoPE) -> a stock Qwen2-VL folder."""
     folder = Path(input_folder)
     config = load_nativevl_folder(folder)
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+        raise ConversionError(
+            f"{folder} has no tokenizer (tokenizer.json, vocab.json + merges.txt or tokenizer.model): a Qwen2-VL folder "
+            "for serving carries the model's tokenizer; copy its files into the folder"
+        )
     processor = NativeVLProcessor.from_pretrained(folder)
     reasons = unexpressible(config, processor)
     if reasons:

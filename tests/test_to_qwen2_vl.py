@@ -139,6 +139,7 @@ def test_failed_verification_leaves_nothing(folders, tmp_path, capsys):
         ("granularity", "granularity=2: Qwen2-VL has no AVG-LLaVA router"),
         ("crop", "image processor mode='crop'"),
         ("lora", "holds a LoRA adapter (adapter_config.json)"),
+        ("no-tokenizer", "has no tokenizer (tokenizer.json, vocab.json + merges.txt or tokenizer.model)"),
     ],
 )
 def test_unexpressible_models_are_refused(tmp_path, capsys, kind, message):
@@ -149,12 +150,14 @@ def test_unexpressible_models_are_refused(tmp_path, capsys, kind, message):
     save_folder(model, processor, tmp_path / "model")
     if kind == "lora":
         (tmp_path / "model" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    if kind == "no-tokenizer":
+        (tmp_path / "model" / "tokenizer.json").unlink()
     assert to_qwen2_vl(tmp_path / "model", tmp_path / "out") == 1
     err = capsys.readouterr().err
     assert message in err, err
     if kind == "lora":
         assert "OUTPUT_DIR/final" in err and "merge_and_unload" in err
-    else:
+    elif kind != "no-tokenizer":
         assert "cannot be written as a stock Qwen2-VL folder" in err
     assert not (tmp_path / "out").exists()
 
@@ -168,7 +171,8 @@ def test_round_trip_through_training_equals_the_trained_model(tmp_path):
 
     write_qwen2_vl(tmp_path / "source", "hub")
     set_template(tmp_path / "source", QWEN2_VL_TEMPLATE)
-    assert main(["qwen2-vl", "--input", str(tmp_path / "source"), "--output", str(tmp_path / "nativevl")]) == 0
+    convert = ["qwen2-vl", "--input", str(tmp_path / "source"), "--output", str(tmp_path / "nativevl"), "--no-verify"]
+    assert main(convert) == 0
     items = write_images(tmp_path / "data", 8)
     train = write_jsonl(tmp_path / "data" / "train.jsonl", [trl_record(p, a) for p, a in items])
     recipe = Path(__file__).parents[1] / "training" / "recipes" / "tiny_stage2.yaml"
