@@ -226,3 +226,48 @@ def test_tied_embeddings_are_written_as_save_pretrained_writes_them(tmp_path):
     stock = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "out")
     assert stock.lm_head.weight.data_ptr() == stock.get_input_embeddings().weight.data_ptr()
     shutil.rmtree(tmp_path / "out")
+
+
+def test_processor_check_fails_on_other_settings(folders, tmp_path):
+    """The processor check can fail: a stock folder whose image or video pixel limits differ from the nativevl
+    processor's is refused naming the key that differs."""
+    from nativevl.conversion.checkpoint import ConversionError
+    from nativevl.conversion.verify import processor_parity
+
+    ours = NativeVLProcessor.from_pretrained(folders / "nativevl")
+    assert processor_parity(folders / "stock", ours) == {"image pixel values vs Qwen2VLImageProcessorPil": 0.0}
+    edits = [  # fewer pixels per image than the nativevl processor allows; more per video frame
+        ("preprocessor_config.json", "longest_edge", 28 * 28 * 9, "image_grid_thw"),
+        ("video_preprocessor_config.json", "shortest_edge", 28 * 28 * 200, "video_grid_thw"),
+    ]
+    for name, edge, pixels, key in edits:
+        edited = tmp_path / name.split(".")[0]
+        shutil.copytree(folders / "stock", edited)
+        settings = json.loads((edited / name).read_text())
+        settings["size"][edge] = pixels
+        (edited / name).write_text(json.dumps(settings))
+        with pytest.raises(ConversionError, match=f"(input_ids|{key}).* differ from nativevl's processor"):
+            processor_parity(edited, ours)
+
+
+def test_processor_check_compares_auto_processor_where_it_loads(folders, monkeypatch, capsys):
+    """Where `AutoProcessor` loads (torchvision installed) the check compares its outputs. It cannot load here, so
+    nativevl's processor stands in for it: the same one passes, one with other pixel limits fails."""
+    import copy
+
+    from transformers import AutoProcessor
+
+    from nativevl.conversion.checkpoint import ConversionError
+    from nativevl.conversion.verify import processor_parity
+
+    ours = NativeVLProcessor.from_pretrained(folders / "nativevl")
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", lambda *args, **kwargs: ours)
+    processor_parity(folders / "stock", ours)
+    out = capsys.readouterr().out
+    assert "pixel_values_videos vs NativeVLProcessor: max abs diff 0.000e+00 (not checked)" in out
+    assert "input_ids, image and video grids of NativeVLProcessor equal" in out
+    other = copy.deepcopy(ours)
+    other.image_processor.max_pixels = 28 * 28 * 9
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", lambda *args, **kwargs: other)
+    with pytest.raises(ConversionError, match="input_ids of NativeVLProcessor differ from nativevl's processor"):
+        processor_parity(folders / "stock", ours)
