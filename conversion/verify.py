@@ -17,16 +17,32 @@ reported separately for Qwen2-VL sources.
   tensor equals its source tensor (so embedding rows are reproduced), a text-only forward equals transformers'
   `Qwen2ForCausalLM` built from the LLM part of the source, the vision tower's output equals transformers'
   `Qwen2VisionTransformerPretrainedModel` with the same weights, and an image + text forward is finite.
+- nativevl -> stock Qwen2-VL (`to-qwen2-vl`), the other way round: the written folder, read through transformers'
+  Auto classes without remote code, against the nativevl source: logits and greedy tokens on three images of different
+  sizes and a video, and transformers' processor against nativevl's (`processor_parity`).
 """
 
+import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoProcessor,
+    AutoTokenizer,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, rename_source_key
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from nativevl.conversion.checkpoint import ConversionError, SourceCheckpoint
@@ -330,9 +346,6 @@ def verify_to_qwen2_vl(
     `from_pretrained` names them), against the source nativevl model, both layer by layer in float32, on three images
     of different sizes and a video: logits, and `steps` greedy tokens that must be equal. Then transformers' processor
     for the folder against nativevl's `processor` (`processor_parity`)."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
-
     config = AutoConfig.from_pretrained(folder)  # no trust_remote_code: stock classes only
     if not isinstance(config, Qwen2VLConfig):
         raise ConversionError(f"AutoConfig reads {folder}/config.json as {type(config).__name__}, not Qwen2VLConfig")
@@ -396,10 +409,6 @@ def processor_parity(folder, ours) -> dict[str, float]:
     `AutoTokenizer`, `AutoImageProcessor`, the placeholder expansion Qwen2VLProcessor does (`grid.prod() //
     merge_size**2` tokens per image or video) and the video grid of transformers' `smart_resize` at
     video_preprocessor_config.json's limits."""
-    from pathlib import Path
-
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-
     images, frames = parity_images()
     parts = [{"type": "image"}, {"type": "text", "text": "a"}, {"type": "image"}, {"type": "image"}]
     messages = [{"role": "user", "content": [*parts, {"type": "video"}, {"type": "text", "text": "b"}]}]
@@ -428,9 +437,7 @@ def processor_parity(folder, ours) -> dict[str, float]:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         their_prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         got = {"image_grid_thw": pixels["image_grid_thw"]}
-        got["video_grid_thw"] = torch.tensor(
-            [video_grid(Path(folder), len(frames), frames[0].height, frames[0].width)]
-        )
+        got["video_grid_thw"] = torch.tensor([video_grid(folder, len(frames), frames[0].height, frames[0].width)])
         merge = image_processor.merge_size**2
         expanded = text
         for kind, grids in (("<|image_pad|>", got["image_grid_thw"]), ("<|video_pad|>", got["video_grid_thw"])):
@@ -460,11 +467,7 @@ def video_grid(folder, num_frames: int, height: int, width: int) -> list[int]:
     """[t, h, w] patches of a video as transformers' Qwen2VLVideoProcessor grids it with the folder's
     video_preprocessor_config.json: every frame resized by `smart_resize` to the size limits, frames padded to a
     multiple of temporal_patch_size."""
-    import json
-
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    settings = json.loads((folder / "video_preprocessor_config.json").read_text())
+    settings = json.loads((Path(folder) / "video_preprocessor_config.json").read_text())
     patch, merge, temporal = settings["patch_size"], settings["merge_size"], settings["temporal_patch_size"]
     size = settings["size"]
     h, w = smart_resize(height, width, patch * merge, size["shortest_edge"], size["longest_edge"])
