@@ -180,9 +180,17 @@ def write_processor_files(folder: Path, source: Path, processor: NativeVLProcess
     if not has_template and not (config_path.exists() and read_json(config_path).get("chat_template")):
         (folder / "chat_template.jinja").write_text(processor.chat_template, encoding="utf-8")  # nativevl's default
     image_processor_of(processor).save_pretrained(folder)
-    written = read_json(folder / "preprocessor_config.json").get("image_processor_type")
-    if written != "Qwen2VLImageProcessor":
-        raise ConversionError(f"preprocessor_config.json names {written!r}, expected 'Qwen2VLImageProcessor'")
+    image_config = read_json(folder / "preprocessor_config.json")
+    if image_config.get("image_processor_type") != "Qwen2VLImageProcessor":
+        raise ConversionError(
+            f"preprocessor_config.json names {image_config.get('image_processor_type')!r}, expected "
+            "'Qwen2VLImageProcessor'"
+        )
+    # the released Qwen2-VL folders also carry the limits as min_pixels / max_pixels (older loaders read those)
+    image_config.update(
+        min_pixels=image_config["size"]["shortest_edge"], max_pixels=image_config["size"]["longest_edge"]
+    )
+    (folder / "preprocessor_config.json").write_text(json.dumps(image_config, indent=2, sort_keys=True) + "\n")
     video = json.dumps(video_processor_config(processor), indent=2, sort_keys=True) + "\n"
     (folder / "video_preprocessor_config.json").write_text(video)
 

@@ -85,6 +85,7 @@ def test_stock_folder_contents(folders):
     image = json.loads((stock / "preprocessor_config.json").read_text())
     assert image["image_processor_type"] == "Qwen2VLImageProcessor"
     assert image["size"] == {"shortest_edge": 6272, "longest_edge": 50176}  # the Qwen2-VL source's limits
+    assert (image["min_pixels"], image["max_pixels"]) == (6272, 50176)  # as released Qwen2-VL folders have them
     loaded = AutoImageProcessor.from_pretrained(stock)
     assert (loaded.size["shortest_edge"], loaded.size["longest_edge"], loaded.merge_size) == (6272, 50176, 2)
     video = json.loads((stock / "video_preprocessor_config.json").read_text())
@@ -245,6 +246,7 @@ def test_processor_check_fails_on_other_settings(folders, tmp_path):
         shutil.copytree(folders / "stock", edited)
         settings = json.loads((edited / name).read_text())
         settings["size"][edge] = pixels
+        settings.pop("min_pixels", None), settings.pop("max_pixels", None)  # these would win over `size`
         (edited / name).write_text(json.dumps(settings))
         with pytest.raises(ConversionError, match=f"(input_ids|{key}).* differ from nativevl's processor"):
             processor_parity(edited, ours)
