@@ -12,7 +12,7 @@ import sys
 # subcommand -> (module under nativevl with a `main(argv)` taking the remaining arguments, help)
 COMMANDS = {
     "demo": ("demo", "generate data, train and evaluate a small native-resolution model end to end"),
-    "convert": ("conversion.cli", "convert a Qwen2-VL / NativeRes-LLaVA checkpoint folder into a nativevl folder"),
+    "convert": ("conversion.cli", "Qwen2-VL / NativeRes-LLaVA folders to nativevl, and back to stock Qwen2-VL"),
     "train": ("training.train", "fine-tune with TRL's SFTTrainer and padding-free multimodal packing"),
     "eval": ("evaluation.cli", "resolution-centric evaluation: run, compare, profile"),
     "synth-rc": ("evaluation.cli:synth_main", "generate the synthetic resolution-centric benchmark"),

@@ -4,7 +4,9 @@ For each `--shape`, writes a source checkpoint of that architecture with random 
 unit norm weights, zero biases, like `_init_weights`; bf16), then runs in child processes, one at a time:
 
 1. `nativevl convert ...` (verification included): wall time, peak RSS and peak RSS / checkpoint bytes;
-2. `NativeVLForConditionalGeneration.from_pretrained(out, dtype="auto", low_cpu_mem_usage=True)`, the same with
+2. for Qwen2-VL shapes, `nativevl convert to-qwen2-vl` of that output back to a stock transformers Qwen2-VL folder
+   (verification included): wall time, peak RSS and ratio;
+3. `NativeVLForConditionalGeneration.from_pretrained(out, dtype="auto", low_cpu_mem_usage=True)`, the same with
    `device_map="auto"` (on a CPU-only machine it maps everything to the CPU), and that load followed by reading
    every weight once (transformers memory-maps safetensors files: a weight's pages become resident when it is first
    read, so the load alone shows only what loading touched): peak RSS and ratio.
@@ -158,6 +160,26 @@ def write_source(
     return sum(sizes.values())
 
 
+def write_tokenizer(folder: Path, vocab_size: int, ids: dict) -> None:
+    """A word-level tokenizer over the whole vocabulary ("w<i>" words) with Qwen2-VL's ChatML and vision tokens at
+    the config's ids, so the nativevl output has a processor (`to-qwen2-vl` compares processors)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"}
+    names.update(vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
+    specials = {ids[key]: token for key, token in names.items()}
+    free = [i for i in range(vocab_size) if i not in specials]
+    specials.update(zip(free[-3:], ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], strict=True))
+    vocab = {specials.get(i, f"w{i}"): i for i in range(vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(list(specials.values()))
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    ).save_pretrained(folder)
+
+
 def mem_available() -> int:
     """MemAvailable of /proc/meminfo in bytes."""
     for line in Path("/proc/meminfo").read_text().splitlines():
@@ -217,7 +239,8 @@ SHAPES = {
 def bench(name: str, workdir: Path, max_shard_size: int, min_available: int, keep: bool) -> list[str]:
     kind, text, vision, ids = SHAPES[name]
     source, output = workdir / f"{name}-source", workdir / f"{name}-nativevl"
-    for folder in (source, output, workdir / f"{name}-vision"):
+    stock = workdir / f"{name}-stock-qwen2-vl"
+    for folder in (source, output, stock, workdir / f"{name}-vision"):
         shutil.rmtree(folder, ignore_errors=True)
     if kind == "qwen2-vl":
         config, shapes = qwen2_vl_source(text, vision, ids)
@@ -230,6 +253,8 @@ def bench(name: str, workdir: Path, max_shard_size: int, min_available: int, kee
         args = ["nativeres-llava", "--input", str(source), "--vision", str(vision_folder)]
     start = time.perf_counter()
     size = write_source(source, config, shapes, torch.bfloat16, max_shard_size)
+    if kind == "qwen2-vl":
+        write_tokenizer(source, text["vocab_size"], ids)
     shards = len(list(source.glob("*.safetensors")))
     parameters = sum(numel(s) for s in shapes.values())
     print(f"{name}: wrote {parameters / 1e9:.2f}B parameters, {size / 1e9:.2f} GB in {shards} shards in "
@@ -237,6 +262,9 @@ def bench(name: str, workdir: Path, max_shard_size: int, min_available: int, kee
     convert = [sys.executable, "-m", "nativevl.cli", "convert", *args, "--output", str(output)]
     rows = []
     runs = [("nativevl convert " + " ".join(args[:1]) + " (verify included)", convert)]
+    if kind == "qwen2-vl":
+        back = [sys.executable, "-m", "nativevl.cli", "convert", "to-qwen2-vl", "--input", str(output)]
+        runs.append(("nativevl convert to-qwen2-vl of that output (verify included)", [*back, "--output", str(stock)]))
     load = 'from_pretrained(dtype="auto", low_cpu_mem_usage=True'
     for device_map, label in (
         ("none", f"{load})"),
@@ -253,7 +281,7 @@ def bench(name: str, workdir: Path, max_shard_size: int, min_available: int, kee
         if status != 0:
             break
     if not keep:
-        for folder in (source, output, workdir / f"{name}-vision"):
+        for folder in (source, output, stock, workdir / f"{name}-vision"):
             shutil.rmtree(folder, ignore_errors=True)
     return rows
 

@@ -1,9 +1,9 @@
 """nativevl.conversion: checkpoints of other formats to nativevl, checked by a strict key table.
 
 `nativevl convert` (`nativevl.conversion.cli.main`) plans a conversion from configs and safetensors headers
-(`plan_qwen2_vl`, `plan_nativeres_llava`, `plan_compose`), writes it with `run_conversion` (streamed shards,
-complete-or-absent folder, verification against the source, model card) and `from_qwen2_vl` converts a model in
-memory.
+(`plan_qwen2_vl`, `plan_nativeres_llava`, `plan_compose`, and `plan_to_qwen2_vl` for the way back to a stock
+transformers Qwen2-VL folder), writes it with `run_conversion` (streamed shards, complete-or-absent folder,
+verification against the source, model card) and `from_qwen2_vl` converts a model in memory.
 """
 
 from nativevl.conversion.checkpoint import ConversionError, SourceCheckpoint, vision_token_ids
@@ -19,11 +19,13 @@ from nativevl.conversion.qwen2_vl import (
     from_qwen2_vl,
     plan_qwen2_vl,
 )
+from nativevl.conversion.to_qwen2_vl import TO_QWEN2_VL_KEY_TABLE, plan_to_qwen2_vl, qwen2_vl_config
 
 
 __all__ = [
     "NATIVERES_LLAVA_KEY_TABLE",
     "QWEN2_VL_KEY_TABLE",
+    "TO_QWEN2_VL_KEY_TABLE",
     "ConversionError",
     "ConversionPlan",
     "SourceCheckpoint",
@@ -35,6 +37,8 @@ __all__ = [
     "plan_compose",
     "plan_nativeres_llava",
     "plan_qwen2_vl",
+    "plan_to_qwen2_vl",
+    "qwen2_vl_config",
     "render_model_card",
     "run_conversion",
     "vision_token_ids",

@@ -9,6 +9,9 @@ Sources:
   came from -> nativevl with 1-D positions; verified tensor by tensor, on text against transformers' `Qwen2ForCausalLM`
   and on vision features against transformers' Qwen2-VL ViT.
 - `compose`: Qwen2-VL's ViT + a new projector + any Qwen2-family LLM -> an untrained nativevl model.
+- `to-qwen2-vl`: the other way, a nativevl folder (merger projector, M-RoPE, no granularity router) -> a stock
+  transformers Qwen2-VL folder (no remote code) for serving engines; verified by loading it through transformers' Auto
+  classes without `trust_remote_code` and comparing logits, greedy tokens and the processor with the nativevl model.
 
 Examples:
 
@@ -19,6 +22,8 @@ Examples:
 
     nativevl convert compose --vision Qwen2-VL-2B-Instruct --llm Qwen2-7B-Instruct \\
         --output nativevl-composed-7b --projector merger_mlp --seed 0
+
+    nativevl convert to-qwen2-vl --input runs/sft/final --output my-qwen2-vl
 
 A tiny CPU run (a random Qwen2-VL of a few MB, converted into 2 MB shards, about 10 s):
 
@@ -55,7 +60,7 @@ def _shard_size(value: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--output", required=True, help="nativevl folder to write (complete or absent afterwards)")
+    common.add_argument("--output", required=True, help="folder to write (complete or absent afterwards)")
     common.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype of the output (default: the source's)")
     common.add_argument("--max-shard-size", type=_shard_size, default="5GB", help="largest shard, e.g. 2GB (5GB)")
     common.add_argument("--no-verify", action="store_true", help="skip loading the output back and comparing")
@@ -101,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--position-scheme", choices=["1d", "mrope"], default="1d", help="LLM positions (1d, as NativeRes-LLaVA)"
     )
     compose.add_argument("--seed", type=int, default=0, help="seed of the new projector's initialisation (0)")
+    stock = sources.add_parser(
+        "to-qwen2-vl", parents=[common], help="nativevl folder -> stock transformers Qwen2-VL folder (serving)"
+    )
+    stock.add_argument(
+        "--input", required=True, help="nativevl folder (merger, M-RoPE; a LoRA run's merged OUTPUT_DIR/final)"
+    )
     return parser
 
 
@@ -121,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
 
             check_output(args.output, args.overwrite, [args.input, args.vision])
             plan = plan_nativeres_llava(args.input, args.vision, dtype, args.allow_pickle)
+        elif args.source == "to-qwen2-vl":
+            from nativevl.conversion.to_qwen2_vl import plan_to_qwen2_vl
+
+            check_output(args.output, args.overwrite, [args.input])
+            plan = plan_to_qwen2_vl(args.input, dtype, args.allow_pickle)
         else:
             from nativevl.conversion.compose import plan_compose
 

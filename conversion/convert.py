@@ -40,6 +40,8 @@ class ConversionPlan:
     - `verify(folder, atol)`: measured max abs differences by check name; raises above atol.
     - `card`: model card fields: the family's own (see `model_card.FAMILY_FIELDS`), `license` and the default
       `base_model`.
+    - `expected` and `write_config`: the output's {key: shape} and its config.json writer when the output is not a
+      nativevl folder (`to-qwen2-vl`); by default nativevl's (`expected_shapes`, `write_config`).
     """
 
     family: str
@@ -51,6 +53,8 @@ class ConversionPlan:
     verify: Callable[[Path, float], dict[str, float]]
     card: dict[str, object] = field(default_factory=dict)
     checkpoints: list[SourceCheckpoint] = field(default_factory=list)
+    expected: dict[str, tuple[int, ...]] | None = None
+    write_config: Callable[[Path, torch.dtype], None] | None = None
 
 
 def run_conversion(
@@ -68,14 +72,17 @@ def run_conversion(
 
     The folder appears complete or not at all: on any error (including a failed verification) nothing is left.
     """
-    expected = expected_shapes(plan.config)
+    expected = plan.expected if plan.expected is not None else expected_shapes(plan.config)
     check_targets(plan.tensors, expected)
     atol = default_atol(plan.dtype) if atol is None else atol
     output = Path(output)
     check_output(output, overwrite, plan.sources.values())
     try:
         with atomic_output_dir(output, overwrite=overwrite) as staging:
-            write_config(staging, plan.config, plan.dtype)
+            if plan.write_config is not None:
+                plan.write_config(staging, plan.dtype)
+            else:
+                write_config(staging, plan.config, plan.dtype)
             write_weights(staging, plan.tensors, list(expected), plan.dtype, max_shard_size)
             plan.write_extras(staging)
             measured = plan.verify(staging, atol) if verify else {}
@@ -93,8 +100,9 @@ def run_conversion(
 
 def _card_fields(staging, plan, output, measured, atol, command, base_model) -> dict:
     """Model card fields: the common ones from the written folder, then the plan's (`license`, `base_model`, ...);
-    `base_model` given on the command line wins."""
-    config_map = json.loads((staging / "config.json").read_text())["auto_map"]
+    `base_model` given on the command line wins. A folder without `auto_map` (stock transformers) takes its classes
+    from the plan's card fields."""
+    config_map = json.loads((staging / "config.json").read_text()).get("auto_map", {})
     processor_path = staging / "preprocessor_config.json"
     processor_map = json.loads(processor_path.read_text()).get("auto_map", {}) if processor_path.exists() else {}
     if measured:
@@ -113,7 +121,7 @@ def _card_fields(staging, plan, output, measured, atol, command, base_model) -> 
         "dtype": str(plan.dtype).removeprefix("torch."),
         "projector_type": plan.config.projector_type,
         "position_scheme": plan.config.position_scheme,
-        "model_class": config_map["AutoModelForImageTextToText"],
+        "model_class": config_map.get("AutoModelForImageTextToText", ""),
         "processor_class": processor_map.get("AutoProcessor", processor_map.get("AutoImageProcessor", "")),
         **plan.card,
     }

@@ -1,12 +1,13 @@
 """Model cards for nativevl folders, rendered from the templates in `model_cards/` (package data of nativevl).
 
-One template per family: `qwen2_vl`, `nativeres_llava`, `composed` (written by `nativevl convert`) and the generic
+One template per family: `qwen2_vl`, `nativeres_llava`, `composed`, `qwen2_vl_stock` (written by `nativevl convert`;
+the last is the stock transformers folder of `to-qwen2-vl`, loaded without remote code) and the generic
 `nativevl` (for any other tool that writes a nativevl folder, e.g. exports after training). Templates are
 `string.Template` text; `render_model_card` fills them strictly (a missing field is an error that names it).
 
 Every card has front matter `library_name: transformers`, `pipeline_tag: image-text-to-text`, `license`,
 `base_model` and `tags`, and a Python snippet loading the folder with `AutoModelForImageTextToText` and
-`AutoProcessor` (`trust_remote_code=True`).
+`AutoProcessor` (`trust_remote_code=True`, except the stock `qwen2_vl_stock` folder, which needs no remote code).
 """
 
 import json
@@ -37,6 +38,7 @@ FAMILY_FIELDS = {
     "composed": COMMON_FIELDS
     + ("vision_source", "llm_source", "projector_note", "new_tokens", "min_pixels", "max_pixels", "licenses"),
     "nativevl": COMMON_FIELDS + ("description",),
+    "qwen2_vl_stock": COMMON_FIELDS + ("source", "min_pixels", "max_pixels"),
 }
 YAML_LIST_FIELDS = ("base_model", "tags")
 

@@ -17,16 +17,32 @@ reported separately for Qwen2-VL sources.
   tensor equals its source tensor (so embedding rows are reproduced), a text-only forward equals transformers'
   `Qwen2ForCausalLM` built from the LLM part of the source, the vision tower's output equals transformers'
   `Qwen2VisionTransformerPretrainedModel` with the same weights, and an image + text forward is finite.
+- nativevl -> stock Qwen2-VL (`to-qwen2-vl`), the other way round: the written folder, read through transformers'
+  Auto classes without remote code, against the nativevl source: logits and greedy tokens on three images of different
+  sizes and a video, and transformers' processor against nativevl's (`processor_parity`).
 """
 
+import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoProcessor,
+    AutoTokenizer,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, rename_source_key
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from nativevl.conversion.checkpoint import ConversionError, SourceCheckpoint
@@ -273,3 +289,186 @@ def verify_llava_style(
         },
         atol,
     )
+
+
+def parity_batch(config: NativeVLConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One sample for `to-qwen2-vl`'s check: text, three images of different grids ((1, 2m, 2m), (1, 2m, 6m),
+    (1, 4m, 2m)), text, a video of two temporal patches ((2, 2m, 4m)), text (m = spatial merge size); text ids as in
+    `verification_batch`; random patch rows."""
+    generator = torch.Generator().manual_seed(seed)
+    vision = config.vision_config
+    m = vision.spatial_merge_size
+    special = (config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id)
+    high = min(config.text_config.vocab_size, *special)
+    images, videos = [(1, 2 * m, 2 * m), (1, 2 * m, 6 * m), (1, 4 * m, 2 * m)], [(2, 2 * m, 4 * m)]
+
+    def text(n: int) -> list[int]:
+        return torch.randint(0, high, (n,), generator=generator).tolist()
+
+    def wrapped(token: int, grid: tuple[int, int, int]) -> list[int]:
+        t, h, w = grid
+        return [config.vision_start_token_id] + [token] * (t * h * w // m**2) + [config.vision_end_token_id]
+
+    ids = text(6) + sum((wrapped(config.image_token_id, g) + text(2) for g in images), [])
+    ids += wrapped(config.video_token_id, videos[0]) + text(5)
+    row = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+
+    def pixels(grids) -> torch.Tensor:
+        return torch.randn(sum(t * h * w for t, h, w in grids), row, generator=generator)  # (patches, C*T*P*P)
+
+    return {
+        "input_ids": torch.tensor([ids]),
+        "pixel_values": pixels(images),
+        "image_grid_thw": torch.tensor(images),
+        "pixel_values_videos": pixels(videos),
+        "video_grid_thw": torch.tensor(videos),
+    }
+
+
+def greedy(forward: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor, steps: int):
+    """Logits of `input_ids` and the `steps` greedy tokens after it, each step a full forward (no cache)."""
+    logits = forward(input_ids)
+    tokens, ids = [], input_ids
+    for step in range(steps):
+        step_logits = logits if step == 0 else forward(ids)
+        token = step_logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+        tokens.append(int(token))
+        ids = torch.cat([ids, token], dim=1)
+    return logits, tokens
+
+
+@torch.no_grad()
+def verify_to_qwen2_vl(
+    folder, source: SourceCheckpoint, processor, dtype: torch.dtype, atol: float, steps: int = 3
+) -> dict[str, float]:
+    """`to-qwen2-vl`'s check: the written folder, loaded through transformers' Auto classes without remote code
+    (`AutoConfig` must give `Qwen2VLConfig`, the class is `AutoModelForImageTextToText`'s for it, weights named as
+    `from_pretrained` names them), against the source nativevl model, both layer by layer in float32, on three images
+    of different sizes and a video: logits, and `steps` greedy tokens that must be equal. Then transformers' processor
+    for the folder against nativevl's `processor` (`processor_parity`)."""
+    config = AutoConfig.from_pretrained(folder)  # no trust_remote_code: stock classes only
+    if not isinstance(config, Qwen2VLConfig):
+        raise ConversionError(f"AutoConfig reads {folder}/config.json as {type(config).__name__}, not Qwen2VLConfig")
+    model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+    stock = on_meta(lambda: model_class(config))
+    written = SourceCheckpoint(folder)
+    stock_weights = tie(checkpoint_weights(written, transformers_names(stock, written)), stock)
+
+    source_model = on_meta(lambda: NativeVLForConditionalGeneration(NativeVLConfig.from_pretrained(source.folder)))
+    source_weights = tie(checkpoint_weights(source, {key: key for key in source.keys()}), source_model)
+    if dtype != torch.float32:  # the output was rounded to dtype: compare with the source rounded the same way
+        source_weights = {name: (shape, rounded(load, dtype)) for name, (shape, load) in source_weights.items()}
+    batch = parity_batch(source_model.config)
+    vision = {k: v for k, v in batch.items() if k != "input_ids"}
+
+    def stock_forward(ids: torch.Tensor) -> torch.Tensor:
+        types = torch.zeros_like(ids)  # transformers wants the token types: 1 image, 2 video
+        types[ids == config.image_token_id] = 1
+        types[ids == config.video_token_id] = 2
+        return stock(input_ids=ids, mm_token_type_ids=types, **vision).logits
+
+    def run(model, weights, label, forward):
+        return run_layerwise(model, weights, label, lambda _: greedy(forward, batch["input_ids"], steps))
+
+    expected, expected_tokens = run(
+        source_model, source_weights, f"source folder {source.folder}", lambda ids: source_model(ids, **vision).logits
+    )
+    got, got_tokens = run(stock, stock_weights, f"written folder as {model_class.__name__}", stock_forward)
+    if got_tokens != expected_tokens:
+        raise ConversionError(
+            f"verification failed: greedy tokens of {model_class.__name__} {got_tokens} differ from the nativevl "
+            f"model's {expected_tokens}"
+        )
+    print(f"verify: {steps} greedy tokens equal: {got_tokens}")
+    measured = {f"logits vs nativevl (3 images, 1 video), {model_class.__name__}": max_abs_diff(got, expected)}
+    measured.update(processor_parity(folder, processor))
+    return check(measured, atol)
+
+
+def parity_images(seed: int = 0) -> tuple[list, list]:
+    """Three RGB images of different sizes and aspect ratios, and a 3-frame video, as PIL images (random pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def image(height: int, width: int):
+        return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+    return [image(45, 70), image(130, 61), image(37, 230)], [image(50, 90) for _ in range(3)]
+
+
+def processor_parity(folder, ours) -> dict[str, float]:
+    """transformers' processor for the written folder vs nativevl's `ours` on three images and a video: the chat
+    template's rendering of a message with them, and the input_ids and grids of a ChatML text with the placeholders
+    written out, must be equal; returns the max abs difference of the image pixel values against
+    `AutoImageProcessor.from_pretrained(folder, backend="pil")` (nativevl's processor resizes with PIL).
+
+    input_ids and grids come from `AutoProcessor.from_pretrained(folder)` (no remote code) where it loads. transformers'
+    Qwen2-VL processor cannot be built without torchvision (its video processor needs it); then from its parts:
+    `AutoTokenizer`, `AutoImageProcessor`, the placeholder expansion Qwen2VLProcessor does (`grid.prod() //
+    merge_size**2` tokens per image or video) and the video grid of transformers' `smart_resize` at
+    video_preprocessor_config.json's limits."""
+    images, frames = parity_images()
+    parts = [{"type": "image"}, {"type": "text", "text": "a"}, {"type": "image"}, {"type": "image"}]
+    messages = [{"role": "user", "content": [*parts, {"type": "video"}, {"type": "text", "text": "b"}]}]
+    prompt = ours.apply_chat_template(messages, add_generation_prompt=True)
+    # the processors' input: the placeholders written out (a folder's template need not place images)
+    image, video = "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
+    text = f"<|im_start|>user\n{image}a{image}{image}{video}b<|im_end|>\n"
+    expected = ours(text=[text], images=images, videos=[frames], return_tensors="pt")
+    image_processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+    pixels = image_processor(images=images, return_tensors="pt")
+    try:
+        theirs = AutoProcessor.from_pretrained(folder)
+    except ImportError as error:
+        if "torchvision" not in str(error).lower():
+            raise
+        theirs = None
+    if theirs is not None:
+        their_prompt = theirs.apply_chat_template(messages, add_generation_prompt=True)
+        got = theirs(text=[text], images=images, videos=[frames], return_tensors="pt")
+        label = type(theirs).__name__
+    else:
+        print(
+            "verify: transformers' Qwen2VLProcessor needs torchvision (its video processor), not installed: "
+            "comparing its tokenizer, chat template, image processor and placeholder expansion"
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        their_prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        got = {"image_grid_thw": pixels["image_grid_thw"]}
+        got["video_grid_thw"] = torch.tensor([video_grid(folder, len(frames), frames[0].height, frames[0].width)])
+        merge = image_processor.merge_size**2
+        expanded = text
+        for kind, grids in (("<|image_pad|>", got["image_grid_thw"]), ("<|video_pad|>", got["video_grid_thw"])):
+            pieces = expanded.split(kind)
+            counts = [int(grid.prod()) // merge for grid in grids]
+            expanded = pieces[0] + "".join(kind * n + piece for n, piece in zip(counts, pieces[1:], strict=True))
+        got["input_ids"] = tokenizer([expanded], return_tensors="pt")["input_ids"]
+        label = f"{type(tokenizer).__name__} + {type(image_processor).__name__}"
+    if their_prompt != prompt:
+        raise ConversionError(f"the chat template renders differently: {their_prompt!r} vs nativevl's {prompt!r}")
+    for key in ("input_ids", "image_grid_thw", "video_grid_thw"):
+        if not torch.equal(got[key].long(), expected[key].long()):
+            raise ConversionError(
+                f"{key} of {label} differ from nativevl's processor: {got[key].tolist()} vs {expected[key].tolist()}"
+            )
+    if not torch.equal(pixels["image_grid_thw"].long(), expected["image_grid_thw"].long()):
+        raise ConversionError(f"image grids of {type(image_processor).__name__} differ from nativevl's processor")
+    print(f"verify: chat template, input_ids, image and video grids of {label} equal nativevl's processor's")
+    for key in ("pixel_values", "pixel_values_videos"):
+        if theirs is not None:  # its torchvision backend resizes otherwise than PIL: reported, not checked
+            print(f"verify: {key} vs {label}: max abs diff {max_abs_diff(got[key], expected[key]):.3e} (not checked)")
+    name = f"image pixel values vs {type(image_processor).__name__}"
+    return {name: max_abs_diff(pixels["pixel_values"], expected["pixel_values"])}
+
+
+def video_grid(folder, num_frames: int, height: int, width: int) -> list[int]:
+    """[t, h, w] patches of a video as transformers' Qwen2VLVideoProcessor grids it with the folder's
+    video_preprocessor_config.json: every frame resized by `smart_resize` to the size limits, frames padded to a
+    multiple of temporal_patch_size."""
+    settings = json.loads((Path(folder) / "video_preprocessor_config.json").read_text())
+    patch, merge, temporal = settings["patch_size"], settings["merge_size"], settings["temporal_patch_size"]
+    size = settings["size"]
+    h, w = smart_resize(height, width, patch * merge, size["shortest_edge"], size["longest_edge"])
+    return [-(-num_frames // temporal), h // patch, w // patch]

@@ -528,6 +528,9 @@ def every_source(tmp_path_factory):
     write_nativeres(root / "nativeres", root / "nativeres-vit", "merger_mlp")
     write_nativeres(root / "nativeres-merger", root / "nativeres-merger-vit", "merger")
     write_qwen2_llm(root / "qwen2", hidden=48)
+    assert (
+        main(["qwen2-vl", "--input", str(root / "qwen2-vl"), "--output", str(root / "nativevl"), "--no-verify"]) == 0
+    )
     return root
 
 
@@ -647,6 +650,7 @@ STREAMING_CASES = {
     "qwen2-vl": (["qwen2-vl", "--input", "{qwen2-vl}"], "qwen2-vl"),
     "nativeres-llava": (["nativeres-llava", "--input", "{nativeres}", "--vision", "{nativeres-vit}"], "nativeres"),
     "compose": (["compose", "--vision", "{qwen2-vl}", "--llm", "{qwen2}"], "qwen2"),
+    "to-qwen2-vl": (["to-qwen2-vl", "--input", "{nativevl}"], "nativevl"),
 }
 
 
@@ -699,7 +703,7 @@ def test_conversion_streams_one_tensor_at_a_time(every_source, tmp_path, monkeyp
     monkeypatch.setattr(safetensors, "safe_open", refuse)
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
     monkeypatch.setattr(safetensors.torch, "safe_open", refuse)
-    folders = {name: every_source / name for name in ("qwen2-vl", "nativeres", "nativeres-vit", "qwen2")}
+    folders = {name: every_source / name for name in ("qwen2-vl", "nativeres", "nativeres-vit", "qwen2", "nativevl")}
     folders[resharded] = tmp_path / resharded
     argv = [str(folders[a[1:-1]]) if a.startswith("{") else a for a in args]
     assert main([*argv, "--output", str(tmp_path / "out"), "--max-shard-size", "40KB"]) == 0
@@ -709,8 +713,9 @@ def test_conversion_streams_one_tensor_at_a_time(every_source, tmp_path, monkeyp
 
 
 def test_bench_convert_sources_convert_and_verify(tmp_path):
-    """benchmarks/bench_convert.py's real-shape sources, at tiny sizes: its Qwen2-VL layout (transformers') and its
-    NativeRes-LLaVA layout (the release's keys, mlp2x_gelu) convert strictly and pass verification."""
+    """benchmarks/bench_convert.py's real-shape sources, at tiny sizes: its Qwen2-VL layout (transformers', with its
+    tokenizer) and its NativeRes-LLaVA layout (the release's keys, mlp2x_gelu) convert strictly and pass
+    verification, and the Qwen2-VL output converts back with to-qwen2-vl."""
     import runpy
 
     bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bench_convert.py"))
@@ -730,9 +735,20 @@ def test_bench_convert_sources_convert_and_verify(tmp_path):
         files = list(source.glob("*.safetensors"))
         headers = sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in files)  # length prefix + JSON
         assert len(files) > 1 and size == sum(f.stat().st_size for f in files) - headers
+        if kind == "qwen2-vl":
+            bench["write_tokenizer"](source, text["vocab_size"], ids)
         assert main([*args, "--output", str(tmp_path / f"{name}-out")]) == 0
         model = NativeVLForConditionalGeneration.from_pretrained(tmp_path / f"{name}-out")
         assert sum(p.numel() for p in model.parameters()) == sum(_numel(shape) for shape in shapes.values())
+        if kind == "qwen2-vl":  # and the script's second run, back to a stock Qwen2-VL folder
+            back = [
+                "to-qwen2-vl",
+                "--input",
+                str(tmp_path / f"{name}-out"),
+                "--output",
+                str(tmp_path / f"{name}-back"),
+            ]
+            assert main(back) == 0
 
 
 def _numel(shape) -> int:

@@ -23,7 +23,7 @@ from nativevl.modeling.configuration_nativevl import IGNORE_INDEX
 from nativevl.processing import NativeVLProcessor
 from nativevl.testing import build_tiny, build_tiny_tokenizer
 from nativevl.training.data import load_training_data
-from nativevl.training.packing import PackingCollator, assistant_spans
+from nativevl.training.packing import PackingCollator, PaddedCollator, assistant_spans
 from nativevl.training.train import main as train_main
 
 
@@ -167,32 +167,42 @@ def test_assistant_spans_without_markers_match_the_marked_template():
     assert int((everything["labels"] != IGNORE_INDEX).sum()) > 3 * int((encoded["labels"] != IGNORE_INDEX).sum())
 
 
-def test_converted_folder_without_markers_unpacked_is_refused_or_trains_everything(folders):
-    """TRL's padded collator needs markers for assistant-only loss: refused with the way out; with
-    assistant_only_loss false it trains on every text token."""
-    root, _, train, _ = folders
+def test_converted_folder_without_markers_trains_unpacked(folders):
+    """`--multimodal_packing false` on a converted folder whose template has no {% generation %} markers: one sample
+    per row, padded, with the packed path's labels (the answers only); with assistant_only_loss false, every text
+    token."""
+    root, _, train, items = folders
     model = str(root / "qwen2-vl")
-    with pytest.raises(ValueError, match="has none: use multimodal_packing=true"):
-        recipe_trainer(root, model, train, "tiny_stage2.yaml", "unpacked", "--multimodal_packing", "false", *STEPS)
-    off = ["--multimodal_packing", "false", "--assistant_only_loss", "false", *STEPS]
+    unpacked = ["--multimodal_packing", "false", *STEPS]
+    trainer, _ = recipe_trainer(root, model, train, "tiny_stage2.yaml", "unpacked", *unpacked)
+    assert isinstance(trainer.data_collator, PaddedCollator)
+    examples = [trainer.train_dataset[i] for i in range(3)]
+    batch = trainer.data_collator(examples)
+    assert "cu_seq_lens_q" not in batch and batch["input_ids"].shape[0] == 3
+    tokenizer = trainer.processing_class.tokenizer
+    for row, (_, answer) in enumerate(items[:3]):
+        words = tokenizer.decode(batch["input_ids"][row][batch["labels"][row] != IGNORE_INDEX])
+        assert words.split() == [answer, "<|im_end|>"], words
+    packed = PackingCollator(trainer.processing_class)(examples)  # the same tokens are trained, packed or not
+    assert torch.equal(
+        batch["labels"][batch["labels"] != IGNORE_INDEX], packed["labels"][packed["labels"] != IGNORE_INDEX]
+    )
+    assert torch.equal(batch["pixel_values"], packed["pixel_values"])
+    assert_learns(trainer)
+    off = [*unpacked, "--assistant_only_loss", "false"]
     trainer, _ = recipe_trainer(root, model, train, "tiny_stage2.yaml", "unpacked-all", *off)
     batch = trainer.data_collator([trainer.train_dataset[0]])
-    assert int((batch["labels"] != IGNORE_INDEX).sum()) == int(batch["attention_mask"].sum())
-    assert_learns(trainer)
+    vision = sum(int((batch["input_ids"] == t).sum()) for t in (120, 121))  # the tiny tokenizer's image, video ids
+    assert vision > 0 and int((batch["labels"] != IGNORE_INDEX).sum()) == int(batch["attention_mask"].sum()) - vision
 
 
 def test_batch_with_nothing_to_train_on_is_an_error(folders):
-    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
-
-    from nativevl.training.train import CheckedCollator
-
     root, _, train, _ = folders
     processor = NativeVLProcessor.from_pretrained(root / "qwen2-vl")
     dataset, _ = load_training_data(train)
-    silent = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)  # no markers: mask all 0
-    assert (silent([dataset[0]])["labels"] == IGNORE_INDEX).all()
-    with pytest.raises(ValueError, match="batch of 1 sample.s. has no token to train on"):
-        CheckedCollator(silent)([dataset[0]])
+    prompt_only = {"messages": dataset[0]["messages"][:1], "images": dataset[0]["images"]}
+    with pytest.raises(ValueError, match="sample 0 has no assistant tokens to train on"):
+        PaddedCollator(processor)([prompt_only])
     one_token = {"messages": [{"role": "assistant", "content": [{"type": "text", "text": "w5"}]}], "images": []}
     plain = "{% for m in messages %}{{ m['content'][0]['text'] }}{% endfor %}"
     bare = NativeVLProcessor(processor.image_processor, processor.tokenizer, chat_template=plain)

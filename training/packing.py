@@ -297,3 +297,45 @@ class PackingCollator:
         }
         batch.update({key: torch.cat(parts) for key, parts in vision.items()})
         return batch
+
+
+class PaddedCollator:
+    """One sample per row, right-padded with an attention mask: `nativevl train --multimodal_packing false`.
+
+    Each sample is encoded by `PackingCollator.encode`, as in a packed row: the assistant turns are found by
+    `assistant_spans` (with or without `{% generation %}` markers, so a converted folder's own template trains
+    unpacked too), vision tokens are never labels. So both paths train on the same tokens; here the model computes the
+    position ids from the attention mask, as for any padded batch (TRL's `DataCollatorForVisionLanguageModeling`
+    layout: `input_ids`, `attention_mask`, `labels` (rows, seq), then the vision keys in sample order).
+
+    Args: `processor`, `assistant_only_loss`, `messages_key`, `images_key` as `PackingCollator`'s.
+    """
+
+    def __init__(
+        self, processor, assistant_only_loss: bool = True, messages_key: str = "messages", images_key: str = "images"
+    ) -> None:
+        self.encoder = PackingCollator(
+            processor, assistant_only_loss=assistant_only_loss, messages_key=messages_key, images_key=images_key
+        )
+        self.pad_token_id = self.encoder.pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        encoded = [self.encoder.encode(example, i) for i, example in enumerate(examples)]
+        lengths = [e["input_ids"].shape[0] for e in encoded]
+        input_ids = torch.full((len(encoded), max(lengths)), self.pad_token_id, dtype=torch.long)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        attention_mask = torch.zeros_like(input_ids)
+        vision: dict[str, list[torch.Tensor]] = {}
+        for row, (sample, n) in enumerate(zip(encoded, lengths, strict=True)):
+            input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = sample["input_ids"], sample["labels"], 1
+            for key in VISION_KEYS:
+                if key in sample:
+                    vision.setdefault(key, []).append(sample[key])
+        if not (labels != IGNORE_INDEX).any():
+            raise ValueError(
+                f"batch of {len(examples)} sample(s) has no token to train on: every label is ignored (prompt or "
+                f"image tokens only; lengths {lengths})"
+            )
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch.update({key: torch.cat(parts) for key, parts in vision.items()})
+        return batch

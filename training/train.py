@@ -29,8 +29,9 @@ file or a `save_to_disk` folder (a `DatasetDict` gives its train split, and its 
 `data.jsonl`. Relative image paths are resolved against the data's folder.
 
 Loss: assistant tokens only with `assistant_only_loss: true` (the recipes), found from the rendered conversation
-(`{% generation %}` markers not needed, so converted folders keep their source's template); `false` trains on every
-text token. A batch with nothing to train on is an error.
+(`{% generation %}` markers not needed, so converted folders keep their source's template), packed or not
+(`--multimodal_packing false`: one sample per row, the same labels); `false` trains on every text token. A batch with
+nothing to train on is an error.
 
 The final model is written as a remote-code folder (`<output_dir>/final` unless `--export_dir`), LoRA merged in;
 a LoRA run also leaves its adapter at `output_dir` (`adapter_config.json`, `adapter_model.safetensors`, PEFT's
@@ -52,12 +53,11 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from nativevl.conversion.export import save_folder
 from nativevl.conversion.layerwise import on_meta
 from nativevl.modeling import NativeVLForConditionalGeneration
-from nativevl.modeling.configuration_nativevl import IGNORE_INDEX
 from nativevl.processing import NativeVLProcessor
 from nativevl.runs import RunFolderError, RunLock, check_fingerprint, file_digest, weights_fingerprint
 from nativevl.training.checkpoints import AtomicCheckpointMixin
 from nativevl.training.data import load_training_data
-from nativevl.training.packing import GENERATION_MARKER, PackingCollator
+from nativevl.training.packing import PackingCollator, PaddedCollator
 from nativevl.training.vision_init import center_vision_tokens, input_dependent_share, training_images
 
 
@@ -101,7 +101,12 @@ class NativeVLArguments:
     max_pixels: int | None = field(default=None, metadata={"help": "override the processor's max_pixels"})
     fixed_pixels: int | None = field(default=None, metadata={"help": "pixels per image in fixed mode"})
     max_image_tokens: int | None = field(default=None, metadata={"help": "per-sample image token budget"})
-    multimodal_packing: bool = field(default=True, metadata={"help": "padding-free packing (PackingCollator)"})
+    multimodal_packing: bool = field(
+        default=True,
+        metadata={
+            "help": "padding-free packing (PackingCollator); false: one sample per row, padded (PaddedCollator)"
+        },
+    )
     max_tokens_per_row: int | None = field(default=None, metadata={"help": "row length when packing; None: 1 row"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flex_attention | flash_..."})
     export_dir: str | None = field(default=None, metadata={"help": "final remote-code folder (<output_dir>/final)"})
@@ -424,7 +429,8 @@ def hand_batching_to_the_collator(training_args: SFTConfig) -> bool:
 
 
 def build_collator(processor, config, training_args: SFTConfig, args: NativeVLArguments, assistant_only: bool):
-    """`PackingCollator` (multimodal packing, granularity levels) or TRL's padded vision collator, checked."""
+    """`PackingCollator` (multimodal packing, granularity levels) or `PaddedCollator` (one sample per row, the same
+    labels)."""
     if args.multimodal_packing:
         return PackingCollator(
             processor,
@@ -436,31 +442,7 @@ def build_collator(processor, config, training_args: SFTConfig, args: NativeVLAr
         )
     if args.granularity_training is not None:
         raise ValueError("granularity_training needs multimodal_packing (PackingCollator)")
-    if assistant_only and not GENERATION_MARKER.search(processor.chat_template):
-        raise ValueError(
-            f"multimodal_packing=false uses TRL's padded collator, whose assistant-only loss needs "
-            f"{{% generation %}} markers, and the chat template of {args.model_name_or_path} has none: use "
-            "multimodal_packing=true (finds the assistant turns without markers) or assistant_only_loss=false"
-        )
-    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
-
-    return CheckedCollator(DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=assistant_only))
-
-
-class CheckedCollator:
-    """Wraps a collator: ValueError for a batch whose labels are all ignored (it would train nothing, silently)."""
-
-    def __init__(self, collator) -> None:
-        self.collator = collator
-
-    def __call__(self, examples: list[dict]) -> dict:
-        batch = self.collator(examples)
-        if not (batch["labels"] != IGNORE_INDEX).any():
-            raise ValueError(
-                f"batch of {len(examples)} sample(s) has no token to train on: every label is ignored "
-                f"(input_ids {tuple(batch['input_ids'].shape)})"
-            )
-        return batch
+    return PaddedCollator(processor, assistant_only_loss=assistant_only)
 
 
 def check_engine(trainer: Trainer) -> None:
