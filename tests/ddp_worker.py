@@ -51,7 +51,7 @@ trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 rank = trainer.accelerator.process_index
 with open(os.path.join(training_args.output_dir, f"seen_rank{rank}.json"), "w") as f:
     json.dump(recorder.seen, f)
-state = trainer.accelerator.get_state_dict(trainer.model)  # every rank joins; under FSDP only rank 0 gets it
+state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # every rank joins; FSDP, ZeRO-3: rank 0 gets it
 if trainer.accelerator.is_main_process:
     losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
     with open(os.path.join(training_args.output_dir, "losses.json"), "w") as f:
