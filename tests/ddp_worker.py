@@ -1,6 +1,6 @@
 """Run by test_training.py under `accelerate launch` (or alone, as one process): trains, then writes what this rank
-saw (`seen_rank{r}.json`), the loss history (`losses.json`), the full weights (`state_rank0.safetensors`, gathered
-under FSDP) and the final remote-code folder.
+saw (`seen_rank{r}.json`), the loss history (`losses.json`), the full weights (`state_rank{r}.safetensors`: every
+rank under DDP and ZeRO-2, rank 0 alone under FSDP and ZeRO-3, which gather) and the final remote-code folder.
 
 `NATIVEVL_FSDP_ON_CPU=1` (tests only): accelerate 1.x turns an FSDP launch on CPU processes into DDP (its
 `AcceleratorState` enables FSDP for accelerator devices only, and `nativevl train` refuses that fallback). This
@@ -51,7 +51,7 @@ trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 rank = trainer.accelerator.process_index
 with open(os.path.join(training_args.output_dir, f"seen_rank{rank}.json"), "w") as f:
     json.dump(recorder.seen, f)
-state = trainer.accelerator.get_state_dict(trainer.model)  # every rank joins; under FSDP only rank 0 gets it
+state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # every rank joins; FSDP, ZeRO-3: rank 0 gets it
 if trainer.accelerator.is_main_process:
     losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
     with open(os.path.join(training_args.output_dir, "losses.json"), "w") as f:

@@ -1,5 +1,6 @@
 """Training through TRL's SFTTrainer with nativevl's packing, LoRA, per-part learning rates and resumption."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -211,6 +212,124 @@ def test_fsdp_launch_that_would_run_ddp_is_refused(setup, tmp_path):
     result = run_worker(setup, tmp_path / "refused", fsdp, "--per_device_train_batch_size", "2", "--max_steps", "1")
     assert result.returncode != 0
     assert "accelerate was launched with FSDP (ACCELERATE_USE_FSDP=true) but runs MULTI_CPU" in result.stderr
+
+
+# DeepSpeed on 2 CPU processes: its `cpu` accelerator (DS_ACCELERATOR=cpu makes the choice explicit) over gloo, which
+# `--ddp_backend gloo` asks accelerate for (without an accelerator it would pick none). DeepSpeed JIT-builds its
+# shared-memory comm op with g++ on first use (~/.cache/torch_extensions), once per machine.
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+# accelerate runs DeepSpeed only with use_cpu false (RUN's true would make it DDP); DeepSpeed keeps tensors on CPU
+ON_CPU = ["--per_device_train_batch_size", "2", "--use_cpu", "false", "--ddp_backend", "gloo"]
+DS_ENV = {"DS_ACCELERATOR": "cpu"}
+
+
+def zero(stage: int) -> list[str]:
+    """accelerate's launcher for 2 CPU processes with `training/accelerate/deepspeed_zero{stage}.yaml`, fp32."""
+    return launch("--config_file", str(RECIPES.parent / "accelerate" / f"deepspeed_zero{stage}.yaml"))
+
+
+def seen(out: Path) -> list[list[int]]:
+    return [json.loads((out / f"seen_rank{r}.json").read_text()) for r in range(2)]
+
+
+def assert_split_like_ddp(out: Path, one_process: Path) -> None:
+    """The ranks packed disjoint samples, together those of one process."""
+    ranks = seen(out)
+    assert ranks[0] and ranks[1] and not set(ranks[0]) & set(ranks[1])
+    assert sorted(ranks[0] + ranks[1]) == sorted(json.loads((one_process / "seen_rank0.json").read_text()))
+
+
+@needs_deepspeed
+def test_two_process_zero2_matches_one_process(setup, one_process, tmp_path):
+    """`accelerate launch --config_file training/accelerate/deepspeed_zero2.yaml` over 2 CPU processes: ZeRO-2
+    shards the optimizer states (one file per rank in the checkpoint) and keeps whole parameters, equal on both ranks;
+    losses and the final folder equal one process at the same global batch. The padding-free collator packs 2
+    samples per row on each rank and 4 in one process: equal losses mean no sample sees another inside a row."""
+    out = tmp_path / "zero2"
+    result = run_worker(setup, out, zero(2), *ON_CPU, env=DS_ENV)
+    assert result.returncode == 0, result.stderr[-4000:]
+    shards = sorted(p.name for p in (out / "checkpoint-2" / "global_step2").iterdir())
+    assert shards == [
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    states = [load_file(out / f"state_rank{r}.safetensors") for r in range(2)]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert_split_like_ddp(out, one_process)
+    assert_same_run(out, one_process)
+
+
+@needs_deepspeed
+def test_two_process_zero3_matches_one_process_and_resumes(setup, one_process, tmp_path):
+    """ZeRO-3 (`deepspeed_zero3.yaml`: parameters partitioned from the load on, whole weights gathered on rank 0 for
+    checkpoints and the final folder) over 2 CPU processes: the same losses and final folder as one process; a run
+    resumed from the ZeRO checkpoint-2 skips the data of steps 1-2 and continues with the same losses and folder."""
+    out = tmp_path / "zero3"
+    result = run_worker(setup, out, zero(3), *ON_CPU, env=DS_ENV)
+    assert result.returncode == 0, result.stderr[-4000:]
+    checkpoint = out / "checkpoint-2"
+    assert sorted(p.name for p in (checkpoint / "global_step2").iterdir()) == [
+        f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in range(2) for kind in ("model", "optim")
+    ]
+    assert not (out / "state_rank1.safetensors").exists()  # gathered on rank 0 only
+    assert_split_like_ddp(out, one_process)
+    assert_same_run(out, one_process)
+    resumed = tmp_path / "resumed"
+    result = run_worker(setup, resumed, zero(3), *ON_CPU, "--resume_from_checkpoint", str(checkpoint), env=DS_ENV)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert seen(resumed) == [rank[4:] for rank in seen(out)]  # 2 steps x 2 samples per rank skipped, not retrained
+    assert_same_run(resumed, one_process, steps=(3, 4))
+
+
+@needs_deepspeed
+def test_lora_under_zero3_matches_one_process_and_loads_without_nativevl(setup, tmp_path):
+    """`nativevl train tiny_lora.yaml` under ZeRO-3 on 2 CPU processes (global batch 8: 2 x 2 x 2 accumulation steps)
+    against one process (4 x 2): the same losses, the same adapter at output_dir and merged final folder (1e-5), and
+    both load through transformers + PEFT without nativevl, with equal logits."""
+    from test_finetune import LOAD_WITHOUT_NATIVEVL
+
+    root, model, data = setup
+    argv = ["-m", "nativevl.cli", "train", str(RECIPES / "tiny_lora.yaml"), "--model_name_or_path", model]
+    argv += ["--dataset_path", data, "--max_steps", "2", "--save_steps", "2", "--seed", "0", "--lora_dropout", "0"]
+    argv += ["--dataloader_num_workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **DS_ENV}
+    outs = {"one": tmp_path / "one", "zero3": tmp_path / "zero3"}
+    commands = {
+        "one": [sys.executable, *argv, "--output_dir", str(outs["one"]), "--use_cpu", "true"],  # 4 x 2
+        "zero3": [sys.executable, *zero(3), *argv, "--output_dir", str(outs["zero3"]), *ON_CPU],
+    }
+    for name, command in commands.items():
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, (name, result.stderr[-4000:])
+    history = {
+        name: [e["loss"] for e in json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]]
+        for name, out in outs.items()
+    }
+    assert len(history["one"]) == 2 and history["zero3"] == pytest.approx(history["one"], abs=1e-5), history
+    for file in ("adapter_model.safetensors", "final/model.safetensors"):
+        single, sharded = load_file(outs["one"] / file), load_file(outs["zero3"] / file)
+        assert sorted(sharded) == sorted(single) and not any("lora" in k for k in single if file.startswith("final"))
+        for key in single:
+            torch.testing.assert_close(sharded[key], single[key], atol=1e-5, rtol=0, msg=(file, key))
+    out = outs["zero3"]
+    command = [sys.executable, "-c", LOAD_WITHOUT_NATIVEVL, str(out / "final"), model, str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["lora"] > 0 and not loaded["nativevl"]
+    assert loaded["max_diff"] < 1e-4 < loaded["trained"], loaded  # the merged model, and not the base one
+
+
+@needs_deepspeed
+def test_deepspeed_on_cpu_without_gloo_is_refused(setup, tmp_path):
+    """Without `--ddp_backend gloo` accelerate sets up one process per rank on CPU and DeepSpeed later refuses the
+    batch size without saying why; `nativevl train` names the flag before training."""
+    extra = ["--per_device_train_batch_size", "2", "--use_cpu", "false", "--max_steps", "1"]
+    result = run_worker(setup, tmp_path / "refused", zero(2), *extra, env=DS_ENV)
+    assert result.returncode != 0
+    assert "DeepSpeed was launched on 2 processes but accelerate set up 1" in result.stderr
+    assert "pass --ddp_backend gloo" in result.stderr
 
 
 def test_checkpoints_are_complete_or_absent(setup, monkeypatch):

@@ -159,7 +159,7 @@ class RGLFTrainer(AtomicCheckpointMixin, Trainer):
         trainable = 0
         for name, param in model.named_parameters():
             param.requires_grad_(".granularity_router." in f".{name}")
-            trainable += param.numel() if param.requires_grad else 0
+            trainable += getattr(param, "ds_numel", param.numel()) if param.requires_grad else 0  # ZeRO-3: full
         return trainable
 
     @staticmethod

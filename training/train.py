@@ -11,6 +11,8 @@ per-part learning rates, LoRA preset, image limits and mode, packing, attention)
         --model_name_or_path ... --dataset_path ...      # DDP; fsdp.yaml, deepspeed_zero{2,3}.yaml likewise
     accelerate launch --multi_gpu --num_processes 2 -m nativevl.cli train training/recipes/tiny_stage2.yaml \
         --use_cpu true ...                               # 2 CPU processes (gloo), as the test suite runs it
+    accelerate launch --config_file training/accelerate/deepspeed_zero3.yaml --num_processes 2 --mixed_precision no \
+        -m nativevl.cli train training/recipes/tiny_stage2.yaml --ddp_backend gloo ...   # ZeRO-3 on 2 CPU processes
 
 Adaptive visual granularity (AVG-LLaVA, arXiv 2410.02745): `--granularity 3` gives the model 3 levels and a router
 (fresh when the checkpoint has none); stage 1 adds `--granularity_training all|random` to any SFT recipe (every
@@ -183,6 +185,12 @@ def load_model_and_processor(args: NativeVLArguments):
     return model, processor
 
 
+def full_numel(param) -> int:
+    """Elements of a parameter, also when ZeRO-3 (`zero3_init_flag`) partitioned it at load: its local tensor is then
+    empty and DeepSpeed keeps the full count in `ds_numel`."""
+    return getattr(param, "ds_numel", param.numel())
+
+
 def set_trainable_parts(model, args: NativeVLArguments) -> dict[str, int]:
     """Freezes every part not selected; returns trainable parameter counts per part. In a `merger` model (Qwen2-VL)
     the merger is the projector, so `train_projector` trains it too."""
@@ -194,7 +202,7 @@ def set_trainable_parts(model, args: NativeVLArguments) -> dict[str, int]:
     for name, param in model.named_parameters():
         part = part_of(name)
         param.requires_grad_(wanted[part])
-        counts[part] += param.numel() if wanted[part] else 0
+        counts[part] += full_numel(param) if wanted[part] else 0
     if not any(counts.values()):
         raise ValueError(f"no parameter trains: select at least one of train_{{{', '.join(PARTS)}}} with parameters")
     return counts
@@ -447,27 +455,50 @@ def build_collator(processor, config, training_args: SFTConfig, args: NativeVLAr
 
 def check_engine(trainer: Trainer) -> None:
     """Raises when `accelerate launch` asked for FSDP or DeepSpeed but the trainer runs something else: accelerate
-    1.x runs FSDP only on accelerator devices and, on CPU processes, silently falls back to DDP."""
+    1.x runs FSDP only on accelerator devices and, on CPU processes, silently falls back to DDP; it runs DeepSpeed on
+    CPU processes (DeepSpeed's `cpu` accelerator) only without `--use_cpu true`, and there only with `--ddp_backend
+    gloo`: without it accelerate sets up one process per rank and DeepSpeed refuses the batch size at the first
+    step, naming neither."""
     state = trainer.accelerator.state
+    hints = {
+        "FSDP": "accelerate runs FSDP on accelerator devices only (on CPU it falls back to DDP)",
+        "DEEPSPEED": "on CPU processes run DeepSpeed with --ddp_backend gloo and without --use_cpu true",
+    }
     for engine, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
         if os.environ.get(flag, "false").lower() == "true" and state.distributed_type.value != engine:
             raise ValueError(
                 f"accelerate was launched with {engine} ({flag}=true) but runs {state.distributed_type.value} on "
-                f"{state.device}: accelerate runs {engine} on accelerator devices only (on CPU it falls back to DDP)"
+                f"{state.device}: {hints[engine]}"
             )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.distributed_type.value == "DEEPSPEED" and state.num_processes != world:
+        raise ValueError(
+            f"DeepSpeed was launched on {world} processes but accelerate set up {state.num_processes} (process-group "
+            f"backend {state.backend!r}): without an accelerator accelerate picks no backend; on CPU processes pass "
+            "--ddp_backend gloo"
+        )
 
 
 def export_final(trainer: NativeVLTrainer, args: NativeVLArguments, output_dir: str) -> str:
     """Writes the trained model (LoRA merged) and its processor as a remote-code folder; returns its path.
 
-    Under FSDP the parameters are shards: every rank joins in gathering the full state dict (to rank 0's CPU), and
-    rank 0 writes it through a plain `NativeVLForConditionalGeneration` built on the meta device, so the folder is
-    the same as a single process writes."""
+    Under FSDP and DeepSpeed ZeRO-3 the parameters are shards: every rank joins in gathering the full state dict (to
+    rank 0's CPU; ZeRO-3 needs `stage3_gather_16bit_weights_on_model_save`, `zero3_save_16bit_model` in accelerate's
+    config), and rank 0 writes it through a plain `NativeVLForConditionalGeneration` built on the meta device (a
+    LoRA run's adapters merged into it), so the folder is the same as a single process writes. ZeRO-2 keeps whole
+    parameters on every rank and is written like DDP."""
+    target = args.export_dir or os.path.join(output_dir, "final")
+    if zero3_enabled(trainer):
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective; None except on rank 0
+        if trainer.accelerator.is_main_process:
+            model = from_gathered_state(trainer.accelerator.unwrap_model(trainer.model), state)
+            save_folder(model, trainer.processing_class, target, overwrite=True, base_model=args.model_name_or_path)
+        trainer.accelerator.wait_for_everyone()
+        return target
     model = trainer.model
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model = trainer.accelerator.unwrap_model(model)
-    target = args.export_dir or os.path.join(output_dir, "final")
     if trainer.is_fsdp_enabled:
         state = trainer.accelerator.get_state_dict(trainer.model)  # collective; empty except on rank 0
         if trainer.accelerator.is_main_process:
@@ -479,6 +510,49 @@ def export_final(trainer: NativeVLTrainer, args: NativeVLArguments, output_dir: 
         save_folder(model, trainer.processing_class, target, overwrite=True, base_model=args.model_name_or_path)
     trainer.accelerator.wait_for_everyone()
     return target
+
+
+def zero3_enabled(trainer: Trainer) -> bool:
+    """Whether the trainer runs DeepSpeed ZeRO-3 (parameters partitioned across ranks)."""
+    plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
+    return plugin is not None and plugin.zero_stage == 3
+
+
+@contextlib.contextmanager
+def without_zero3_init():
+    """Builds models as plain modules inside a ZeRO-3 run: transformers' `_from_config` (the vision tower, the
+    language model) enters `deepspeed.zero.Init` while its DeepSpeed config is registered, which would partition
+    (and, on the meta device, fail to copy) the parameters. The registration is a weak reference in
+    `transformers.integrations.deepspeed`, restored on exit."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def from_gathered_state(trained, state: dict):
+    """A plain `NativeVLForConditionalGeneration` holding `state`, the full state dict gathered from the ZeRO-3
+    partitions of `trained` (the trained module, a PEFT model for a LoRA run): built on the meta device, wrapped
+    like `trained` when it has LoRA adapters, loaded by assignment, adapters merged."""
+    if state is None:
+        raise ValueError("no gathered state dict on the main process: DeepSpeed returned None")
+    peft_config = getattr(trained, "peft_config", None)
+    config = (trained.get_base_model() if peft_config else trained).config
+    with without_zero3_init():
+        model = on_meta(lambda: NativeVLForConditionalGeneration(config))
+    if peft_config:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config["default"])
+    model.load_state_dict(state, strict=True, assign=True)
+    if peft_config:
+        model = model.merge_and_unload()
+    model.tie_weights()
+    return model.eval()
 
 
 def parse(argv: list[str]) -> tuple[SFTConfig, NativeVLArguments]:
