@@ -259,3 +259,20 @@ def test_generate_with_static_cache_under_compiled_forward(pair):
     torch._dynamo.reset()
     model.forward = torch.compile(model.forward, backend="aot_eager")
     assert torch.equal(generate(model, batch, do_sample=False, cache_implementation="static"), expected)
+
+
+def test_bench_compile_smoke(monkeypatch, capsys):
+    """benchmarks/bench_compile.py at tiny scale (dynamo's eager backend, one repeat): every row, equal tokens."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compile.py"
+    argv = ["bench_compile.py", "--preset", "tiny", "--repeats", "1", "--new-tokens", "2", "--backend", "eager"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    for model in ("nativevl", "transformers Qwen2-VL"):
+        for task in ("inference", "training", "generate (static cache)"):
+            assert any(line.startswith(model) and task in line for line in out.splitlines()), (model, task, out)
+    assert out.count("tokens identical") == 2 and "DIFFER" not in out
