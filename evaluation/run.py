@@ -31,7 +31,6 @@ Tiny CPU example (random weights, so accuracy is about 0; a few seconds)::
 import base64
 import binascii
 import hashlib
-import io
 import json
 import math
 import os
@@ -39,7 +38,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm.auto import tqdm
 
 from nativevl.evaluation.metrics import (
@@ -56,7 +55,8 @@ from nativevl.evaluation.metrics import (
     summarize,
 )
 from nativevl.evaluation.report import AREA_LABELS, ASPECT_LABELS, grid_difference, render_heatmap, write_cell_csv
-from nativevl.processing.image_processing_nativevl import image_size
+from nativevl.processing.image_io_nativevl import image_size
+from nativevl.processing.image_io_nativevl import load_image as decode_image
 from nativevl.runs import RunFolderError, RunLock, check_fingerprint, weights_fingerprint
 
 
@@ -189,10 +189,6 @@ def _describe(source: Path | bytes) -> str:
     return str(source) if isinstance(source, Path) else f"<{len(source)} bytes of base64 data>"
 
 
-def _open(source: Path | bytes) -> Image.Image:
-    return Image.open(source if isinstance(source, Path) else io.BytesIO(source))
-
-
 def _displayed_size(source: Path | bytes, name: str) -> tuple[int, int]:
     """(width, height) as displayed (EXIF rotation applied), from the image header only, through the image
     processor's size reader: regular files only, refused above `PIL.Image.MAX_IMAGE_PIXELS` as the processor does."""
@@ -204,14 +200,13 @@ def _displayed_size(source: Path | bytes, name: str) -> tuple[int, int]:
 
 
 def load_image(record: Mapping, root: str | Path = ".", allow_outside_paths: bool = False) -> Image.Image:
-    """The decoded image of a record (EXIF rotation applied; alpha kept for the image processor to composite).
-    The header is checked first (`_displayed_size`): nothing above the decompression-bomb limit is decoded."""
+    """The decoded image of a record (EXIF rotation applied; alpha kept for the image processor to composite), by
+    the image processor's reader (`nativevl.processing.image_io_nativevl.load_image`). The header is checked first
+    (`_displayed_size`): nothing above the decompression-bomb limit is decoded."""
     source = _image_source(record, Path(root), allow_outside_paths)
     _displayed_size(source, record["id"])
     try:
-        with _open(source) as image:
-            image.load()
-            return ImageOps.exif_transpose(image)
+        return decode_image(source, "image")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise EvalInputError(f"record {record['id']!r}: cannot decode image {_describe(source)}: {err}") from None
 

@@ -1,7 +1,8 @@
 """Processors for nativevl: remote-code files, each importable on its own from a flat model folder."""
 
-from .image_processing_nativevl import NativeVLImageProcessor, smart_resize
+from .image_processing_nativevl import NativeVLImageProcessor
 from .processing_nativevl import CHAT_TEMPLATE, NativeVLProcessor, mrope_position_ids
+from .resize_nativevl import smart_resize
 
 
 def register_auto_classes(config_class) -> None:

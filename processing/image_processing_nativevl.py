@@ -26,7 +26,8 @@ Mirrors, and is tested against:
 - ``transformers/models/llava_next/image_processing_pil_llava_next.py`` and
   ``transformers/image_processing_utils.py`` (``select_best_resolution``, ``get_patch_output_size``) for crop mode.
 
-Deliberate differences from ``Qwen2VLImageProcessorPil`` (each has a test):
+Deliberate differences from ``Qwen2VLImageProcessorPil`` (each has a test), all made while decoding, in
+``image_io_nativevl.py``:
 
 - EXIF orientation is applied to every PIL input (``ImageOps.exif_transpose``), so the model sees the image as the
   user does; transformers only does it for file paths.
@@ -42,38 +43,46 @@ Kept exactly as transformers does them (native mode stays identical to ``Qwen2VL
 shrinking and ceil when growing by the square root of the area ratio), and 32-bit integer ``"I"`` images, which
 ``convert("RGB")`` clips at 255 as in transformers (only ``I;16*`` is rescaled, above).
 
-`image_size` is the one size reader for every input type ``preprocess`` accepts; the processor's token budget uses
-it. It never opens a FIFO or device, and it applies the decompression-bomb limit as ``preprocess`` does.
+Three files, one job each: ``image_io_nativevl.py`` decodes inputs (`image_size`, EXIF, decompression-bomb and
+FIFO checks, arrays), ``resize_nativevl.py`` holds the geometry (`smart_resize`, crop canvases, grids), and this file
+holds the processor class and the patch writer.
 
-This file is remote code: it is copied flat into a model folder and imports only the standard library, numpy,
-PIL, torch and transformers.
+This file is remote code: it is copied flat into a model folder with its two siblings and imports only the standard
+library, numpy, PIL, transformers and those siblings.
 """
 
-import io
-import math
-import os
-import stat
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
+
+from .image_io_nativevl import (
+    ImageSource,
+    batch_videos,
+    decode_rgb,
+    displayed_size,
+    flatten_images,
+    naming,
+    open_sources,
+)
+from .resize_nativevl import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    PreprocessConfig,
+    patch_output_size,
+    select_best_resolution,
+    video_grid,
+)
 
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-# Qwen2-VL's native-mode area bounds in pixels (released checkpoints raise the maximum to 12,845,056)
-DEFAULT_MIN_PIXELS = 56 * 56
-DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, stored as a plain int so the config stays JSON
-MODES = ("native", "fixed", "crop")
-_EXIF_ORIENTATION = 0x0112
 
 
 class NativeVLImageProcessorKwargs(ImagesKwargs, total=False):
@@ -97,180 +106,6 @@ class NativeVLImageProcessorKwargs(ImagesKwargs, total=False):
     video_max_pixels: int | None
     scale_16bit: bool | None
     num_threads: int | None
-
-
-# Copied from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.smart_resize, with the aspect limit as an
-# argument and the size in the error message.
-def smart_resize(
-    height: int,
-    width: int,
-    factor: int = 28,
-    min_pixels: int = DEFAULT_MIN_PIXELS,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_ratio: float = 200,
-) -> tuple[int, int]:
-    """Qwen2-VL's resize rule: both sides multiples of ``factor``, area in ``[min_pixels, max_pixels]``, aspect kept.
-
-    Sides are rounded to the nearest multiple of ``factor`` (Python's round-half-even); if the area then leaves the
-    range, both sides are rescaled by the square root of the ratio, floored when shrinking (never below ``factor``)
-    and ceiled when growing. Golden value: ``smart_resize(561, 278) == (560, 280)``.
-
-    Returns:
-        ``(resized_height, resized_width)`` in pixels.
-    """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size {height}x{width} (h x w) has no pixels")
-    ratio = max(height, width) / min(height, width)
-    if ratio > max_ratio:
-        raise ValueError(
-            f"image size {height}x{width} (h x w) has aspect ratio {ratio:.1f}, above the limit of {max_ratio}"
-        )
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-# Copied from transformers.image_processing_utils.select_best_resolution (LLaVA-NeXT anyres).
-def select_best_resolution(original_size: tuple[int, int], possible_resolutions: Sequence[Sequence[int]]):
-    """Pick the ``(height, width)`` that maximises the effective resolution, then minimises the wasted area."""
-    original_height, original_width = original_size
-    best_fit = None
-    max_effective_resolution = 0
-    min_wasted_resolution = float("inf")
-    for height, width in possible_resolutions:
-        scale = min(width / original_width, height / original_height)
-        downscaled_width, downscaled_height = int(original_width * scale), int(original_height * scale)
-        effective_resolution = min(downscaled_width * downscaled_height, original_width * original_height)
-        wasted_resolution = (width * height) - effective_resolution
-        if effective_resolution > max_effective_resolution or (
-            effective_resolution == max_effective_resolution and wasted_resolution < min_wasted_resolution
-        ):
-            max_effective_resolution = effective_resolution
-            min_wasted_resolution = wasted_resolution
-            best_fit = (height, width)
-    return best_fit
-
-
-# Copied from transformers.image_processing_utils.get_patch_output_size (LLaVA-NeXT: fit inside, aspect kept).
-def _patch_output_size(height: int, width: int, target_height: int, target_width: int) -> tuple[int, int]:
-    scale_w = target_width / width
-    scale_h = target_height / height
-    if scale_w < scale_h:
-        return min(math.ceil(height * scale_w), target_height), target_width
-    return target_height, min(math.ceil(width * scale_h), target_width)
-
-
-@dataclass(frozen=True)
-class _Config:
-    """Resolved settings of one call (instance attributes plus per-call overrides), validated once."""
-
-    min_pixels: int
-    max_pixels: int
-    patch_size: int
-    temporal_patch_size: int
-    merge_size: int
-    image_mean: tuple[float, ...]
-    image_std: tuple[float, ...]
-    do_convert_rgb: bool
-    do_rescale: bool
-    rescale_factor: float
-    do_normalize: bool
-    resample: int
-    mode: str
-    fixed_pixels: int
-    keep_aspect: bool
-    crop_base_size: int
-    crop_grid_pinpoints: tuple[tuple[int, int], ...]
-    max_aspect_ratio: float
-    video_min_pixels: int
-    video_max_pixels: int
-    scale_16bit: bool
-    num_threads: int | None
-
-    def __post_init__(self):
-        for name in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "fixed_pixels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer):
-                raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-        if not all(math.isfinite(v) for v in (*self.image_mean, *self.image_std)) or 0 in self.image_std:
-            raise ValueError(
-                f"image_mean and image_std must be finite, std non-zero; got {self.image_mean}, {self.image_std}"
-            )
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        for name in ("patch_size", "temporal_patch_size", "merge_size", "crop_base_size", "fixed_pixels"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for lo, hi in (("min_pixels", "max_pixels"), ("video_min_pixels", "video_max_pixels")):
-            if not 0 < getattr(self, lo) <= getattr(self, hi):
-                raise ValueError(f"need 0 < {lo} <= {hi}, got {getattr(self, lo)} and {getattr(self, hi)}")
-        if not self.max_aspect_ratio >= 1:
-            raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            raise ValueError(f"image_mean and image_std need 3 values (RGB), got {self.image_mean}, {self.image_std}")
-        if not self.crop_grid_pinpoints:
-            raise ValueError("crop_grid_pinpoints must list at least one [height, width]")
-        for h, w in self.crop_grid_pinpoints:
-            if h <= 0 or w <= 0 or h % self.crop_base_size or w % self.crop_base_size:
-                raise ValueError(
-                    f"crop_grid_pinpoints entry {[h, w]} is not a positive multiple of crop_base_size="
-                    f"{self.crop_base_size}"
-                )
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
-
-    @property
-    def factor(self) -> int:
-        return self.patch_size * self.merge_size
-
-    @property
-    def threads(self) -> int:
-        return self.num_threads if self.num_threads is not None else min(8, os.cpu_count() or 1)
-
-    @property
-    def tile_side(self) -> int:
-        # crop tiles are resized to the nearest multiple of the merged-patch size, e.g. 336 -> 336, 384 -> 392
-        return max(self.factor, round(self.crop_base_size / self.factor) * self.factor)
-
-    def check_aspect(self, height: int, width: int, label: str) -> None:
-        if height <= 0 or width <= 0:
-            raise ValueError(f"{label}: size {height}x{width} (h x w) has no pixels")
-        ratio = max(height, width) / min(height, width)
-        if ratio > self.max_aspect_ratio:
-            raise ValueError(
-                f"{label}: size {height}x{width} (h x w) has aspect ratio {ratio:.1f}, above max_aspect_ratio="
-                f"{self.max_aspect_ratio}"
-            )
-
-    def resized_size(self, height: int, width: int) -> tuple[int, int]:
-        """Target ``(height, width)`` in native and fixed modes."""
-        if self.mode == "native":
-            return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels, self.max_aspect_ratio)
-        if self.keep_aspect:
-            return smart_resize(
-                height, width, self.factor, self.fixed_pixels, self.fixed_pixels, self.max_aspect_ratio
-            )
-        side = max(self.factor, round(math.sqrt(self.fixed_pixels) / self.factor) * self.factor)
-        return side, side
-
-    def image_grids(self, height: int, width: int) -> list[tuple[int, int, int]]:
-        """``(t, h, w)`` patch grids one image of this size produces (global view first, then tiles, in crop mode)."""
-        p = self.patch_size
-        if self.mode != "crop":
-            rh, rw = self.resized_size(height, width)
-            return [(1, rh // p, rw // p)]
-        best_h, best_w = select_best_resolution((height, width), self.crop_grid_pinpoints)
-        num_tiles = (best_h // self.crop_base_size) * (best_w // self.crop_base_size)
-        side = self.tile_side // p
-        return [(1, side, side)] * (1 + num_tiles)
 
 
 @dataclass
@@ -414,7 +249,7 @@ class NativeVLImageProcessor(BaseImageProcessor):
         self._config({})
 
     # ----------------------------------------------------------------------------------------------- settings
-    def _config(self, overrides: dict[str, Any]) -> _Config:
+    def _config(self, overrides: dict[str, Any]) -> PreprocessConfig:
         overrides = {k: v for k, v in overrides.items() if v is not None}
         size = overrides.pop("size", None)
         if isinstance(size, dict):
@@ -424,7 +259,7 @@ class NativeVLImageProcessor(BaseImageProcessor):
         ignored = {"do_resize", "default_to_square", "device", "disable_grouping", "data_format", "image_seq_length"}
         if overrides.get("do_resize") is False:
             raise ValueError("do_resize=False is not supported: grids need sides that are multiples of 28")
-        names = _Config.__dataclass_fields__
+        names = PreprocessConfig.__dataclass_fields__
         unknown = sorted(k for k in overrides if k not in names and k not in ignored and k != "input_data_format")
         if unknown:
             raise ValueError(f"unknown image processor arguments {unknown}")
@@ -433,7 +268,7 @@ class NativeVLImageProcessor(BaseImageProcessor):
         values["image_std"] = _three_floats(values["image_std"], "image_std")
         values["crop_grid_pinpoints"] = tuple((int(h), int(w)) for h, w in values["crop_grid_pinpoints"])
         values["resample"] = int(values["resample"])
-        return _Config(**values)
+        return PreprocessConfig(**values)
 
     # ------------------------------------------------------------------------------------------ token counts
     def get_image_grids(self, height: int, width: int, images_kwargs: dict | None = None) -> list[tuple[int, ...]]:
@@ -463,7 +298,7 @@ class NativeVLImageProcessor(BaseImageProcessor):
     ) -> int:
         """Rows of ``pixel_values_videos`` for one video (frames padded to a multiple of ``temporal_patch_size``)."""
         cfg = self._config(videos_kwargs or {})
-        t, h, w = _video_grid(cfg, num_frames, height, width)
+        t, h, w = video_grid(cfg, num_frames, height, width)
         return t * h * w
 
     def num_video_tokens(self, num_frames: int, height: int, width: int, videos_kwargs: dict | None = None) -> int:
@@ -520,13 +355,13 @@ class NativeVLImageProcessor(BaseImageProcessor):
             raise ValueError("pass images=, videos= or both")
         data: dict[str, np.ndarray] = {}
         if images is not None:
-            data.update(self._process_images(_flatten_images(images), cfg, input_data_format))
+            data.update(self._process_images(flatten_images(images), cfg, input_data_format))
         if videos is not None:
-            data.update(self._process_videos(_batch_videos(videos), cfg, input_data_format))
+            data.update(self._process_videos(batch_videos(videos), cfg, input_data_format))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def _process_images(self, images: list, cfg: _Config, input_data_format) -> dict[str, np.ndarray]:
-        sources = _open_all(images, "image", cfg, input_data_format)  # headers only: bad files fail here
+    def _process_images(self, images: list, cfg: PreprocessConfig, input_data_format) -> dict[str, np.ndarray]:
+        sources = open_sources(images, "image", cfg, input_data_format)  # headers only: bad files fail here
         try:
             units_per_image = _run_parallel(
                 lambda src: _image_units(src, cfg), sources, cfg.threads, cost=[s.cost for s in sources]
@@ -542,19 +377,19 @@ class NativeVLImageProcessor(BaseImageProcessor):
             "image_num_grids": np.array([len(us) for us in units_per_image], dtype=np.int64),
         }
 
-    def _process_videos(self, videos: list, cfg: _Config, input_data_format) -> dict[str, np.ndarray]:
-        opened: list[list[_Source]] = []
+    def _process_videos(self, videos: list, cfg: PreprocessConfig, input_data_format) -> dict[str, np.ndarray]:
+        opened: list[list[ImageSource]] = []
         try:
             for v, frames in enumerate(videos):
                 if len(frames) == 0:
                     raise ValueError(f"video {v}: has no frames")
-                opened.append(_open_all(frames, f"video {v} frame", cfg, input_data_format))
+                opened.append(open_sources(frames, f"video {v} frame", cfg, input_data_format))
             # every frame of a video gets the size smart_resize gives its first frame (as displayed)
             grids = []
             for sources in opened:
-                with _naming(sources[0]):
-                    h, w = _display_size(sources[0])
-                    grids.append(_video_grid(cfg, len(sources), h, w, sources[0].label))
+                with naming(sources[0]):
+                    h, w = displayed_size(sources[0])
+                    grids.append(video_grid(cfg, len(sources), h, w, sources[0].label))
             jobs = [(src, grid) for sources, grid in zip(opened, grids, strict=True) for src in sources]
             planes = _run_parallel(
                 lambda job: _video_frame(job[0], job[1], cfg), jobs, cfg.threads, cost=[s.cost for s, _ in jobs]
@@ -591,292 +426,7 @@ def _three_floats(value, name: str) -> list[float]:
     return values
 
 
-def _video_grid(cfg: _Config, num_frames: int, height: int, width: int, label: str = "video") -> tuple[int, int, int]:
-    cfg.check_aspect(height, width, label)
-    rh, rw = smart_resize(height, width, cfg.factor, cfg.video_min_pixels, cfg.video_max_pixels, cfg.max_aspect_ratio)
-    t = -(-num_frames // cfg.temporal_patch_size)
-    return t, rh // cfg.patch_size, rw // cfg.patch_size
-
-
 # ------------------------------------------------------------------------------------------------ input handling
-def _is_image_like(x) -> bool:
-    return isinstance(x, Image.Image | np.ndarray | torch.Tensor | str | os.PathLike | bytes | bytearray | memoryview)
-
-
-def _flatten_images(images) -> list:
-    """One image, a list of images, a one-level nested list (images per sample), or a 4-D batch -> flat list."""
-    if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
-        return list(images)
-    if not isinstance(images, list | tuple):
-        return [images]
-    flat = []
-    for item in images:
-        if isinstance(item, list | tuple):
-            flat.extend(item)
-        elif isinstance(item, np.ndarray | torch.Tensor) and item.ndim == 4:
-            flat.extend(list(item))
-        else:
-            flat.append(item)
-    return flat
-
-
-def _batch_videos(videos) -> list[list]:
-    """One video (list of frames or 4-D array) or a list of videos -> list of lists of frames."""
-    if isinstance(videos, np.ndarray | torch.Tensor):
-        if videos.ndim == 5:
-            return [list(v) for v in videos]
-        if videos.ndim == 4:
-            return [list(videos)]
-        raise ValueError(f"a video array must be 4-D (T, H, W, C) or 5-D (B, T, H, W, C), got shape {videos.shape}")
-    if not isinstance(videos, list | tuple):
-        raise ValueError(f"videos must be a list of videos or a 4-D array, got {type(videos).__name__}")
-    if len(videos) > 0 and all(_is_image_like(f) and not _is_batch(f) for f in videos):
-        return [list(videos)]  # a flat list of frames is one video, as in transformers
-    out = []
-    for v, video in enumerate(videos):
-        if isinstance(video, np.ndarray | torch.Tensor) and video.ndim == 4:
-            out.append(list(video))
-        elif isinstance(video, list | tuple):
-            out.append(list(video))
-        else:
-            raise ValueError(f"video {v}: expected a list of frames or a 4-D array, got {type(video).__name__}")
-    return out
-
-
-def _is_batch(x) -> bool:
-    return isinstance(x, np.ndarray | torch.Tensor) and x.ndim == 4
-
-
-class _Source:
-    """One input after the cheap checks: a PIL image (file-backed ones not decoded yet) and its label."""
-
-    def __init__(self, label: str, image: Image.Image, owned: bool, cost: int):
-        self.label = label
-        self.image = image
-        self.owned = owned  # opened here from a path or bytes: close it when done
-        self.cost = cost  # input pixels, to schedule big images first
-
-    def close(self):
-        if self.owned:
-            self.image.close()
-
-
-def _open_all(items: list, label: str, cfg: _Config, input_data_format) -> list["_Source"]:
-    """Open every input in the calling thread: bytes/paths to lazy PIL images, arrays to PIL images.
-
-    Only headers are read here (and whole arrays converted); decoding happens on the worker threads.
-    """
-    sources: list[_Source] = []
-    seen: set[int] = set()
-    try:
-        for i, item in enumerate(items):
-            name = f"{label} {i}"
-            image, owned = _open_one(item, name, cfg, input_data_format)
-            sources.append(_Source(name, image, owned, image.size[0] * image.size[1]))
-            w, h = image.size
-            if h <= 0 or w <= 0:
-                raise ValueError(f"{name}: size {h}x{w} (h x w) has no pixels")
-            _check_bomb(image, name)
-            # the same object twice in one call: load it here (lazy decode, palette state), not on two threads at once
-            if id(image) in seen:
-                _load(image, name)
-            seen.add(id(image))
-    except BaseException:
-        for src in sources:
-            src.close()
-        raise
-    return sources
-
-
-def image_size(image, input_data_format: str | None = None) -> tuple[int, int]:
-    """``(height, width)`` of one image input as `NativeVLImageProcessor` will see it, without decoding pixels.
-
-    Accepts every image type ``preprocess`` does: a PIL image (EXIF orientation applied), a numpy array (HWC, CHW
-    or HW; channel axis inferred as in ``preprocess``, default channels-last), a torch tensor (default
-    channels-first), a file path (``str`` or ``os.PathLike``; only regular files, a FIFO or device is refused
-    without being opened), ``bytes``, ``bytearray`` or ``memoryview``. Files and bytes are read up to their header
-    and refused above ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression bomb), as ``preprocess`` refuses them.
-    Raises ValueError for anything else, e.g. a 4-D batch.
-    """
-    name = "image"
-    if isinstance(image, torch.Tensor | np.ndarray):
-        default = "channels_first" if isinstance(image, torch.Tensor) else "channels_last"
-        h, w, _, _ = _array_layout(tuple(image.shape), name, input_data_format, default)
-        return h, w
-    if isinstance(image, Image.Image):
-        opened, owned = image, False
-    elif isinstance(image, bytes | bytearray | memoryview):
-        opened, owned = _open_file(io.BytesIO(bytes(image)), name, f"{len(image)} bytes"), True
-    elif isinstance(image, str | os.PathLike):
-        f = _open_regular(os.fspath(image), name)
-        try:
-            opened, owned = _open_file(f, name, repr(os.fspath(image))), True
-        except BaseException:
-            f.close()
-            raise
-    else:
-        raise ValueError(f"{name}: cannot read the size of an input of type {type(image).__name__}")
-    try:
-        _check_bomb(opened, name)
-        w, h = opened.size
-        return (w, h) if opened.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (h, w)
-    finally:
-        if owned:
-            opened.close()
-
-
-def _open_regular(path: str, name: str):
-    """A binary file object of `path`, refused unless it is a regular file: a FIFO or a device could block forever
-    (opened non-blocking, then checked on the descriptor, so a file swapped for a FIFO meanwhile is refused too)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as err:
-        reason = "no such file" if isinstance(err, FileNotFoundError) else f"cannot open ({err.strerror})"
-        raise ValueError(f"{name}: {reason} {path!r} (URLs and base64 strings are not fetched)") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ValueError(f"{name}: {path!r} is not a regular file")
-    if hasattr(os, "set_blocking"):
-        os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
-
-
-def _check_bomb(image: Image.Image, name: str) -> None:
-    """Refuses a file-backed image above ``PIL.Image.MAX_IMAGE_PIXELS`` before anything decodes it."""
-    w, h = image.size
-    if isinstance(image, ImageFile.ImageFile) and Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
-        raise ValueError(
-            f"{name}: size {h}x{w} (h x w) = {w * h} pixels exceeds PIL.Image.MAX_IMAGE_PIXELS="
-            f"{Image.MAX_IMAGE_PIXELS} (possible decompression bomb)"
-        )
-
-
-def _open_one(item, name: str, cfg: _Config, input_data_format) -> tuple[Image.Image, bool]:
-    if isinstance(item, Image.Image):
-        return item, False
-    if isinstance(item, bytes | bytearray | memoryview):
-        return _open_file(io.BytesIO(bytes(item)), name, f"{len(item)} bytes"), True
-    if isinstance(item, str | os.PathLike):
-        path = os.fspath(item)
-        with _open_regular(path, name) as f:  # read now: no file handle stays open per image of a large batch
-            data = f.read()
-        return _open_file(io.BytesIO(data), name, repr(path)), True
-    if isinstance(item, torch.Tensor):
-        item = item.detach().cpu()
-        array = (item.float() if item.is_floating_point() else item).numpy()
-        return _array_to_pil(array, name, cfg, input_data_format, "channels_first"), False
-    if isinstance(item, np.ndarray):
-        return _array_to_pil(item, name, cfg, input_data_format, "channels_last"), False
-    raise ValueError(
-        f"{name}: unsupported input type {type(item).__name__}; expected a PIL image, numpy array, torch tensor, "
-        f"file path or bytes"
-    )
-
-
-def _open_file(fp, name: str, what: str) -> Image.Image:
-    try:
-        return Image.open(fp)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        # PIL raises above 2 * MAX_IMAGE_PIXELS (and warns above it; an error when warnings are errors)
-        raise ValueError(f"{name}: {what} is a possible decompression bomb: {err}") from err
-    except Exception as err:
-        raise ValueError(f"{name}: cannot identify an image in {what}: {type(err).__name__}: {err}") from err
-
-
-def _load(image: Image.Image, name: str) -> None:
-    try:
-        image.load()
-    except Exception as err:
-        w, h = image.size
-        raise ValueError(
-            f"{name}: size {h}x{w} (h x w): cannot decode ({type(err).__name__}: {err}); corrupt or truncated file?"
-        ) from err
-
-
-def _array_to_pil(array: np.ndarray, name: str, cfg: _Config, data_format: str | None, default: str) -> Image.Image:
-    """HWC / CHW / HW array -> RGB (or L/RGBA before conversion) uint8 PIL image, matching transformers' numpy path."""
-    h, w, c, channels_first = _array_layout(array.shape, name, data_format, default)
-    array = array.reshape(h, w, 1) if array.ndim == 2 else np.moveaxis(array, 0, -1) if channels_first else array
-    if h == 0 or w == 0:
-        raise ValueError(f"{name}: size {h}x{w} (h x w) has no pixels")
-    array = _to_uint8(array, f"{name}: size {h}x{w} (h x w)", cfg)
-    if c == 1:
-        array = np.repeat(array, 3, axis=-1) if cfg.do_convert_rgb else array
-    elif c == 4 and cfg.do_convert_rgb:
-        # transformers.image_transforms.convert_to_rgb, numpy branch: round(a/255 * x + (1 - a/255) * 255), computed
-        # exactly in uint16 (a*x + (255-a)*255 <= 65025; the exact quotient never ends in .5, so +127 // 255 rounds
-        # as float64 does) instead of float64 temporaries 8x the image's size
-        alpha = array[..., 3:4].astype(np.uint16)
-        rgb = array[..., :3].astype(np.uint16)
-        rgb *= alpha
-        rgb += (255 - alpha) * 255 + 127
-        rgb //= 255
-        array = rgb.astype(np.uint8)
-    if array.shape[-1] != 3:
-        raise ValueError(f"{name}: do_convert_rgb=False needs 3 channels, got shape {array.shape}")
-    return Image.fromarray(np.ascontiguousarray(array))
-
-
-def _array_layout(
-    shape: tuple[int, ...], name: str, data_format: str | None, default: str
-) -> tuple[int, int, int, bool]:
-    """(height, width, channels, channels_first) of an image array's shape. The channel axis is the end axis of size
-    1, 3 or 4; when both ends are, `data_format` (else `default`) decides. ``(C, H, 2)`` is ambiguous (channels-first
-    with a 2-px width, or a gray + alpha image) and needs `data_format`; transformers reads it channels-first."""
-    if len(shape) == 2:
-        return shape[0], shape[1], 1, False
-    if len(shape) != 3:
-        raise ValueError(f"{name}: array of shape {shape} is not an image (expected 2-D or 3-D)")
-    first, last = shape[0] in (1, 3, 4), shape[-1] in (1, 3, 4)
-    if data_format is None and first and shape[-1] == 2:
-        raise ValueError(
-            f"{name}: array of shape {shape} is ambiguous (channels-first with a side of 2 px, or channels-last with "
-            "2 channels); pass input_data_format='channels_first' or 'channels_last'"
-        )
-    channels_first = first and (not last or (data_format or default) in ("channels_first", "first"))
-    if not channels_first and not last:
-        raise ValueError(f"{name}: array of shape {shape} has no channel axis of size 1, 3 or 4")
-    return (shape[1], shape[2], shape[0], True) if channels_first else (shape[0], shape[1], shape[2], False)
-
-
-def _to_uint8(array: np.ndarray, name: str, cfg: _Config) -> np.ndarray:
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == np.bool_:
-        return array.astype(np.uint8) * 255
-    if array.dtype == np.uint16 and cfg.scale_16bit:
-        return ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    if np.issubdtype(array.dtype, np.floating):
-        lo, hi = float(np.min(array)), float(np.max(array))
-        if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
-            raise ValueError(f"{name}: float image values must be in [0, 1], got [{lo}, {hi}]")
-        return np.round(array.astype(np.float64) * 255).astype(np.uint8)
-    if np.issubdtype(array.dtype, np.integer):
-        lo, hi = int(np.min(array)), int(np.max(array))
-        if lo < 0 or hi > 255:
-            raise ValueError(f"{name}: integer image values must be in [0, 255], got [{lo}, {hi}] ({array.dtype})")
-        return array.astype(np.uint8)
-    raise ValueError(f"{name}: unsupported array dtype {array.dtype}")
-
-
-def _to_rgb(image: Image.Image, cfg: _Config, name: str) -> Image.Image:
-    """Decode, apply EXIF orientation, convert to RGB as transformers' ``convert_to_rgb`` (alpha onto white)."""
-    _load(image, name)
-    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    if orientation in (2, 3, 4, 5, 6, 7, 8):
-        image = ImageOps.exif_transpose(image)
-    if cfg.scale_16bit and image.mode.startswith("I;16"):
-        values = np.asarray(image).astype(np.uint32)  # (H, W), any endianness
-        image = Image.fromarray(((values + 128) // 257).astype(np.uint8))  # mode "L"
-    if not cfg.do_convert_rgb:
-        if image.mode != "RGB":
-            raise ValueError(f"{name}: do_convert_rgb=False needs an RGB image, got mode {image.mode}")
-        return image
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _resize(image: Image.Image, height: int, width: int, resample: int) -> Image.Image:
@@ -889,10 +439,10 @@ def _planes(image: Image.Image) -> list[np.ndarray]:
     return [np.asarray(band) for band in image.split()]
 
 
-def _image_units(src: _Source, cfg: _Config) -> list[_Unit]:
+def _image_units(src: ImageSource, cfg: PreprocessConfig) -> list[_Unit]:
     """Decode, convert, resize (and tile) one image on a worker thread; errors name the image."""
-    with _naming(src):
-        image = _to_rgb(src.image, cfg, src.label)
+    with naming(src):
+        image = decode_rgb(src.image, cfg, src.label)
         w, h = image.size
         cfg.check_aspect(h, w, src.label)
         grids = cfg.image_grids(h, w)
@@ -904,7 +454,7 @@ def _image_units(src: _Source, cfg: _Config) -> list[_Unit]:
         side, base = cfg.tile_side, cfg.crop_base_size
         views = [_resize(image, side, side, cfg.resample)]
         best_h, best_w = select_best_resolution((h, w), cfg.crop_grid_pinpoints)
-        new_h, new_w = _patch_output_size(h, w, best_h, best_w)
+        new_h, new_w = patch_output_size(h, w, best_h, best_w)
         canvas = Image.new("RGB", (best_w, best_h), (0, 0, 0))
         canvas.paste(_resize(image, new_h, new_w, cfg.resample), ((best_w - new_w) // 2, (best_h - new_h) // 2))
         for top in range(0, best_h, base):
@@ -914,40 +464,15 @@ def _image_units(src: _Source, cfg: _Config) -> list[_Unit]:
         return [_Unit([_planes(v)], g) for v, g in zip(views, grids, strict=True)]
 
 
-def _video_frame(src: _Source, grid: tuple[int, int, int], cfg: _Config) -> list[np.ndarray]:
+def _video_frame(src: ImageSource, grid: tuple[int, int, int], cfg: PreprocessConfig) -> list[np.ndarray]:
     """One video frame resized to its video's size, as C uint8 planes."""
-    with _naming(src):
-        image = _to_rgb(src.image, cfg, src.label)
+    with naming(src):
+        image = decode_rgb(src.image, cfg, src.label)
         return _planes(_resize(image, grid[1] * cfg.patch_size, grid[2] * cfg.patch_size, cfg.resample))
 
 
-def _display_size(src: _Source) -> tuple[int, int]:
-    """``(height, width)`` after EXIF orientation (decodes a lazy file, does not convert)."""
-    _load(src.image, src.label)
-    w, h = src.image.size
-    return (w, h) if src.image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (h, w)
-
-
-@contextmanager
-def _naming(src: _Source):
-    """Re-raise any failure while handling ``src`` as a ValueError that names it and its size."""
-    try:
-        yield
-    except ValueError as err:
-        if str(err).startswith(src.label):
-            raise
-        raise ValueError(f"{src.label}: size {_hw(src.image)} (h x w): {err}") from err
-    except Exception as err:
-        raise ValueError(f"{src.label}: size {_hw(src.image)} (h x w): {type(err).__name__}: {err}") from err
-
-
-def _hw(image: Image.Image) -> str:
-    w, h = image.size
-    return f"{h}x{w}"
-
-
 # -------------------------------------------------------------------------------------------------- patching
-def _write_all(units: list[_Unit], cfg: _Config) -> np.ndarray:
+def _write_all(units: list[_Unit], cfg: PreprocessConfig) -> np.ndarray:
     """Allocate the output once and let each worker fill the rows of its grids."""
     p, T = cfg.patch_size, cfg.temporal_patch_size
     rows = [t * h * w for (t, h, w) in (u.grid for u in units)]
@@ -963,7 +488,7 @@ def _write_all(units: list[_Unit], cfg: _Config) -> np.ndarray:
     return out
 
 
-def _write_patches(out: np.ndarray, unit: _Unit, cfg: _Config, mean: np.ndarray, std: np.ndarray) -> None:
+def _write_patches(out: np.ndarray, unit: _Unit, cfg: PreprocessConfig, mean: np.ndarray, std: np.ndarray) -> None:
     """Rescale, normalise and reorder one grid's frames straight into its rows of the output.
 
     Row order and layout follow Qwen2-VL's ``patchify`` (video_processing_qwen2_vl.py): rows

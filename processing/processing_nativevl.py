@@ -21,7 +21,7 @@ from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin, TextKwargs
 from transformers.utils import logging
 
-from .image_processing_nativevl import image_size
+from .image_io_nativevl import image_size
 from .processing_positions_nativevl import (
     batch_mrope_positions,
     grid_token_counts,
@@ -163,9 +163,12 @@ class NativeVLProcessor(ProcessorMixin):
         """Expands placeholders, tokenizes, processes pixels and computes position ids.
 
         Args:
-            images: images in placeholder order across the batch (a flat list, or one list per sample).
-            text: one string or a list; each `<|image_pad|>` / `<|video_pad|>` marks one image / video.
-            videos: videos in placeholder order (each a list of frames or a (T, H, W, C) array).
+            images: images in placeholder order across the batch: a flat list, or one list per sample, which must
+                hold as many images as that sample's text has placeholders (ValueError naming the sample otherwise).
+            text: one string or a non-empty list of strings; each `<|image_pad|>` / `<|video_pad|>` marks one image
+                / video.
+            videos: videos in placeholder order (each a list of frames or a (T, H, W, C) array), flat or one list
+                per sample (checked like `images`).
             max_image_tokens: per-sample budget of image tokens for this call (overrides the processor's).
             images_kwargs: per-call image processor overrides (e.g. `{"mode": "fixed"}`, `{"max_pixels": ...}`).
             granularity: None (full grids), one level for every image, or one level per image (placeholder order
@@ -194,14 +197,16 @@ class NativeVLProcessor(ProcessorMixin):
             raise ValueError("NativeVLProcessor needs text with one placeholder per image or video")
         kwargs.pop("audio", None)
         return_replacements = kwargs.pop("return_text_replacement_offsets", False)
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = _texts(text)
         images_kwargs, kwargs = self._split_kwargs(dict(images_kwargs or {}), kwargs)
         flat_images, image_counts = _flatten(images), [t.count(self.image_token) for t in texts]
         flat_videos, video_counts = _flatten_videos(videos), [t.count(self.video_token) for t in texts]
-        for name, token, counts, given in (
-            ("image", self.image_token, image_counts, flat_images),
-            ("video", self.video_token, video_counts, flat_videos),
+        for name, token, counts, given, per_sample in (
+            ("image", self.image_token, image_counts, flat_images, _images_per_sample(images)),
+            ("video", self.video_token, video_counts, flat_videos, _videos_per_sample(videos)),
         ):
+            if per_sample is not None:
+                _check_per_sample(name, token, counts, per_sample)
             if sum(counts) != len(given):
                 raise ValueError(
                     f"the text holds {sum(counts)} {token} placeholder(s) {counts} per sample but {len(given)} "
@@ -410,6 +415,50 @@ class NativeVLProcessor(ProcessorMixin):
             "pixel_values_videos",
             "video_grid_thw",
         ]
+
+
+def _texts(text) -> list[str]:
+    """`text` as a list of strings; ValueError naming the value for anything else (an empty list included)."""
+    if isinstance(text, str):
+        return [text]
+    if not isinstance(text, (list, tuple)) or not text:
+        raise ValueError(f"text must be a string or a non-empty list of strings, got {text!r:.200}")
+    for i, item in enumerate(text):
+        if not isinstance(item, str):
+            raise ValueError(f"text[{i}] must be a string, got {item!r:.200} ({type(item).__name__})")
+    return list(text)
+
+
+def _images_per_sample(images) -> list[int] | None:
+    """Images of each sample when `images` holds one list per sample, else None (a flat list: images are matched to
+    the placeholders in order across the batch)."""
+    if isinstance(images, (list, tuple)) and images and all(isinstance(item, (list, tuple)) for item in images):
+        return [len(item) for item in images]
+    return None
+
+
+def _videos_per_sample(videos) -> list[int] | None:
+    """Videos of each sample when `videos` holds one list of videos per sample (what `apply_chat_template` passes;
+    a sample without videos is an empty list), else None. A video given as a list of frames is not a sample."""
+    if not isinstance(videos, (list, tuple)) or not videos or all(_is_frame(x) for x in videos):
+        return None
+    if all(isinstance(item, (list, tuple)) and not (item and all(_is_frame(x) for x in item)) for item in videos):
+        return [len(item) for item in videos]
+    return None
+
+
+def _check_per_sample(name: str, token: str, counts: list[int], per_sample: list[int]) -> None:
+    """Per-sample lists of images (videos) must match the samples' placeholders one to one."""
+    if len(per_sample) != len(counts):
+        raise ValueError(
+            f"{name}s were given as {len(per_sample)} per-sample list(s) {per_sample} but there are {len(counts)} "
+            f"text(s), holding {counts} {token} placeholder(s)"
+        )
+    for i, (given, wanted) in enumerate(zip(per_sample, counts, strict=True)):
+        if given != wanted:
+            raise ValueError(
+                f"sample {i}: {given} {name}(s) were given for it but its text holds {wanted} {token} placeholder(s)"
+            )
 
 
 def _is_frame(x) -> bool:

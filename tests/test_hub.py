@@ -94,10 +94,16 @@ def test_tiny_export_is_a_hub_folder(tiny_folder):
     assert processor_config["image_processor"]["auto_map"]["AutoImageProcessor"] == (
         "image_processing_nativevl.NativeVLImageProcessor"
     )
-    for name in ("configuration_nativevl.py", "modeling_nativevl.py", "processing_nativevl.py"):
-        assert (tiny_folder / name).read_text() == (
-            REPO / ("processing" if "process" in name else "modeling") / name
-        ).read_text()
+    for name in ("configuration_nativevl.py", "modeling_nativevl.py"):
+        assert (tiny_folder / name).read_text() == (REPO / "modeling" / name).read_text()
+    # the processor files and the siblings they import with a single dot (the image reader, the resize geometry)
+    for name in (
+        "processing_nativevl.py",
+        "image_processing_nativevl.py",
+        "image_io_nativevl.py",
+        "resize_nativevl.py",
+    ):
+        assert (tiny_folder / name).read_text() == (REPO / "processing" / name).read_text()
     assert (tiny_folder / "model.safetensors").exists() and not list(tiny_folder.glob("*.bin"))
     assert "<|image_pad|>" in (tiny_folder / "chat_template.jinja").read_text()
     card = (tiny_folder / "README.md").read_text()

@@ -20,6 +20,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from nativevl.processing import NativeVLImageProcessor, smart_resize
 from nativevl.processing import image_processing_nativevl as module
+from nativevl.processing.image_io_nativevl import image_size, load_image
 
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -177,6 +178,24 @@ def test_exif_orientation_applied(tmp_path):
     # the reference on the raw in-memory image sees it sideways: a different grid
     raw = reference(Image.open(io.BytesIO(data)), **SMALL)
     assert raw["image_grid_thw"].tolist() != expected["image_grid_thw"].tolist()
+    # the one reader evaluation and packing decode with: the same displayed image, the same size and pixels
+    for source in (data, str(path), path, Image.open(io.BytesIO(data))):
+        loaded = load_image(source)
+        assert image_size(source) == (90, 40) and loaded.size == (40, 90)
+        assert np.array_equal(np.asarray(loaded), np.asarray(seen))
+        assert_same(ours(loaded, return_tensors="np"), expected)
+
+
+def test_load_image_refuses_what_the_processor_refuses(tmp_path):
+    with pytest.raises(ValueError, match=r"broken: cannot identify an image in 9 bytes"):
+        load_image(b"not a png", "broken")
+    with pytest.raises(ValueError, match=r"image: no such file"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match=r"cannot load an input of type ndarray"):
+        load_image(noise(8, 8))
+    truncated = encode(rgb(64, 64))[:-200]
+    with pytest.raises(ValueError, match=r"image: size 64x64 \(h x w\): cannot decode"):
+        load_image(truncated)
 
 
 def test_paths_bytes_and_pil_agree(tmp_path):
@@ -429,8 +448,12 @@ def test_save_and_load_round_trip(tmp_path):
     assert overridden.mode == "native"
 
 
-def test_remote_code_imports_only_allowed_modules():
-    source = Path(module.__file__).read_text()
+SIBLINGS = ("image_processing_nativevl.py", "image_io_nativevl.py", "resize_nativevl.py")
+
+
+@pytest.mark.parametrize("name", SIBLINGS)
+def test_remote_code_imports_only_allowed_modules(name):
+    source = (Path(module.__file__).parent / name).read_text()
     allowed = set(sys.stdlib_module_names) | {"numpy", "torch", "PIL", "transformers"}
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -438,14 +461,20 @@ def test_remote_code_imports_only_allowed_modules():
         elif isinstance(node, ast.ImportFrom):
             assert node.level in (0, 1), "no parent-relative imports in remote code"
             roots = {(node.module or "").split(".")[0]} if node.level == 0 else set()
+            if node.level == 1:
+                assert f"{node.module}.py" in SIBLINGS, f"{name}: sibling {node.module} is not copied with the file"
         else:
             continue
         assert roots <= allowed, roots
 
 
 def test_loads_flat_without_nativevl(tmp_path):
-    """Copied alone into a model folder, the file imports and runs in a fresh process where nativevl is blocked."""
-    shutil.copy(module.__file__, tmp_path / "image_processing_nativevl.py")
+    """Copied with its sibling files into a model folder, the file imports and runs in a fresh process where nativevl
+    is blocked (the folder imported as a package, as transformers imports it under ``transformers_modules``)."""
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "__init__.py").touch()
+    for name in SIBLINGS:
+        shutil.copy(Path(module.__file__).parent / name, tmp_path / "flat" / name)
     script = (
         "import sys\n"
         "class Block:\n"
@@ -455,7 +484,7 @@ def test_loads_flat_without_nativevl(tmp_path):
         "sys.meta_path.insert(0, Block())\n"
         f"sys.path.insert(0, {str(tmp_path)!r})\n"
         "import numpy as np\n"
-        "from image_processing_nativevl import NativeVLImageProcessor\n"
+        "from flat.image_processing_nativevl import NativeVLImageProcessor\n"
         "out = NativeVLImageProcessor()(np.zeros((980, 980, 3), np.uint8), return_tensors='pt')\n"
         "print(tuple(out['pixel_values'].shape))\n"
     )

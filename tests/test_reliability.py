@@ -30,7 +30,8 @@ from nativevl.demo import _num as demo_num
 from nativevl.evaluation import generate_benchmark
 from nativevl.evaluation.cli import main as eval_main
 from nativevl.evaluation.run import EvalInputError, load_records
-from nativevl.processing.image_processing_nativevl import NativeVLImageProcessor, _array_to_pil, image_size
+from nativevl.processing.image_io_nativevl import _array_to_pil, image_size
+from nativevl.processing.image_processing_nativevl import NativeVLImageProcessor
 from nativevl.runs import RunFolderError, RunLock
 from nativevl.testing import build_tiny
 from nativevl.training.checkpoints import replace_checkpoint
@@ -188,6 +189,40 @@ def test_one_size_reader_for_every_input_type_and_the_budget_uses_it(tmp_path, t
         assert processor.image_processor(images=[image])["image_grid_thw"].tolist() == reference, kind
     with pytest.raises(ValueError, match="4-D array of shape"):
         processor(images=[np.zeros((2, 45, 150, 3), np.uint8)], text=[prompt])
+
+
+def test_bad_text_is_a_value_error_naming_the_argument(tiny):
+    _, processor = tiny
+    with pytest.raises(ValueError, match=r"text must be a string or a non-empty list of strings, got \[\]"):
+        processor(text=[])
+    with pytest.raises(ValueError, match=r"text\[1\] must be a string, got 123 \(int\)"):
+        processor(text=["fine", 123])
+    with pytest.raises(ValueError, match=r"text must be a string .* got 7"):
+        processor(text=7)
+
+
+def test_per_sample_images_must_match_each_samples_placeholders(tmp_path, tiny):
+    _, processor = tiny
+    image = _inputs(tmp_path)["pil"]
+    texts = ["no image here", "<|vision_start|><|image_pad|><|vision_end|>?"]
+    with pytest.raises(
+        ValueError, match=r"sample 0: 1 image\(s\) were given for it but its text holds 0 <\|image_pad"
+    ):
+        processor(images=[[image], []], text=texts)
+    with pytest.raises(ValueError, match=r"2 per-sample list\(s\) \[1, 0\] but there are 1 text\(s\)"):
+        processor(images=[[image], []], text=texts[1:])
+    # matching per-sample lists and flat lists (matched to placeholders in order across the batch) are accepted
+    nested = processor(images=[[], [image]], text=texts, padding_side="left")
+    flat = processor(images=[image], text=texts, padding_side="left")
+    assert torch.equal(nested["input_ids"], flat["input_ids"])
+    assert torch.equal(nested["pixel_values"], flat["pixel_values"])
+    frames = [np.zeros((56, 56, 3), np.uint8)] * 2
+    videos_text = ["<|vision_start|><|video_pad|><|vision_end|>?", "no video"]
+    with pytest.raises(
+        ValueError, match=r"sample 0: 0 video\(s\) were given for it but its text holds 1 <\|video_pad"
+    ):
+        processor(videos=[[], [frames]], text=videos_text)
+    assert processor(videos=[[frames], []], text=videos_text)["video_grid_thw"].shape == (1, 3)
 
 
 def test_a_fifo_is_refused_without_being_opened(tmp_path, tiny):

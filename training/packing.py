@@ -13,16 +13,15 @@ images; the conversational format is TRL's (`{"messages": [...], "images": [...]
 """
 
 import copy
-import io
 import random
 import re
 from collections.abc import Sequence
 
 import torch
-from PIL import Image
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from nativevl.modeling.configuration_nativevl import IGNORE_INDEX
+from nativevl.processing.image_io_nativevl import load_image
 
 
 GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
@@ -62,14 +61,15 @@ def best_fit_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 
 
 def _load_image(image, where: str):
-    """PIL image from what datasets store: a PIL image, a path, bytes, or {"bytes": ..., "path": ...}."""
+    """What the processor reads from what datasets store: a PIL image, a path, bytes, or {"bytes": ..., "path": ...}.
+    Bytes are decoded here, by the processor's reader (`image_io_nativevl.load_image`), so that a bad sample is
+    named; paths and PIL images go to the processor as they are."""
     if isinstance(image, dict):
         image = image.get("bytes") or image.get("path")
     if isinstance(image, bytes):
         try:
-            image = Image.open(io.BytesIO(image))
-            image.load()
-        except Exception as error:  # PIL raises several types for bad data
+            image = load_image(image)
+        except ValueError as error:
             raise ValueError(f"{where}: cannot decode image bytes ({error})") from error
     return image
 
