@@ -32,11 +32,12 @@ import torch
 from transformers import TrainerCallback
 
 from nativevl.conversion.export import save_folder
+from nativevl.evaluation.data import load_records
 from nativevl.evaluation.metrics import AREA_BINS, ASPECT_BINS, summarize
 from nativevl.evaluation.report import AREA_LABELS, ASPECT_LABELS, grid_difference, render_heatmap
-from nativevl.evaluation.run import evaluate, load_records, read_predictions
+from nativevl.evaluation.run import evaluate
 from nativevl.evaluation.synth_rc import KINDS, generate_benchmark, make_item
-from nativevl.runs import LOCK_FILE, RunFolderError, RunLock, check_fingerprint
+from nativevl.runs import LOCK_FILE, RunFolderError, RunLock, check_fingerprint, read_predictions
 from nativevl.testing import build_tiny
 from nativevl.training.train import build_trainer, export_final, parse
 

@@ -37,9 +37,11 @@ from transformers import AutoModelForImageTextToText
 
 from nativevl.conversion.export import save_folder
 from nativevl.demo import READING, SCALE, SCRATCH_RECIPE, train_for, write_training_set
-from nativevl.evaluation.run import evaluate, load_records, read_predictions
+from nativevl.evaluation.data import load_records
+from nativevl.evaluation.run import evaluate
 from nativevl.evaluation.synth_rc import generate_benchmark
 from nativevl.processing import NativeVLProcessor
+from nativevl.runs import read_predictions
 from nativevl.testing import build_tiny
 from nativevl.training.vision_init import input_dependent_share, vision_tokens
 

@@ -33,13 +33,14 @@ from pathlib import Path
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from nativevl.evaluation.calibrate import choose_threshold
+from nativevl.evaluation.calibrate import fallback_frontier as cascade_frontier
+from nativevl.evaluation.data import load_image, load_records
 from nativevl.evaluation.metrics import score_sample
-from nativevl.evaluation.run import load_image, load_records, question_turn
+from nativevl.evaluation.run import question_turn
 from nativevl.evaluation.synth_rc import generate_benchmark
 from nativevl.modeling.granularity_nativevl import compact_image_placeholders
 from nativevl.modeling.positions_nativevl import image_token_counts, tokens_per_image
-from nativevl.training.cascade import choose_threshold
-from nativevl.training.cascade import fallback_frontier as cascade_frontier
 
 
 FALLBACK_SETTINGS = {"cascade": "cascade", "router+fb": "auto"}  # setting -> generate's granularity
@@ -79,7 +80,7 @@ def answer(model, processor, images, questions, setting, max_new_tokens: int, th
 
 
 def frontier_inputs(items: list[dict], first: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`training/cascade.py`'s inputs from `--items-out` rows with the first pass's `confidence`: the score per item
+    """`evaluation/calibrate.py`'s inputs from `--items-out` rows with the first pass's `confidence`: the score per item
     (its first answer's confidence; infinity for an item whose first pass is the full grid already, which never
     falls back) and the answers' scores and visual tokens of the first pass (`first`: "router" or a level) and of
     the full grid."""
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             threshold, tokens, accuracy = choose_threshold(*frontier_inputs(items, str(first)), max_loss=1.0)
             print(
-                f"  chosen on these items at <= 1 point (python -m nativevl.training.cascade): threshold "
+                f"  chosen on these items at <= 1 point (python -m nativevl.evaluation.calibrate): threshold "
                 f"{threshold:.4f}, {tokens:.1f} tokens per item ({100 * (1 - tokens / full_tokens):.1f}% fewer), "
                 f"acc {accuracy:.1f}"
             )

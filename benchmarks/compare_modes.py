@@ -34,7 +34,8 @@ from nativevl.demo import (
     run_row,
     train_for,
 )
-from nativevl.evaluation.run import evaluate, load_records
+from nativevl.evaluation.data import load_records
+from nativevl.evaluation.run import evaluate
 
 
 def mode_init(demo: Path, mode: str, out: Path) -> Path:

@@ -11,7 +11,7 @@ model's own answers, target 1 where the coarse answer scores at least as well as
 - ROC AUC of each input set (all, prompt state, answer states, log-probabilities) on the training, calibration
   and test items, against the lowest token probability alone;
 - the held-out tokens and accuracy of the cascade with the threshold chosen on the calibration items
-  (`training/cascade.py`'s `choose_threshold`), by the answer probability and by each head.
+  (`evaluation/calibrate.py`'s `choose_threshold`), by the answer probability and by each head.
 
 Training items whose image and question also appear in the calibration or test set are dropped (the synthetic
 RGLF sets of `train_granularity.py` nest: the larger one holds the smaller one).
@@ -33,8 +33,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probe_fallback_signal import auc as signal_auc  # noqa: E402
 
-from nativevl.evaluation.run import load_image, load_records, question_turn  # noqa: E402
-from nativevl.training.cascade import choose_threshold, collect_answers, fallback_frontier  # noqa: E402
+from nativevl.evaluation.calibrate import choose_threshold, collect_answers, fallback_frontier  # noqa: E402
+from nativevl.evaluation.data import load_image, load_records  # noqa: E402
+from nativevl.evaluation.run import question_turn  # noqa: E402
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_granularity import answer  # noqa: E402
 
+from nativevl.evaluation.data import load_image, load_records  # noqa: E402
 from nativevl.evaluation.metrics import score_sample  # noqa: E402
-from nativevl.evaluation.run import load_image, load_records  # noqa: E402
 from nativevl.modeling import NativeVLForConditionalGeneration, pool_grid  # noqa: E402
 from nativevl.processing import NativeVLProcessor  # noqa: E402
 

@@ -38,8 +38,8 @@ Every conversion checks that each source tensor is mapped (or deliberately dropp
 buffers) and each nativevl tensor produced with the right shape before writing; streams tensors from the source
 safetensors shard by shard (peak memory about one output shard); writes into `.OUTPUT.tmp-XXXX` beside the output
 and renames it into place only after verification, so the output is complete or absent. Pickle sources
-(`pytorch_model*.bin`) need `--allow-pickle`. Exit status: 0 done, 1 conversion or verification failed (nothing
-written), 2 bad arguments.
+(`pytorch_model*.bin`) need `--allow-pickle`. Exit status: 0 done, 2 on any error (bad arguments, a missing or
+unreadable source, an occupied output, a failed verification: nothing written), as every `nativevl` command.
 """
 
 import argparse
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, KeyError, ValueError, OSError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"nativevl convert: error: {message}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from nativevl.conversion.atomic import atomic_output_dir
 from nativevl.conversion.checkpoint import SourceCheckpoint
 from nativevl.conversion.model_card import render_model_card
 from nativevl.conversion.verify import default_atol
@@ -26,6 +25,7 @@ from nativevl.conversion.writer import (
     write_weights,
 )
 from nativevl.modeling import NativeVLConfig
+from nativevl.runs import atomic_output_dir
 
 
 @dataclass

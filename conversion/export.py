@@ -14,11 +14,11 @@ import os
 import sys
 from pathlib import Path
 
-from nativevl.conversion.atomic import atomic_output_dir
 from nativevl.conversion.model_card import render_model_card
 from nativevl.modeling import NativeVLForConditionalGeneration
 from nativevl.modeling.modeling_nativevl import REMOTE_CODE_AUTO_MAP
 from nativevl.processing import NativeVLProcessor
+from nativevl.runs import atomic_output_dir
 from nativevl.testing import build_tiny
 
 

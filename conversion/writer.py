@@ -10,7 +10,7 @@ The pieces every converter shares:
   lays them out (same shard split from `huggingface_hub.split_state_dict_into_shards_factory`, same file names,
   same index fields), holding one tensor in memory at a time (`safetensors_io.save_streamed`).
 - `check_output`: what may not be written (an existing folder without overwrite, a source folder); the folder
-  itself is written through `nativevl.conversion.atomic.atomic_output_dir` (complete or absent).
+  itself is written through `nativevl.runs.atomic_output_dir` (complete or absent).
 - `write_config`, `write_processor_config`, `copy_files`: config.json with `auto_map` and the remote-code files,
   the image processor config, tokenizer and generation files.
 """

@@ -1,7 +1,9 @@
 """Resolution-centric evaluation (NativeRes-LLaVA, arXiv 2506.12776): RC-Bench scoring and binning, grid reports and
-a synthetic benchmark balanced over the 35 (area, aspect) cells, and evaluation runs (`run`; CLI `nativevl eval` in
-`cli`)."""
+a synthetic benchmark balanced over the 35 (area, aspect) cells, evaluation data (`data`), runs (`run`) and their
+reports (`report`), the cascade's threshold chosen on a model's own items (`calibrate`); CLI `nativevl eval` in
+`cli`."""
 
+from nativevl.evaluation.data import EvalInputError, dataset_sizes, load_records
 from nativevl.evaluation.metrics import (
     AREA_BINS,
     AREA_EDGES,
@@ -21,16 +23,8 @@ from nativevl.evaluation.metrics import (
     score_sample,
     summarize,
 )
-from nativevl.evaluation.report import grid_difference, render_heatmap, write_cell_csv
-from nativevl.evaluation.run import (
-    EvalInputError,
-    compare,
-    dataset_sizes,
-    evaluate,
-    load_records,
-    print_report,
-    profile,
-)
+from nativevl.evaluation.report import compare, grid_difference, print_report, profile, render_heatmap, write_cell_csv
+from nativevl.evaluation.run import evaluate
 from nativevl.evaluation.synth_rc import (
     PALETTE,
     SHAPES,

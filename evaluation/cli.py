@@ -1,7 +1,7 @@
 """`nativevl eval` and `nativevl synth-rc`: resolution-centric evaluation from the command line.
 
 The protocol is NativeRes-LLaVA's RC-Bench (arXiv 2506.12776), re-implemented in `nativevl.evaluation`; see
-`nativevl.evaluation.run` for the data format and the files of a run folder.
+`nativevl.evaluation.data` for the data format and `nativevl.evaluation.run` for the files of a run folder.
 
 Tiny CPU run (random weights, so accuracy is about 0; well under a minute)::
 
@@ -37,7 +37,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from nativevl.evaluation.run import MODES, EvalInputError, compare, evaluate, load_records, print_report, profile
+from nativevl.evaluation.data import EvalInputError, load_records
+from nativevl.evaluation.report import compare, print_report, profile
+from nativevl.evaluation.run import MODES, evaluate
 from nativevl.runs import RunFolderError, file_digest
 
 

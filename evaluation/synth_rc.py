@@ -35,8 +35,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from nativevl.conversion.atomic import atomic_output_dir
 from nativevl.evaluation.metrics import AREA_BINS, AREA_UNIT, ASPECT_BINS, area_bin, aspect_bin
+from nativevl.runs import atomic_output_dir
 
 
 KINDS = ("rc", "sc")

@@ -498,7 +498,7 @@ def test_compose_shapes_new_rows_projector_and_forward(compose_sources):
 def test_compose_merger_needs_equal_widths(compose_sources, capsys):
     root, _ = compose_sources
     args = ["compose", "--vision", str(root / "qwen2-vl"), "--projector", "merger"]
-    assert main([*args, "--llm", str(root / "qwen2-48"), "--output", str(root / "bad")]) == 1
+    assert main([*args, "--llm", str(root / "qwen2-48"), "--output", str(root / "bad")]) == 2
     assert re.search(r"output width.*is 32 and the LLM's hidden_size is 48", capsys.readouterr().err)
     assert not (root / "bad").exists()
     # A tied 32-wide LLM fits the merger as is: no projector, no lm_head tensor written.
@@ -564,7 +564,7 @@ def coverage_run(every_source, tmp_path, case, add=None, remove=None):
 @pytest.mark.parametrize("case", list(COVERAGE_CASES))
 def test_missing_source_key_is_named(every_source, tmp_path, capsys, case):
     _, _, removed, target = COVERAGE_CASES[case]
-    assert coverage_run(every_source, tmp_path, case, remove=removed) == 1
+    assert coverage_run(every_source, tmp_path, case, remove=removed) == 2
     err = capsys.readouterr().err
     assert "missing" in err and target in err
     assert not (tmp_path / "out").exists()
@@ -572,7 +572,7 @@ def test_missing_source_key_is_named(every_source, tmp_path, capsys, case):
 
 @pytest.mark.parametrize("case", list(COVERAGE_CASES))
 def test_unknown_source_key_is_named(every_source, tmp_path, capsys, case):
-    assert coverage_run(every_source, tmp_path, case, add={"mystery.proj.weight": torch.zeros(2)}) == 1
+    assert coverage_run(every_source, tmp_path, case, add={"mystery.proj.weight": torch.zeros(2)}) == 2
     err = capsys.readouterr().err
     assert "match no rule" in err and "mystery.proj.weight" in err
     assert not (tmp_path / "out").exists()
@@ -580,7 +580,7 @@ def test_unknown_source_key_is_named(every_source, tmp_path, capsys, case):
 
 def test_key_that_maps_outside_the_model_is_named_with_its_source(every_source, tmp_path, capsys):
     extra = {"visual.blocks.0.attn.extra.weight": torch.zeros(2)}
-    assert coverage_run(every_source, tmp_path, "qwen2-vl", add=extra) == 1
+    assert coverage_run(every_source, tmp_path, "qwen2-vl", add=extra) == 2
     assert "unexpected ['model.visual.blocks.0.attn.extra.weight (from input:visual.blocks.0.attn.extra.weight)']" in (
         capsys.readouterr().err
     )
@@ -588,7 +588,7 @@ def test_key_that_maps_outside_the_model_is_named_with_its_source(every_source, 
 
 def test_wrong_shape_is_named(every_source, tmp_path, capsys):
     wrong = {"model.visual.merger.ln_q.bias": torch.zeros(7)}
-    assert coverage_run(every_source, tmp_path, "qwen2-vl", add=wrong) == 1
+    assert coverage_run(every_source, tmp_path, "qwen2-vl", add=wrong) == 2
     assert "model.visual.merger.ln_q.bias: nativevl [32] vs input:model.visual.merger.ln_q.bias [7]" in (
         capsys.readouterr().err
     )

@@ -56,13 +56,13 @@ def test_corrupt_source_shard_leaves_nothing(source, tmp_path, capsys):
     shutil.copytree(source, broken)
     shard = sorted(broken.glob("model-*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[:100])  # truncated download
-    assert convert(broken, tmp_path / "out") == 1
+    assert convert(broken, tmp_path / "out") == 2
     assert f"cannot read safetensors file {shard}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 def test_failed_verification_leaves_nothing(source, tmp_path, capsys):
-    assert convert(source, tmp_path / "out", "--atol", "1e-12") == 1
+    assert convert(source, tmp_path / "out", "--atol", "1e-12") == 2
     captured = capsys.readouterr()
     assert re.search(r"verify: logits vs transformers Qwen2VLForConditionalGeneration: max abs diff \S+", captured.out)
     assert "verification failed, max abs diff above atol 1e-12" in captured.err
@@ -73,7 +73,7 @@ def test_existing_output_needs_overwrite_then_is_replaced(source, tmp_path, caps
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    assert convert(source, out) == 1
+    assert convert(source, out) == 2
     assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
     assert convert(source, out, "--overwrite", "--no-verify") == 0
@@ -88,7 +88,7 @@ def test_output_may_not_replace_a_source(source, tmp_path, capsys):
     copy = tmp_path / "src"
     shutil.copytree(source, copy)
     for output in (copy, tmp_path):
-        assert convert(copy, output, "--overwrite") == 1
+        assert convert(copy, output, "--overwrite") == 2
         assert "is or contains the source folder" in capsys.readouterr().err
     assert (copy / "model.safetensors.index.json").exists()
 
@@ -104,7 +104,7 @@ def pickle_source(source: Path, folder: Path) -> None:
 def test_pickle_refused_without_allow_pickle_then_loaded(source, tmp_path, capsys):
     pickled = tmp_path / "pickled"
     pickle_source(source, pickled)
-    assert convert(pickled, tmp_path / "out") == 1
+    assert convert(pickled, tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "pytorch_model.bin.index.json is a pickle checkpoint" in err and "--allow-pickle" in err
     assert not (tmp_path / "out").exists()
@@ -215,7 +215,7 @@ def test_nativeres_rejects_mismatched_merger_width(tmp_path, capsys):
     config = nativeres_config(136, "mlp2x_gelu") | {"mm_hidden_size": 64}
     (tmp_path / "src" / "config.json").write_text(json.dumps(config))
     args = ["nativeres-llava", "--input", str(tmp_path / "src"), "--vision", str(tmp_path / "vit")]
-    assert main([*args, "--output", str(tmp_path / "out")]) == 1
+    assert main([*args, "--output", str(tmp_path / "out")]) == 2
     assert "mm_hidden_size 64 of the checkpoint differs from the ViT merger width" in capsys.readouterr().err
 
 
@@ -224,7 +224,7 @@ def test_wrong_model_type_and_bad_arguments(source, tmp_path, capsys):
     shutil.copytree(source, llm_like)
     config = json.loads((llm_like / "config.json").read_text()) | {"model_type": "qwen2"}
     (llm_like / "config.json").write_text(json.dumps(config))
-    assert convert(llm_like, tmp_path / "out") == 1
+    assert convert(llm_like, tmp_path / "out") == 2
     assert "model_type 'qwen2'; a Qwen2-VL folder has 'qwen2_vl'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["qwen2-vl", "--input", str(source), "--output", str(tmp_path / "o"), "--max-shard-size", "lots"])

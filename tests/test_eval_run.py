@@ -17,7 +17,9 @@ from nativevl.evaluation import cli as eval_cli
 from nativevl.evaluation import generate_benchmark, load_benchmark, profile_dataset
 from nativevl.evaluation import run as run_module
 from nativevl.evaluation.cli import main, synth_main
-from nativevl.evaluation.run import EvalInputError, dataset_sizes, evaluate, load_records, print_report
+from nativevl.evaluation.data import EvalInputError, dataset_sizes, load_records
+from nativevl.evaluation.report import print_report
+from nativevl.evaluation.run import evaluate
 from nativevl.testing import build_tiny
 
 

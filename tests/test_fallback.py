@@ -81,7 +81,7 @@ def test_cascade_answers_coarse_or_full(model):
     default = ours.generate(**full, granularity="cascade", return_dict_in_generate=True, **NEW)
     expected = [c < 0.9 for c in default.confidence.tolist()]  # config.cascade_threshold's default
     assert default.fallback.tolist() == expected
-    try:  # the threshold a calibration wrote into the config (training/cascade.py)
+    try:  # the threshold a calibration wrote into the config (evaluation/calibrate.py)
         ours.config.cascade_threshold = default.confidence.mean().item()
         calibrated = ours.generate(**full, granularity="cascade", return_dict_in_generate=True, **NEW)
         assert calibrated.fallback.tolist() == [c < ours.config.cascade_threshold for c in default.confidence]
@@ -248,12 +248,12 @@ def test_probe_fallback_signal_auc_and_residuals_by_hand():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Calibrating the cascade's threshold (training/cascade.py) and the learned-head probe
+# Calibrating the cascade's threshold (evaluation/calibrate.py) and the learned-head probe
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def test_frontier_and_threshold_by_hand():
-    from nativevl.training.cascade import choose_threshold, fallback_frontier
+    from nativevl.evaluation.calibrate import choose_threshold, fallback_frontier
 
     answers = {  # 4 items: coarse 3 tokens, full 10; item 2 is broken by pooling, item 3 wrong at both
         "coarse": torch.tensor([1.0, 1.0, 0.0, 0.0]),
@@ -276,7 +276,7 @@ def test_frontier_and_threshold_by_hand():
 
 
 def test_loss_interval_by_hand():
-    from nativevl.training.cascade import loss_interval
+    from nativevl.evaluation.calibrate import loss_interval
 
     answers = {"coarse": torch.tensor([1.0, 0.0]), "full": torch.tensor([1.0, 1.0])}  # item 1 broken by pooling
     confidence = torch.tensor([0.9, 0.5])
@@ -294,8 +294,8 @@ def test_loss_interval_by_hand():
 def test_cascade_calibration_writes_a_complete_folder(tiny, tmp_path):
     import json
 
+    from nativevl.evaluation.calibrate import RUN_FILE, main
     from nativevl.evaluation.synth_rc import generate_benchmark
-    from nativevl.training.cascade import RUN_FILE, main
 
     model, processor = tiny
     source = tmp_path / "model"
@@ -319,6 +319,26 @@ def test_cascade_calibration_writes_a_complete_folder(tiny, tmp_path):
     assert main([*args, "--output-dir", str(out), "--dtype", "bfloat16", "--overwrite"]) == 0
     assert (out / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
     assert json.loads((out / RUN_FILE).read_text())["args"]["dtype"] == "bfloat16"
+
+
+def test_old_cascade_command_still_runs_with_a_deprecation_message(monkeypatch, capsys):
+    import importlib
+    import runpy
+    import sys
+
+    from nativevl.evaluation import calibrate
+
+    monkeypatch.delitem(sys.modules, "nativevl.training.cascade", raising=False)
+    with pytest.warns(FutureWarning, match="python -m nativevl.evaluation.calibrate"):
+        old = importlib.import_module("nativevl.training.cascade")
+    assert old.choose_threshold is calibrate.choose_threshold and old.RUN_FILE == calibrate.RUN_FILE
+    monkeypatch.setattr(sys, "argv", ["cascade", "--help"])
+    monkeypatch.delitem(sys.modules, "nativevl.training.cascade")  # `python -m` runs it fresh
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("nativevl.training.cascade", run_name="__main__")
+    assert exit_info.value.code == 0
+    captured = capsys.readouterr()
+    assert "moved to nativevl.evaluation.calibrate" in captured.err and "--max-loss" in captured.out
 
 
 def test_probe_fallback_head_features_equal_the_teacher_forced_coarse_pass(tiny, tmp_path):

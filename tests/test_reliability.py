@@ -23,16 +23,15 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import nativevl
 from nativevl.cli import main as cli_main
-from nativevl.conversion.atomic import atomic_output_dir
 from nativevl.conversion.checkpoint import ConversionError, SourceCheckpoint
 from nativevl.conversion.export import save_folder
 from nativevl.demo import _num as demo_num
 from nativevl.evaluation import generate_benchmark
 from nativevl.evaluation.cli import main as eval_main
-from nativevl.evaluation.run import EvalInputError, load_records
+from nativevl.evaluation.data import EvalInputError, load_records
 from nativevl.processing.image_io_nativevl import _array_to_pil, image_size
 from nativevl.processing.image_processing_nativevl import NativeVLImageProcessor
-from nativevl.runs import RunFolderError, RunLock
+from nativevl.runs import RunFolderError, RunLock, atomic_output_dir
 from nativevl.testing import build_tiny
 from nativevl.training.checkpoints import replace_checkpoint
 from nativevl.training.train import check_output_dir, parse, resume_argument
@@ -346,6 +345,46 @@ def test_export_killed_while_replacing_restores_the_previous_folder(tiny, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_export_removes_dead_writers_leftovers_of_any_name_in_its_parent(tiny, tmp_path):
+    def killed_export():
+        import nativevl.conversion.export as export
+
+        export.render_card = _sigkill  # dies after the weights are written, before the README
+        save_folder(*tiny, tmp_path / "a")
+
+    _killed_at(killed_export)
+    (dead,) = [p.name for p in tmp_path.iterdir()]
+    assert dead.startswith(".a.tmp-")
+    live = tmp_path / f".c.tmp-{os.getpid()}-abcdefgh"  # a writer still running (this process): kept
+    live.mkdir()
+    (tmp_path / "d.tmp-1-notmine").mkdir()  # not a writer's temporary name: kept
+    assert cli_main(["export", "--tiny", str(tmp_path / "b")]) == 0  # another name, the same parent
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["b", live.name, "d.tmp-1-notmine"])
+
+
+def test_atomic_write_keeps_the_old_file_on_failure_and_removes_dead_writers_files(tmp_path):
+    from nativevl.runs import atomic_write
+
+    target = tmp_path / "scores.json"
+    target.write_text("old")
+
+    def fails(path):
+        path.write_text("half")
+        raise OSError("disk full (simulated)")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, fails)
+    assert [p.name for p in tmp_path.iterdir()] == ["scores.json"] and target.read_text() == "old"
+
+    def killed_while_writing():
+        atomic_write(target, lambda path: (path.write_text("half"), _sigkill()))
+
+    _killed_at(killed_while_writing)
+    assert target.read_text() == "old" and len(list(tmp_path.iterdir())) == 2  # the dead writer's .tmp- file
+    atomic_write(tmp_path / "cells.csv", lambda path: path.write_text("new"))  # the next writer into the folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.csv", "scores.json"]
+
+
 def test_checkpoint_replacement_killed_midway_leaves_a_complete_checkpoint(tmp_path):
     files = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
     target, written = tmp_path / "checkpoint-4", tmp_path / ".staging-4" / "checkpoint-4"
@@ -411,6 +450,9 @@ def _training_args(model_dir, data, out, *extra):
                   str(out), *extra])  # fmt: skip
 
 
+RESUME = ("--resume_from_checkpoint", "true")
+
+
 def test_training_into_another_runs_output_dir_refuses(model_dir, tmp_path):
     data_a = write_colour_dataset(tmp_path / "a", 2, seed=0)
     data_b = write_colour_dataset(tmp_path / "b", 2, seed=1)
@@ -418,7 +460,7 @@ def test_training_into_another_runs_output_dir_refuses(model_dir, tmp_path):
     check_output_dir(*_training_args(model_dir, data_b, out))  # a run that saved no checkpoint: nothing to mix
     check_output_dir(*_training_args(model_dir, data_a, out))  # run A records its fingerprint
     (out / "checkpoint-2").mkdir()
-    check_output_dir(*_training_args(model_dir, data_a, out))  # A again (a resume): fine
+    check_output_dir(*_training_args(model_dir, data_a, out, *RESUME))  # A again (a resume): fine
     with pytest.raises(RunFolderError, match="dataset"):
         check_output_dir(*_training_args(model_dir, data_b, out))
     (out / "nativevl_run.json").unlink()
@@ -431,11 +473,24 @@ def test_training_into_another_runs_output_dir_refuses(model_dir, tmp_path):
     rglf = ("--stage", "rglf", "--granularity", "3")
     check_output_dir(*_training_args(model_dir, data_a, out, *rglf, "--overwrite", "true"))
     (out / "checkpoint-2").mkdir()
-    check_output_dir(*_training_args(model_dir, data_a, out, *rglf))  # the same rglf run again: fine
+    check_output_dir(*_training_args(model_dir, data_a, out, *rglf, *RESUME))  # the same rglf run again: fine
     with pytest.raises(RunFolderError, match="rglf_feedback") as refused:
         check_output_dir(*_training_args(model_dir, data_a, out, *rglf, "--rglf_feedback", "exact_match"))
     assert "granularity" not in str(refused.value).replace("rglf_", "")
     assert resume_argument(str(out / "checkpoint-2")) == str(out / "checkpoint-2")
+
+
+def test_training_without_resume_into_a_folder_with_checkpoints_exits_2(model_dir, tmp_path, capsys):
+    data = write_colour_dataset(tmp_path / "a", 2, seed=0)
+    out = tmp_path / "out"
+    check_output_dir(*_training_args(model_dir, data, out))  # an earlier run with the same fingerprint...
+    (out / "checkpoint-4").mkdir()  # ...left a checkpoint
+    recipe = Path(nativevl.__file__).parent / "training" / "recipes" / "tiny_stage2.yaml"
+    argv = ["train", str(recipe), "--model_name_or_path", str(model_dir), "--dataset_path", str(data),
+            "--output_dir", str(out), "--max_steps", "1", "--save_strategy", "no"]  # fmt: skip
+    assert cli_main(argv) == 2  # a fresh run would keep checkpoint-4 for a later resume to take
+    _one_line_error(capsys, f"{out} holds checkpoints", "checkpoint-4", "--resume_from_checkpoint true", "--overwrite")
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["checkpoint-4", "nativevl_run.json"]
 
 
 def test_train_cli_errors_are_one_line_and_write_nothing(model_dir, tmp_path, capsys):
@@ -519,6 +574,19 @@ def test_cli_errors_are_one_line_exit_2_and_write_nothing(model_dir, tmp_path, c
     scores.write_text(scores.read_text()[:50])
     assert eval_main(["compare", str(tmp_path / "run"), str(tmp_path / "run")]) == 2
     _one_line_error(capsys, "scores.json is not valid JSON")
+
+
+def test_convert_errors_exit_2(model_dir, tmp_path, capsys):
+    absent = tmp_path / "absent"
+    assert cli_main(["convert", "qwen2-vl", "--input", str(absent), "--output", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, str(absent))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("keep")
+    argv = ["convert", "to-qwen2-vl", "--input", str(model_dir), "--output", str(tmp_path / "full")]
+    assert cli_main(argv) == 2
+    _one_line_error(capsys, "full exists and is not empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
 
 
 def test_refused_pickle_is_a_conversion_error(tmp_path):

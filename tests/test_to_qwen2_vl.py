@@ -127,7 +127,7 @@ def test_command_reports_its_checks(folders):
 
 
 def test_failed_verification_leaves_nothing(folders, tmp_path, capsys):
-    assert to_qwen2_vl(folders / "nativevl", tmp_path / "out", "--atol", "1e-12") == 1
+    assert to_qwen2_vl(folders / "nativevl", tmp_path / "out", "--atol", "1e-12") == 2
     assert "verification failed, max abs diff above atol 1e-12" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -153,7 +153,7 @@ def test_unexpressible_models_are_refused(tmp_path, capsys, kind, message):
         (tmp_path / "model" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     if kind == "no-tokenizer":
         (tmp_path / "model" / "tokenizer.json").unlink()
-    assert to_qwen2_vl(tmp_path / "model", tmp_path / "out") == 1
+    assert to_qwen2_vl(tmp_path / "model", tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert message in err, err
     if kind == "lora":

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nativevl.demo import READING, SCRATCH_RECIPE, write_training_set
-from nativevl.evaluation.run import load_records
+from nativevl.evaluation.data import load_records
 from nativevl.processing import NativeVLProcessor
 from nativevl.testing import build_tiny
 from nativevl.training.train import build_trainer, parse

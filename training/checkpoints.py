@@ -4,7 +4,8 @@ transformers' `Trainer._save_checkpoint` writes `checkpoint-N/` in place: a cras
 `resume_from_checkpoint=True` (`get_last_checkpoint`) would pick up. `AtomicCheckpointMixin` lets the Trainer write
 it under `<run_dir>/.staging-N/` (ignored by `get_last_checkpoint` and checkpoint rotation) and renames it into
 place once every process has written its part (model, optimizer, scheduler, RNG states, trainer state); an older
-folder of the same step is renamed aside before it is deleted (`replace_checkpoint`).
+folder of the same step is renamed aside before it is deleted (`replace_checkpoint`, through `nativevl.runs`'
+one writer of files and folders).
 """
 
 import json
@@ -12,6 +13,8 @@ import os
 import shutil
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from nativevl.runs import atomic_write, replace_folder
 
 
 TRAINER_STATE = "trainer_state.json"
@@ -56,17 +59,12 @@ class AtomicCheckpointMixin:
 
 
 def replace_checkpoint(written: str, target: str) -> None:
-    """Renames the finished checkpoint folder `written` to `target`. An existing `target` (the same step saved
-    again, e.g. at the end of training) is first renamed aside to a hidden `.replaced-checkpoint-N` sibling, which
-    `get_last_checkpoint` ignores, and only then deleted: a kill at any point leaves `target` either the complete
-    old checkpoint, the complete new one, or absent (resume then takes the previous checkpoint), never a
-    half-deleted folder that looks valid. An aside folder left by a killed run is deleted here."""
-    aside = os.path.join(os.path.dirname(target), f".replaced-{os.path.basename(target)}")
-    shutil.rmtree(aside, ignore_errors=True)
-    if os.path.lexists(target):
-        os.replace(target, aside)
-    os.replace(written, target)
-    shutil.rmtree(aside, ignore_errors=True)
+    """Renames the finished checkpoint folder `written` to `target` (`nativevl.runs.replace_folder`). An existing
+    `target` (the same step saved again, e.g. at the end of training) is first renamed aside to a hidden sibling,
+    which `get_last_checkpoint` and rotation ignore, and only then deleted: a kill at any point leaves `target`
+    either the complete old checkpoint, the complete new one, or absent (resume then takes the previous checkpoint),
+    never a half-deleted folder that looks valid. What a killed run left aside is deleted here."""
+    replace_folder(written, target)
 
 
 def _fix_best_checkpoint(state_file: str, best: str) -> None:
@@ -75,5 +73,4 @@ def _fix_best_checkpoint(state_file: str, best: str) -> None:
         with open(state_file) as f:
             state = json.load(f)
         state["best_model_checkpoint"] = best
-        with open(state_file, "w") as f:
-            json.dump(state, f, indent=2, sort_keys=True)
+        atomic_write(state_file, lambda tmp: tmp.write_text(json.dumps(state, indent=2, sort_keys=True)))

@@ -332,10 +332,12 @@ def run_fingerprint(args: NativeVLArguments) -> dict:
 
 
 def check_output_dir(training_args: SFTConfig, args: NativeVLArguments) -> None:
-    """Refuses an output_dir holding checkpoints of another run (another fingerprint, or checkpoints without
-    `RUN_FILE`): resuming or rotating would mix the two runs. With `overwrite` the checkpoints are deleted and the
-    run starts over. Records this run's fingerprint in `output_dir / RUN_FILE` (main process only; the other ranks
-    of a distributed run check without writing)."""
+    """Refuses an output_dir holding checkpoints of another run: another fingerprint, checkpoints without
+    `RUN_FILE`, or, whatever the fingerprint, a run that does not resume (`--resume_from_checkpoint`) and would
+    leave them beside its own, for a later `--resume_from_checkpoint true` to take. Resuming or rotating would mix
+    the two runs. With `overwrite` the checkpoints are deleted and the run starts over. Records this run's
+    fingerprint in `output_dir / RUN_FILE` (main process only; the other ranks of a distributed run check without
+    writing)."""
     out = Path(training_args.output_dir)
     checkpoints = sorted(p for p in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()) if out.is_dir() else []
     main = training_args.process_index == 0
@@ -348,6 +350,12 @@ def check_output_dir(training_args: SFTConfig, args: NativeVLArguments) -> None:
         out.mkdir(parents=True, exist_ok=True)
     # without checkpoints nothing can be mixed: the fingerprint of the last run is simply replaced
     start_over = check_fingerprint(out / RUN_FILE, run_fingerprint(args), args.overwrite or not checkpoints, main)
+    if checkpoints and not args.overwrite and resume_argument(training_args.resume_from_checkpoint) is None:
+        raise RunFolderError(
+            f"{out} holds checkpoints of an earlier run ({', '.join(p.name for p in checkpoints[:5])}); a run that "
+            "does not resume would leave them beside its own; pass --resume_from_checkpoint true to continue that "
+            "run, --overwrite true to delete them and start over, or use another --output_dir"
+        )
     if main and checkpoints and (start_over or args.overwrite):
         for checkpoint in checkpoints:
             shutil.rmtree(checkpoint)
