@@ -2,15 +2,15 @@
 
 from .attention_nativevl import register_attention
 from .configuration_nativevl import NativeVLConfig, NativeVLTextConfig, NativeVLVisionConfig
+from .generation_nativevl import NativeVLGenerateOutput
 from .granularity_nativevl import NativeVLGranularityRouter, compact_image_placeholders, pool_grid
 from .modeling_nativevl import (
     NativeVLForConditionalGeneration,
     NativeVLModel,
     NativeVLPreTrainedModel,
     NativeVLTextModel,
-    get_rope_index,
 )
-from .positions_nativevl import level_grid
+from .positions_nativevl import level_grid, rope_index
 from .vision_nativevl import NativeVLVisionModel
 
 
@@ -33,6 +33,7 @@ def register_auto_classes() -> None:
 __all__ = [
     "NativeVLConfig",
     "NativeVLForConditionalGeneration",
+    "NativeVLGenerateOutput",
     "NativeVLGranularityRouter",
     "NativeVLModel",
     "NativeVLPreTrainedModel",
@@ -41,9 +42,9 @@ __all__ = [
     "NativeVLVisionConfig",
     "NativeVLVisionModel",
     "compact_image_placeholders",
-    "get_rope_index",
     "level_grid",
     "pool_grid",
     "register_attention",
     "register_auto_classes",
+    "rope_index",
 ]

@@ -20,7 +20,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .configuration_nativevl import IGNORE_INDEX, NativeVLConfig
-from .positions_nativevl import first_image_tokens, image_token_counts, tokens_per_image
+from .positions_nativevl import (
+    first_image_tokens,
+    grid_levels,
+    image_token_counts,
+    split_by_image,
+    sum_per_image,
+    tokens_per_image,
+)
+from .vision_nativevl import NativeVLVisionModelOutput
 
 
 def _pair_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -214,7 +222,215 @@ def image_rows(
     return first_image_tokens(input_ids, image_token_id, counts) // input_ids.shape[1]
 
 
+class NativeVLRoutingMixin:
+    """AVG routing of `NativeVLModel` (needs `config`, `granularity_router`, `get_input_embeddings`, `_encode` and
+    `pool_image_outputs`): per-image levels from user input (`resolve_granularity`), the router's logits and choice
+    (`router_logits`, `choose_granularity`, `route_images`), `forward(granularity="auto")`'s routing (`_route`) and
+    the placeholders a routed prompt drops (`surplus_placeholder_mask`)."""
+
+    def resolve_granularity(
+        self,
+        granularity,
+        image_grid_thw: torch.LongTensor | None,
+        image_num_grids: torch.LongTensor | None = None,
+    ) -> torch.LongTensor | None:
+        """Per-image levels (num_images,) long from None (None: full grids), an int (every image) or a sequence /
+        tensor (one level per image). The images are the entries of `image_num_grids` (num_images,) (grids per
+        image, as the processor returns it: crop mode makes one image several grids), or without it the rows of
+        `image_grid_thw`. Raises on a count that does not match or levels outside 0..L-1 (when the config sets L)."""
+        if granularity is None or image_grid_thw is None:
+            return None
+        if isinstance(granularity, str):
+            raise ValueError(
+                f"granularity must be None, 'auto', an int level or per-image levels, got {granularity!r}"
+            )
+        n_grids = image_grid_thw.shape[0]
+        n = n_grids if image_num_grids is None else image_num_grids.shape[0]
+        if isinstance(granularity, int):
+            levels = torch.full((n,), granularity, dtype=torch.long)
+        else:
+            levels = torch.as_tensor(granularity, dtype=torch.long).flatten().cpu()
+        if levels.shape[0] != n:
+            grids = "" if image_num_grids is None else f" (image_num_grids {image_num_grids.tolist()})"
+            raise ValueError(
+                f"granularity gives {levels.shape[0]} level(s) but there are {n} image(s) in {n_grids} grid(s)"
+                f"{grids}: give one level per image"
+            )
+        top = self.config.granularity
+        if levels.numel() and (int(levels.min()) < 0 or (top is not None and int(levels.max()) >= top)):
+            raise ValueError(f"granularity levels {levels.tolist()} must lie in 0..{(top or 1) - 1 if top else 'inf'}")
+        return levels.to(image_grid_thw.device)
+
+    def router_logits(
+        self,
+        input_ids: torch.LongTensor,
+        image_features: torch.Tensor,
+        image_grid_thw: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        image_granularity: torch.LongTensor | None = None,
+        image_num_grids: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
+        """The router's logits (num_images, L), one row per image.
+
+        input_ids: (batch, seq) holding the images' placeholders at the levels `image_granularity` (num_images,)
+        (None: level 0); image_features: (sum t*h*w/4, D) level-0 tokens of all grids; image_num_grids
+        (num_images,): grids per image (None: one). Each grid sees its own levels' tokens plus the `top_k` text
+        tokens of its own sample (the row, or the `cu_seq_lens_q` segment of a packed row) most cosine-similar to
+        its mean token; an image of several grids (crop mode) averages its grids' logits. Text tokens exclude
+        vision tokens, padding (attention_mask 0) and, with `instruction_mask` (batch, seq), every token it marks
+        0: the router reads the instruction only (a prompt is all instruction; in a training row the answer tokens,
+        `labels != -100`, are not).
+        """
+        if self.granularity_router is None:
+            raise ValueError("this model has no granularity router: set config.granularity to a number of levels")
+        router, cfg = self.granularity_router, self.config
+        merge = cfg.vision_config.spatial_merge_size
+        flat_ids = input_ids.reshape(-1)  # (batch*seq,)
+        seq = input_ids.shape[1]
+        index = torch.arange(flat_ids.shape[0], device=flat_ids.device)
+        if cu_seq_lens_q is not None:
+            segment = torch.searchsorted(cu_seq_lens_q.to(index.device, torch.long), index, right=True) - 1
+        else:
+            segment = index // seq  # (batch*seq,)
+        vision_ids = (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
+        is_text = ~torch.isin(flat_ids, torch.tensor(vision_ids, device=flat_ids.device))
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            is_text &= attention_mask.reshape(-1).bool()
+        if instruction_mask is not None:
+            is_text &= instruction_mask.reshape(-1).to(is_text.device).bool()
+        embeds = self.get_input_embeddings()(flat_ids)  # (batch*seq, D)
+        levels = grid_levels(image_granularity, image_num_grids, image_grid_thw.shape[0])
+        counts = image_token_counts(image_grid_thw, levels, merge)
+        firsts = first_image_tokens(input_ids, cfg.image_token_id, counts).tolist()
+        texts = [embeds[is_text & (segment == segment[first])] for first in firsts]  # each image's own instruction
+        parts, grids = split_by_image(image_features, image_grid_thw, merge)
+        batch_tokens, batch_slots, padding = router_inputs(
+            parts, grids, texts, router.num_levels, router.top_k, router.head[0].weight.dtype
+        )
+        logits = router(batch_tokens, batch_slots, padding)  # (num_grids, L)
+        if image_num_grids is None:
+            return logits
+        return sum_per_image(logits, image_num_grids) / image_num_grids.to(logits.device).unsqueeze(-1)  # (images, L)
+
+    def choose_granularity(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        image_granularity: torch.LongTensor | None = None,
+        image_num_grids: torch.LongTensor | None = None,
+    ) -> tuple[torch.LongTensor, torch.Tensor, torch.Tensor]:
+        """`granularity="auto"`: runs the vision tower and the router (arguments as `router_logits`). Returns the
+        argmax levels (num_images,) long, the router logits (num_images, L) and the level-0 image features
+        (sum t*h*w/4, D)."""
+        features = self._encode(pixel_values, image_grid_thw).pooler_output
+        logits = self.router_logits(
+            input_ids,
+            features,
+            image_grid_thw,
+            attention_mask,
+            instruction_mask,
+            cu_seq_lens_q,
+            image_granularity,
+            image_num_grids,
+        )
+        return logits.argmax(-1), logits, features
+
+    def _route(
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        pixel_values,
+        image_grid_thw,
+        image_granularity,
+        image_num_grids,
+        instruction_mask,
+        cu_seq_lens_q,
+        capture,
+    ) -> tuple[torch.LongTensor, torch.LongTensor, NativeVLVisionModelOutput]:
+        """`forward(granularity="auto")`: input_ids with the surplus placeholders replaced by padding (so only
+        the kept ones are filled and positioned), the attention mask with them zeroed (batch, seq), and the image
+        outputs pooled to the router's levels (with gradient to the features when enabled; the router itself runs
+        without)."""
+        if input_ids is None:
+            raise ValueError("granularity='auto' needs input_ids: the router reads the instruction tokens")
+        if self.granularity_router is None:
+            raise ValueError("granularity='auto' needs a granularity router: this model's config.granularity is None")
+        if attention_mask is None and (cu_seq_lens_q is not None or position_ids is not None):
+            raise ValueError(
+                "granularity='auto' takes padded or single rows (attention_mask or no position_ids); for packed rows "
+                "call choose_granularity(..., cu_seq_lens_q=...) and pack the samples at the levels it returns"
+            )
+        image_out = self._encode(pixel_values, image_grid_thw, **capture)
+        levels, mask = self.route_images(
+            input_ids, image_out, image_grid_thw, attention_mask, instruction_mask, image_granularity, image_num_grids
+        )
+        pad, image_id = self.config.text_config.pad_token_id, self.config.image_token_id
+        dropped = (input_ids == image_id) & ~mask.bool()
+        input_ids = input_ids.masked_fill(dropped, pad if pad is not None and pad != image_id else 0)
+        return input_ids, mask, self.pool_image_outputs(image_out, image_grid_thw, levels, image_num_grids)
+
+    def route_images(
+        self,
+        input_ids: torch.LongTensor,
+        image_outputs: NativeVLVisionModelOutput,
+        image_grid_thw: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+        image_granularity: torch.LongTensor | None = None,
+        image_num_grids: torch.LongTensor | None = None,
+    ) -> tuple[torch.LongTensor, torch.Tensor]:
+        """The router's choice for a prompt expanded for `image_granularity` (None: level 0) and the level-0
+        `image_outputs` of `_encode`: levels (num_images,) long (the router runs without gradient; arguments as
+        `router_logits`) and the attention mask (batch, seq) with each image's surplus placeholders zeroed."""
+        from_levels = self.resolve_granularity(image_granularity, image_grid_thw, image_num_grids)
+        with torch.no_grad():
+            levels = self.router_logits(
+                input_ids,
+                image_outputs.pooler_output,
+                image_grid_thw,
+                attention_mask,
+                instruction_mask,
+                image_granularity=from_levels,
+                image_num_grids=image_num_grids,
+            ).argmax(-1)
+        kept = self.surplus_placeholder_mask(
+            input_ids, attention_mask, image_grid_thw, from_levels, levels, image_num_grids
+        )
+        return levels, kept
+
+    def surplus_placeholder_mask(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        image_grid_thw: torch.LongTensor,
+        from_levels: torch.LongTensor | None,
+        to_levels: torch.LongTensor,
+        image_num_grids: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
+        """`drop_surplus_placeholders` for per-image levels: the attention mask (batch, seq) long of a prompt
+        expanded for `from_levels` (num_images,) (None: level 0) with the placeholders each image does not need
+        at `to_levels` (num_images,) zeroed (image_num_grids (num_images,): grids per image, None: one)."""
+        n_grids = image_grid_thw.shape[0]
+        return drop_surplus_placeholders(
+            input_ids,
+            attention_mask,
+            image_grid_thw,
+            grid_levels(from_levels, image_num_grids, n_grids),
+            grid_levels(to_levels, image_num_grids, n_grids),
+            self.config.image_token_id,
+            self.config.vision_config.spatial_merge_size,
+        )
+
+
 __all__ = [
+    "NativeVLRoutingMixin",
     "NativeVLGranularityRouter",
     "answer_confidence",
     "compact_image_placeholders",

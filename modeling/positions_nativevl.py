@@ -9,15 +9,20 @@
   the tiles: `image_num_grids` per image). Users give one granularity level per image; `repeat_per_grid` alone turns
   per-image values into per-grid ones, and the grid functions here take one level per grid.
 
-This file is remote code and imports only numpy and torch: `processing/processing_positions_nativevl.py` is a
-byte-for-byte copy (remote-code folders cannot import each other; tests/test_processing.py holds the two
-identical), so the processor and the model compute grids, counts and position ids with the same functions.
+- `NativeVLPositionsMixin` (of `NativeVLModel`): the model's one M-RoPE entry `get_rope_index` (transformers'
+  contract) over the pure `rope_index`, the ids `forward` computes or checks, packed rows included.
+
+This file is remote code and imports only numpy, torch and transformers. The processor's functions here (and those
+they call) are copied into `processing/processing_positions_nativevl.py` by `python -m nativevl.modeling.sync_copies`
+(remote-code folders cannot import each other; tests/test_processing.py fails when the copy is stale), so the
+processor and the model compute grids, counts and position ids with the same functions.
 """
 
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from transformers.cache_utils import Cache
 
 
 def level_grid(t: int, h: int, w: int, level: int) -> tuple[int, int, int]:
@@ -74,7 +79,7 @@ def grid_token_counts(
     return [t * h * w // merge_size**2 for t, h, w in pooled_grids(grids, levels, merge_size)]
 
 
-def mrope_positions(
+def _mrope_positions(
     kinds: np.ndarray, image_grids: list[list[int]], video_grids: list[list[int]], merge_size: int
 ) -> np.ndarray:
     """M-RoPE ids (3, seq) int64 of one unpadded sequence; consumes grids from the front of `image_grids` /
@@ -129,7 +134,7 @@ def batch_mrope_positions(
     deltas = np.zeros(batch, dtype=np.int64)
     for b in range(batch):
         keep = np.ones(seq_len, dtype=bool) if attention_mask is None else attention_mask[b].astype(bool)
-        pos = mrope_positions(kinds[b][keep], image_left, video_left, merge_size)
+        pos = _mrope_positions(kinds[b][keep], image_left, video_left, merge_size)
         positions[:, b, keep] = pos
         deltas[b] = (int(pos.max()) + 1 if pos.size else 0) - pos.shape[1]
     if image_left or video_left:
@@ -294,7 +299,157 @@ def first_image_tokens(input_ids: torch.LongTensor, image_token_id: int, counts:
     return where[starts]
 
 
+class NativeVLPositionsMixin:
+    """Position ids of `NativeVLModel` (needs `config`, `resolve_granularity` and a `rope_deltas` attribute): the
+    one public M-RoPE entry `get_rope_index` (transformers' Qwen2-VL contract, over the pure `rope_index`), the
+    ids `forward` computes when none are given, and the checks on ids a caller gives (packed rows included)."""
+
+    def get_rope_index(
+        self,
+        input_ids: torch.LongTensor,
+        mm_token_type_ids: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """transformers' `Qwen2VLModel.get_rope_index` contract: position ids (3, batch, seq) long (0 on padding)
+        and rope_deltas (batch, 1). `mm_token_type_ids` (batch, seq), 0 text / 1 image / 2 video, may be omitted
+        (placeholders are then found by token id, and only when grids of their kind are given). Extra keywords:
+        `image_granularity` (num_images,) levels and `image_num_grids` (num_images,) grids per image. Under
+        `position_scheme="1d"` the three rows are the plain positions the model uses and the deltas are 0.
+        Computed on the host from the placeholders (`placeholder_kinds`, then the pure `rope_index`)."""
+        mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+        if self.config.position_scheme == "1d":
+            batch, seq_len = input_ids.shape
+            positions = text_positions(batch, seq_len, 0, mask, input_ids.device)
+            if mask is not None:
+                positions = positions.masked_fill(~mask.bool(), 0)
+            zeros = torch.zeros(batch, 1, dtype=torch.long, device=input_ids.device)
+            return positions.unsqueeze(0).expand(3, -1, -1).clone(), zeros
+        num_grids = kwargs.get("image_num_grids")
+        levels = self.resolve_granularity(kwargs.get("image_granularity"), image_grid_thw, num_grids)
+        has_images = image_grid_thw is not None and image_grid_thw.numel() > 0
+        has_videos = video_grid_thw is not None and video_grid_thw.numel() > 0
+        config = self.config
+        kinds = placeholder_kinds(
+            input_ids, config.image_token_id, config.video_token_id, has_images, has_videos, mm_token_type_ids
+        )
+        per_grid = grid_levels(levels, num_grids, image_grid_thw.shape[0]) if has_images else None
+        return rope_index(
+            kinds, config.vision_config.spatial_merge_size, image_grid_thw, video_grid_thw, mask, per_grid
+        )
+
+    def _compute_position_ids(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        image_grid_thw: torch.LongTensor | None,
+        video_grid_thw: torch.LongTensor | None,
+        image_granularity: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        image_num_grids: torch.LongTensor | None = None,
+    ) -> torch.LongTensor:
+        """Position ids when the caller gave none: (batch, seq) for the 1-D scheme, (3, batch, seq) for M-RoPE
+        (image_granularity, image_num_grids: (num_images,) levels and grids per image).
+
+        M-RoPE at prefill (empty cache) is computed from the placeholder tokens and sets `rope_deltas` (0 for a
+        prompt given as embeddings: it has no placeholders to read); during cached decoding the new tokens are
+        text, placed at their plain position + `rope_deltas`.
+        """
+        batch, seq_len = inputs_embeds.shape[:2]
+        past_length = cache.get_seq_length() if cache is not None else 0
+        mask_2d = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+        if self.config.position_scheme == "1d":
+            return text_positions(batch, seq_len, past_length, mask_2d, inputs_embeds.device)
+        if past_length == 0 and input_ids is not None:
+            position_ids, self.rope_deltas = self.get_rope_index(
+                input_ids,
+                mm_token_type_ids,
+                image_grid_thw,
+                video_grid_thw,
+                mask_2d,
+                image_granularity=image_granularity,
+                image_num_grids=image_num_grids,
+            )
+            return position_ids
+        positions = text_positions(batch, seq_len, past_length, mask_2d, inputs_embeds.device)
+        if past_length == 0:
+            self.rope_deltas = torch.zeros(batch, 1, dtype=torch.long, device=positions.device)
+        elif self.rope_deltas is not None:
+            deltas = self.rope_deltas.to(positions.device)
+            positions = positions + deltas.repeat_interleave(batch // deltas.shape[0], dim=0)
+        return positions.unsqueeze(0).expand(3, -1, -1)
+
+    def _given_position_ids(
+        self,
+        position_ids: torch.LongTensor,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        has_vision: bool,
+    ) -> tuple[torch.LongTensor, bool]:
+        """Checks and prepares caller-given position ids: the processor's batch-first (batch, seq, 3) layout is
+        moved to (3, batch, seq); ids that do not fit `config.position_scheme` raise (naming both); packed rows
+        are made safe (`_packed_position_ids`); at prefill `rope_deltas` is derived from these ids. Returns the ids
+        and whether the rows are packed (then the KV cache must stay off)."""
+        batch, seq_len = inputs_embeds.shape[:2]
+        position_ids = channels_first_position_ids(position_ids, batch, seq_len)
+        scheme = self.config.position_scheme
+        if scheme == "1d" and position_ids.dim() == 3 and not bool((position_ids[-3:] == position_ids[-1:]).all()):
+            raise ValueError(
+                f"position_ids carry distinct M-RoPE rows {tuple(position_ids.shape)} but this model's "
+                "config.position_scheme is '1d' (plain positions): use a processor with position_scheme='1d'"
+            )
+        packed = False
+        if attention_mask is None and cache is None:
+            position_ids, packed = self._packed_position_ids(position_ids, has_vision)
+        if scheme == "mrope" and position_ids.dim() == 2 and has_vision:
+            raise ValueError(
+                f"position_ids are plain {tuple(position_ids.shape)} but this model's config.position_scheme is "
+                "'mrope' and the inputs hold images or videos: pass the processor's M-RoPE ids (a processor with "
+                "position_scheme='mrope') or none, so the model computes them"
+            )
+        if scheme == "mrope" and (cache is None or cache.get_seq_length() == 0):
+            rows = position_ids if position_ids.dim() == 3 else position_ids.unsqueeze(0).expand(3, -1, -1)
+            self.rope_deltas = rope_deltas_from_positions(rows, attention_mask)
+        return position_ids, packed
+
+    def _packed_position_ids(self, position_ids, has_vision: bool) -> tuple[torch.Tensor, bool]:
+        """Position ids of a batch without attention mask, made safe for packed rows (several samples per row).
+
+        Packing shows as plain positions restarting inside a row. transformers builds the per-sample mask from the
+        plain row of (4, batch, seq) ids only: (batch, seq) ids are expanded to that form (exact for the 1-D scheme
+        and for text under M-RoPE); (3, batch, seq) ids lack the plain row and (batch, seq) ids lack the M-RoPE rows
+        of images, so both raise rather than let samples attend to each other. Returns the ids and whether packed.
+        """
+        plain = position_ids if position_ids.dim() == 2 else position_ids[0]
+        if position_ids.dim() == 3 and position_ids.shape[0] == 3:
+            plain = None  # (3, batch, seq): no plain row; the temporal row only falls where a new sample starts
+            restarts = (position_ids[0, :, 1:] < position_ids[0, :, :-1]).any()
+        else:
+            restarts = (plain[:, 1:] - plain[:, :-1] != 1).any()
+        if not restarts:
+            return position_ids, False
+        if plain is None:
+            raise ValueError(
+                "position_ids (3, batch, seq) restart inside a row but carry no plain row: pass packed rows as "
+                "(4, batch, seq) ids, plain per-sample positions first (as PackingCollator does)"
+            )
+        if position_ids.dim() == 2:
+            if self.config.position_scheme == "mrope" and has_vision:
+                raise ValueError(
+                    "packed rows with images under M-RoPE need (4, batch, seq) position ids (plain row, then "
+                    "temporal/height/width); (batch, seq) ids would drop the images' 2-D positions"
+                )
+            position_ids = position_ids.unsqueeze(0).expand(4, -1, -1)
+        return position_ids, True
+
+
 __all__ = [
+    "NativeVLPositionsMixin",
     "batch_mrope_positions",
     "channels_first_position_ids",
     "first_image_tokens",
@@ -302,7 +457,6 @@ __all__ = [
     "grid_token_counts",
     "image_token_counts",
     "level_grid",
-    "mrope_positions",
     "placeholder_kinds",
     "pooled_grid_thw",
     "pooled_grids",

@@ -347,10 +347,19 @@ def check_grids(pixel_values: torch.Tensor, grid_thw: torch.Tensor | None, merge
         raise ValueError(f"{name} rows {bad} must be positive with h and w divisible by the merge size {merge_size}")
 
 
+def drop_empty(pixels: torch.Tensor | None, grid_thw: torch.LongTensor | None):
+    """(None, None) for zero-row pixel values (what the processor returns for a text-only sample, so every sample
+    of a batch has the same keys); the inputs unchanged otherwise."""
+    if pixels is not None and pixels.shape[0] == 0 and (grid_thw is None or grid_thw.numel() == 0):
+        return None, None
+    return pixels, grid_thw
+
+
 __all__ = [
     "NativeVLVisionModel",
     "NativeVLVisionModelOutput",
     "check_grids",
+    "drop_empty",
     "vision_patch_positions",
     "vision_segments",
 ]

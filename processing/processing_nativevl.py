@@ -7,9 +7,8 @@ returns the position ids the model would compute: `(3, batch, seq)` M-RoPE ids (
 `position_scheme="mrope"`, `(batch, seq)` plain ids for `"1d"` (NativeRes-LLaVA, arXiv 2506.12776).
 
 This file is remote code: it is copied flat into a model folder and imports only numpy, torch, transformers and
-its siblings. Grids, token counts and position ids come from `processing_positions_nativevl.py`, a byte-for-byte
-copy of the model's `positions_nativevl.py` (remote-code folders cannot import each other; a test holds the copy
-identical).
+its siblings. Grids, token counts and position ids come from `processing_positions_nativevl.py`, generated from
+the model's `positions_nativevl.py` (remote-code folders cannot import each other; a test fails when it is stale).
 """
 
 from collections.abc import Sequence

@@ -1,17 +1,8 @@
-"""Grids, token counts and M-RoPE positions: pure functions, one source for the model and the processor.
+"""GENERATED from modeling/positions_nativevl.py by `python -m nativevl.modeling.sync_copies`: do not edit.
 
-- Token counts: a patch grid (t, h, w) becomes t*h*w / merge**2 LLM tokens; at AVG-LLaVA granularity level l
-  (arXiv 2410.02745) the merged grid is pooled to `level_grid(t, h/m, w/m, l)` (1x2 then 2x1 steps, ceil mode).
-- M-RoPE (Qwen2-VL, arXiv 2409.12191; transformers' `Qwen2VLModel.get_rope_index`): rows (temporal, height,
-  width). Text takes its running position on all three rows; the tokens of a grid take start + (frame, row, col)
-  over its merged grid; the next token resumes at the largest id so far + 1.
-- Images and grids: an image is one grid (`image_grid_thw` row), or in crop mode several (the global view, then
-  the tiles: `image_num_grids` per image). Users give one granularity level per image; `repeat_per_grid` alone turns
-  per-image values into per-grid ones, and the grid functions here take one level per grid.
-
-This file is remote code and imports only numpy and torch: `processing/processing_positions_nativevl.py` is a
-byte-for-byte copy (remote-code folders cannot import each other; tests/test_processing.py holds the two
-identical), so the processor and the model compute grids, counts and position ids with the same functions.
+The functions of modeling/positions_nativevl.py this folder imports (`__all__`) and those they call, their source
+unchanged: remote-code folders cannot import each other. Edit the source and rerun the command;
+tests/test_processing.py fails when this file is stale.
 """
 
 from collections.abc import Sequence
@@ -74,7 +65,7 @@ def grid_token_counts(
     return [t * h * w // merge_size**2 for t, h, w in pooled_grids(grids, levels, merge_size)]
 
 
-def mrope_positions(
+def _mrope_positions(
     kinds: np.ndarray, image_grids: list[list[int]], video_grids: list[list[int]], merge_size: int
 ) -> np.ndarray:
     """M-RoPE ids (3, seq) int64 of one unpadded sequence; consumes grids from the front of `image_grids` /
@@ -129,7 +120,7 @@ def batch_mrope_positions(
     deltas = np.zeros(batch, dtype=np.int64)
     for b in range(batch):
         keep = np.ones(seq_len, dtype=bool) if attention_mask is None else attention_mask[b].astype(bool)
-        pos = mrope_positions(kinds[b][keep], image_left, video_left, merge_size)
+        pos = _mrope_positions(kinds[b][keep], image_left, video_left, merge_size)
         positions[:, b, keep] = pos
         deltas[b] = (int(pos.max()) + 1 if pos.size else 0) - pos.shape[1]
     if image_left or video_left:
@@ -160,157 +151,10 @@ def placeholder_kinds(
     return kinds
 
 
-def rope_index(
-    kinds: torch.LongTensor,
-    merge_size: int,
-    image_grid_thw: torch.LongTensor | None = None,
-    video_grid_thw: torch.LongTensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    levels_per_grid: torch.LongTensor | None = None,
-) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """`batch_mrope_positions` on tensors: kinds (batch, seq) from `placeholder_kinds`, grids (num, 3), mask
-    (batch, seq), levels_per_grid (num_image_grids,) (`grid_levels`). Returns position ids (3, batch, seq) and
-    rope_deltas (batch, 1) long on the device of `kinds`."""
-    positions, deltas = batch_mrope_positions(
-        kinds.cpu().numpy(),
-        None if attention_mask is None else attention_mask.cpu().numpy(),
-        [] if image_grid_thw is None else image_grid_thw.tolist(),
-        [] if video_grid_thw is None else video_grid_thw.tolist(),
-        merge_size,
-        None if levels_per_grid is None else [int(x) for x in levels_per_grid.tolist()],
-    )
-    device = kinds.device
-    return torch.from_numpy(positions).to(device), torch.from_numpy(deltas).to(device).unsqueeze(1)
-
-
-def text_positions(
-    batch: int, seq_len: int, past_length: int, attention_mask: torch.Tensor | None, device: torch.device
-) -> torch.LongTensor:
-    """Plain positions (batch, seq_len) of the newest `seq_len` tokens: count of attended tokens before each one
-    (so left padding is skipped), or past_length + arange without a mask."""
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (batch, past + seq)
-        return positions[:, -seq_len:].to(device)
-    return torch.arange(past_length, past_length + seq_len, device=device).expand(batch, seq_len)
-
-
-def channels_first_position_ids(position_ids: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
-    """Position ids in the decoder's layout: (batch, seq) or (rows, batch, seq). The processor's batch-first M-RoPE
-    ids (batch, seq, 3) (a layout every padding collator pads along the sequence) are moved to (3, batch, seq).
-    A shape that reads both ways ((3, 3, 3) for 3 sequences of 3 tokens) is taken as (rows, batch, seq)."""
-    if position_ids.dim() != 3 or tuple(position_ids.shape[1:]) == (batch, seq_len):
-        return position_ids
-    if tuple(position_ids.shape[:2]) == (batch, seq_len) and position_ids.shape[2] in (3, 4):
-        return position_ids.permute(2, 0, 1)  # (batch, seq, rows) -> (rows, batch, seq)
-    raise ValueError(
-        f"position_ids of shape {tuple(position_ids.shape)} fit neither (rows, batch, seq) nor (batch, seq, rows) "
-        f"for batch {batch} and sequence length {seq_len}"
-    )
-
-
-def rope_deltas_from_positions(position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.LongTensor:
-    """rope_deltas (batch, 1) of given M-RoPE ids (3 or 4, batch, seq): largest id over the attended tokens + 1
-    minus their count, so cached decoding continues where the given ids end."""
-    rows = position_ids[-3:]  # (3, batch, seq): the M-RoPE rows (a leading plain row of packed ids is skipped)
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-        return (rows.amax(dim=(0, 2)) + 1 - rows.shape[-1]).unsqueeze(1)
-    mask = attention_mask.to(rows.device).bool()
-    largest = rows.masked_fill(~mask.unsqueeze(0), -1).amax(dim=(0, 2))  # (batch,)
-    return (largest + 1 - mask.sum(-1)).unsqueeze(1)
-
-
-def pooled_grid_thw(
-    image_grid_thw: torch.LongTensor, levels_per_grid: torch.LongTensor | None, merge_size: int
-) -> torch.LongTensor:
-    """`pooled_grids` on a (num_grids, 3) tensor: the patch grids pooled to their levels (num_grids,)."""
-    if levels_per_grid is None:
-        return image_grid_thw
-    grids = pooled_grids(image_grid_thw.tolist(), levels_per_grid.tolist(), merge_size)
-    return torch.tensor(grids, dtype=torch.long, device=image_grid_thw.device).view(-1, 3)
-
-
-def image_token_counts(
-    image_grid_thw: torch.LongTensor, levels_per_grid: torch.LongTensor | None, merge_size: int
-) -> list[int]:
-    """`grid_token_counts` on tensors: placeholder tokens of each image grid at its level (num_grids,) (None:
-    level 0)."""
-    levels = None if levels_per_grid is None else levels_per_grid.tolist()
-    return grid_token_counts(image_grid_thw.tolist(), merge_size, levels)
-
-
-def grid_levels(
-    image_granularity: torch.LongTensor | None, image_num_grids: torch.LongTensor | None, num_grids: int
-) -> torch.LongTensor | None:
-    """`repeat_per_grid` on tensors: per-image levels (num_images,) -> per-grid levels (num_grids,) long on the
-    levels' device; None stays None."""
-    if image_granularity is None:
-        return None
-    counts = None if image_num_grids is None else image_num_grids.tolist()
-    levels = repeat_per_grid(image_granularity.tolist(), counts, num_grids)
-    return torch.tensor(levels, dtype=torch.long, device=image_granularity.device)
-
-
-def sum_per_image(values: torch.Tensor, image_num_grids: torch.LongTensor | None) -> torch.Tensor:
-    """Per-grid values (num_grids, ...) summed over each image's grids: (num_images, ...). None: one grid per
-    image (returned unchanged)."""
-    if image_num_grids is None:
-        return values
-    n_images = image_num_grids.shape[0]
-    image_of_grid = repeat_per_grid(range(n_images), image_num_grids.tolist(), values.shape[0])
-    index = torch.tensor(image_of_grid, dtype=torch.long, device=values.device)
-    return values.new_zeros((n_images, *values.shape[1:])).index_add_(0, index, values)
-
-
-def tokens_per_image(
-    image_grid_thw: torch.LongTensor,
-    image_granularity: torch.LongTensor | None,
-    image_num_grids: torch.LongTensor | None,
-    merge_size: int,
-) -> torch.LongTensor:
-    """Placeholder tokens of each image (num_images,) long, on the host: its grids at its level
-    (`image_granularity` (num_images,), None: level 0) summed (`image_num_grids` (num_images,), None: one grid per
-    image)."""
-    per_grid = grid_levels(image_granularity, image_num_grids, image_grid_thw.shape[0])
-    counts = torch.tensor(image_token_counts(image_grid_thw, per_grid, merge_size), dtype=torch.long)
-    return sum_per_image(counts, None if image_num_grids is None else image_num_grids.cpu())
-
-
-def split_by_image(
-    features: torch.Tensor, image_grid_thw: torch.LongTensor, merge_size: int
-) -> tuple[tuple[torch.Tensor, ...], list[tuple[int, int, int]]]:
-    """Level-0 tokens (sum t*h*w/m^2, D) of all images split per image, with each image's merged grid (t, h/m, w/m)."""
-    grids = [(t, h // merge_size, w // merge_size) for t, h, w in image_grid_thw.tolist()]
-    return features.split([t * h * w for t, h, w in grids]), grids
-
-
-def first_image_tokens(input_ids: torch.LongTensor, image_token_id: int, counts: list[int]) -> torch.LongTensor:
-    """Flat index (into input_ids.reshape(-1)) of each image's first placeholder, for images of `counts`
-    placeholders in order (the router's and RGLF's way to find an image's sample). Raises when the placeholders
-    do not add up."""
-    where = (input_ids.reshape(-1) == image_token_id).nonzero().squeeze(-1)  # (num image tokens,)
-    if where.shape[0] != sum(counts):
-        raise ValueError(f"found {where.shape[0]} image tokens in the input but the images need {sum(counts)}")
-    starts = torch.tensor([0] + counts[:-1], dtype=torch.long).cumsum(0).to(where.device)
-    return where[starts]
-
-
 __all__ = [
     "batch_mrope_positions",
-    "channels_first_position_ids",
-    "first_image_tokens",
-    "grid_levels",
     "grid_token_counts",
-    "image_token_counts",
     "level_grid",
-    "mrope_positions",
     "placeholder_kinds",
-    "pooled_grid_thw",
-    "pooled_grids",
     "repeat_per_grid",
-    "rope_deltas_from_positions",
-    "rope_index",
-    "split_by_image",
-    "sum_per_image",
-    "text_positions",
-    "tokens_per_image",
 ]

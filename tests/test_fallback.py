@@ -2,11 +2,14 @@
 fallback_threshold=T)` answers at the first pass's levels and again on the full grid where an answer token's
 probability is below T; each sample ends with exactly the answer of its own pass, whatever its neighbours do."""
 
+import dataclasses
+
 import pytest
 import torch
 from test_granularity import GRIDS, LEVELS, crop_mode, fixed_router, granularity_model, noise, pooled_batch
 
 from nativevl import NativeVLForConditionalGeneration
+from nativevl.modeling.generation_nativevl import NativeVLGenerateBeamOutput, NativeVLGenerateOutput
 from nativevl.modeling.granularity_nativevl import answer_confidence, image_rows
 from nativevl.modeling.positions_nativevl import pooled_grid_thw
 from nativevl.testing import build_tiny
@@ -376,3 +379,22 @@ def test_probe_fallback_head_features_equal_the_teacher_forced_coarse_pass(tiny,
         torch.testing.assert_close(features[b], expected, atol=1e-5, rtol=1e-5)
     score = probe["fit_head"](features, torch.tensor([1.0, 0.0]), hidden=0, steps=50)
     assert score(features)[0] > score(features)[1]  # two points, one logistic head: separated
+
+
+def test_generate_outputs_declare_their_fields(model):
+    """`generate(granularity="auto")` returns transformers' output classes with nativevl's fields declared (beam
+    search keeps its beam fields), never keys set on an undeclared object."""
+    tester, ours = model
+    full, _ = pooled_batch(tester, [0, 0, 0])
+    routed = ours.generate(**full, granularity="auto", return_dict_in_generate=True, **NEW)
+    beams = ours.generate(
+        **full, granularity="auto", return_dict_in_generate=True, output_scores=True, num_beams=2, **NEW
+    )
+    checked, _ = fallback(ours, full, "auto", 1.0)
+    for out, declared in ((routed, NativeVLGenerateOutput), (checked, NativeVLGenerateOutput)):
+        assert type(out) is declared and out.image_granularity.shape == (len(GRIDS),)
+    assert type(beams) is NativeVLGenerateBeamOutput and beams.sequences_scores.shape == (2,)
+    assert torch.equal(beams.image_granularity, routed.image_granularity)  # the router runs once, before the beams
+    for out in (routed, beams, checked):
+        assert set(out.keys()) <= {field.name for field in dataclasses.fields(out)}
+    assert checked.fallback.dtype == torch.bool and checked.confidence.shape == (2,)

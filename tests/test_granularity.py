@@ -16,7 +16,7 @@ from PIL import Image
 from test_packing import example
 
 from nativevl import NativeVLForConditionalGeneration
-from nativevl.modeling import get_rope_index, level_grid, pool_grid
+from nativevl.modeling import NativeVLModel, level_grid, pool_grid
 from nativevl.modeling.granularity_nativevl import compact_image_placeholders, drop_surplus_placeholders
 from nativevl.modeling.positions_nativevl import pooled_grid_thw, repeat_per_grid, sum_per_image, tokens_per_image
 from nativevl.processing.processing_nativevl import level_grid as processor_level_grid
@@ -74,8 +74,8 @@ def test_mrope_ids_of_pooled_grids(tester):
     for level, (rows, cols) in [(1, (2, 2)), (2, (1, 2))]:
         batch = tester.batch([[2, ("image", (1, rows * 2, cols * 2)), 2]])
         levels = torch.tensor([level])
-        positions, deltas = get_rope_index(
-            batch["input_ids"], config, image_grid_thw=torch.tensor([[1, 4, 6]]), image_granularity=levels
+        positions, deltas = NativeVLModel(config).get_rope_index(
+            batch["input_ids"], image_grid_thw=torch.tensor([[1, 4, 6]]), image_granularity=levels
         )
         n = rows * cols
         image = positions[:, 0, 3 : 3 + n]
@@ -144,7 +144,7 @@ def test_forced_level_equals_pooled_features_by_hand(model, levels):
         mask = (batch["input_ids"] == tester.image_token_id).unsqueeze(-1).expand_as(embeds)
         embeds = embeds.masked_scatter(mask, by_hand)
         # the pooled image is placed exactly as an image of the pooled grid would be
-        positions, _ = get_rope_index(batch["input_ids"], ours.config, pooled_grids, None, batch["attention_mask"])
+        positions, _ = ours.get_rope_index(batch["input_ids"], None, pooled_grids, None, batch["attention_mask"])
         expected = ours(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=positions).logits
     keep = batch["attention_mask"].bool()
     torch.testing.assert_close(out.logits[keep], expected[keep], atol=1e-6, rtol=0)
@@ -332,13 +332,13 @@ def test_processor_expands_for_levels_and_matches_model(tiny):
         assert out["image_granularity"].tolist() == levels
         n_tokens = (out["input_ids"] == processor.image_token_id).sum(-1).tolist()
         assert n_tokens == [int(np.prod(level_grid(*g, lv))) for g, lv in zip(merged, levels)]
-        expected, _ = get_rope_index(
+        expected, _ = model.get_rope_index(
             out["input_ids"],
-            model.config,
+            None,
             out["image_grid_thw"],
             None,
             out["attention_mask"],
-            out["image_granularity"],
+            image_granularity=out["image_granularity"],
         )
         assert torch.equal(out["position_ids"], expected.permute(1, 2, 0))  # processor ids are (batch, seq, 3)
         with torch.no_grad():

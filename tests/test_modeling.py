@@ -7,7 +7,7 @@ from transformers import Qwen2VLForConditionalGeneration
 
 from nativevl import NativeVLForConditionalGeneration
 from nativevl.conversion import from_qwen2_vl
-from nativevl.modeling import get_rope_index
+from nativevl.modeling import NativeVLModel
 
 
 # Several images of different sizes in one sample, a text-only sample, a sample with one image.
@@ -69,7 +69,9 @@ def test_text_after_long_video_resumes_after_largest_id(tester):
     # (Qwen2-VL's released rule). transformers 5.23 resumes at start+max(h, w)/2 = start+3 here, reusing an id.
     config = tester.nativevl_config()
     batch = tester.batch([[2, ("video", (4, 4, 6)), 1]])
-    positions, deltas = get_rope_index(batch["input_ids"], config, video_grid_thw=batch["video_grid_thw"])
+    positions, deltas = NativeVLModel(config).get_rope_index(
+        batch["input_ids"], video_grid_thw=batch["video_grid_thw"]
+    )
     video = positions[:, 0, 3:27]  # after 2 text tokens and vision_start
     assert video[0].unique().tolist() == [3, 4, 5, 6]
     assert video[1].unique().tolist() == [3, 4]
@@ -81,7 +83,9 @@ def test_text_after_long_video_resumes_after_largest_id(tester):
 def test_rope_index_golden(tester):
     config = tester.nativevl_config()
     batch = tester.batch([[2, ("image", (1, 4, 6)), 2]])
-    positions, deltas = get_rope_index(batch["input_ids"], config, image_grid_thw=batch["image_grid_thw"])
+    positions, deltas = NativeVLModel(config).get_rope_index(
+        batch["input_ids"], image_grid_thw=batch["image_grid_thw"]
+    )
     # text 0,1; vision_start 2; 2x3 merged grid at offset 3; vision_end at 3 + 3 = 6; text 7, 8
     assert positions[0, 0].tolist() == [0, 1, 2] + [3] * 6 + [6, 7, 8]
     assert positions[1, 0].tolist() == [0, 1, 2, 3, 3, 3, 4, 4, 4, 6, 7, 8]
@@ -127,7 +131,7 @@ def test_placeholder_count_mismatch_names_both_numbers(pair):
     with pytest.raises(ValueError, match="^Video features and video tokens do not match, tokens: 7, features: 8"):
         ours(**video)
     with pytest.raises(ValueError, match=r"grid \[1, 4, 4\] needs 4 consecutive image tokens but 1 start"):
-        get_rope_index(batch["input_ids"], ours.config, image_grid_thw=batch["image_grid_thw"])
+        ours.get_rope_index(batch["input_ids"], image_grid_thw=batch["image_grid_thw"])
 
 
 def test_extra_grid_without_placeholder_is_an_error(tester):
@@ -135,7 +139,7 @@ def test_extra_grid_without_placeholder_is_an_error(tester):
     batch = tester.batch([[3, ("image", (1, 4, 4)), 2]])
     grids = torch.tensor([[1, 4, 4], [1, 2, 2]])
     with pytest.raises(ValueError, match="1 image grid"):
-        get_rope_index(batch["input_ids"], config, image_grid_thw=grids)
+        NativeVLModel(config).get_rope_index(batch["input_ids"], image_grid_thw=grids)
 
 
 def vision_inputs(tester):

@@ -7,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from nativevl.modeling import get_rope_index
 from nativevl.testing import build_tiny
 
 
@@ -43,9 +42,9 @@ def test_position_ids_equal_the_models(tiny, padding_side):
     if model.config.position_scheme == "1d":
         expected = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     else:
-        expected, _ = get_rope_index(
+        expected, _ = model.get_rope_index(
             inputs["input_ids"],
-            model.config,
+            None,
             inputs["image_grid_thw"],
             inputs["video_grid_thw"],
             inputs["attention_mask"],
@@ -137,12 +136,30 @@ def test_placeholder_expansion_matches_grids(sizes, mode):
     assert int(inputs["image_num_grids"].sum()) == len(inputs["image_grid_thw"])
 
 
-def test_processing_positions_are_a_byte_copy_of_the_models():
-    """One source of grids, token counts and M-RoPE ids: the processor's file is the model's, byte for byte."""
+def test_processing_positions_are_generated_from_the_models(tmp_path):
+    """One source of grids, token counts and M-RoPE ids: the processor's file is generated from the model's
+    (`python -m nativevl.modeling.sync_copies`), each of its functions the model's source unchanged, and an edit
+    of the source makes the copy stale."""
+    import ast
+    import shutil
     from pathlib import Path
 
     import nativevl
+    from nativevl.modeling import sync_copies
 
     root = Path(nativevl.__file__).parent
-    source = (root / "modeling" / "positions_nativevl.py").read_bytes()
-    assert (root / "processing" / "processing_positions_nativevl.py").read_bytes() == source
+    copy_path = root / "processing" / "processing_positions_nativevl.py"
+    assert sync_copies.stale_copies(root) == [], "run `python -m nativevl.modeling.sync_copies`"
+    assert sync_copies.main(["--check"]) == 0
+    copy = copy_path.read_text()
+    source = (root / "modeling" / "positions_nativevl.py").read_text()
+    assert copy.startswith('"""GENERATED from modeling/positions_nativevl.py by `python -m nativevl.modeling.sync')
+    functions = [n for n in ast.parse(copy).body if isinstance(n, ast.FunctionDef)]
+    assert {"batch_mrope_positions", "grid_token_counts", "placeholder_kinds"} <= {n.name for n in functions}
+    for node in functions:
+        assert ast.get_source_segment(copy, node) in source, node.name
+    for folder in ("modeling", "processing"):
+        shutil.copytree(root / folder, tmp_path / folder)
+    edited = tmp_path / "modeling" / "positions_nativevl.py"
+    edited.write_text(source.replace("rounding up", "rounding up (edited)"))
+    assert sync_copies.stale_copies(tmp_path) == [tmp_path / "processing" / "processing_positions_nativevl.py"]
