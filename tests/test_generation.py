@@ -262,17 +262,18 @@ def test_generate_with_static_cache_under_compiled_forward(pair):
 
 
 def test_bench_compile_smoke(monkeypatch, capsys):
-    """benchmarks/bench_compile.py at tiny scale (dynamo's eager backend, one repeat): every row, equal tokens."""
+    """benchmarks/bench_compile.py at tiny scale (dynamo's eager backend, one repeat, nativevl's rows: tracing the
+    transformers baseline too doubles the time): every row, equal tokens."""
     import runpy
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compile.py"
     argv = ["bench_compile.py", "--preset", "tiny", "--repeats", "1", "--new-tokens", "2", "--backend", "eager"]
+    argv.append("--no-transformers")
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
-    for model in ("nativevl", "transformers Qwen2-VL"):
-        for task in ("inference", "training", "generate (static cache)"):
-            assert any(line.startswith(model) and task in line for line in out.splitlines()), (model, task, out)
-    assert out.count("tokens identical") == 2 and "DIFFER" not in out
+    for task in ("inference", "training", "generate (static cache)"):
+        assert any(line.startswith("nativevl") and task in line for line in out.splitlines()), (task, out)
+    assert out.count("tokens identical") == 1 and "DIFFER" not in out
