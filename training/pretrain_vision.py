@@ -78,8 +78,27 @@ class PretrainVisionArguments:
     vision_tower_lr: float | None = field(default=None, metadata={"help": "peak lr of the ViT; None: learning_rate"})
     merger_lr: float | None = field(default=None, metadata={"help": "peak lr of the merger; None: learning_rate"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up, then cosine decay to 0"})
+    head_only_steps: int = field(
+        default=0,
+        metadata={
+            "help": "first train the head alone for this many steps (ViT and merger at lr 0), then the tower warms "
+            "up over warmup_steps: the head takes the empty-cell prior before its gradient reaches the tower"
+        },
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping; 0: off"})
+    share_floor: float = field(
+        default=0.0,
+        metadata={
+            "help": "keep the input-dependent share of each batch's tokens above this (a hinge penalty, scale-free); "
+            "0: off"
+        },
+    )
+    share_weight: float = field(default=10.0, metadata={"help": "weight of the share penalty"})
+    standardize_tokens: bool = field(
+        default=False,
+        metadata={"help": "the head reads tokens standardised per channel over the batch (no affine parameters)"},
+    )
     vision_depth: int = field(default=2, metadata={"help": "ViT blocks"})
     vision_embed_dim: int = field(default=64, metadata={"help": "ViT width"})
     vision_num_heads: int = field(default=4, metadata={"help": "ViT attention heads"})
@@ -224,9 +243,14 @@ def glyph_head(hidden_size: int, seed: int) -> torch.nn.Linear:
     return torch.nn.Linear(hidden_size, SUB_CELLS * NUM_CLASSES)
 
 
-def head_loss(tokens: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def head_loss(
+    tokens: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, standardize: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens (n, hidden), targets (n, 4) long. Returns the mean cross-entropy over sub-cells (glyph and empty
-    sub-cells weighted equally in total, so the rare glyphs are not drowned) and the predicted classes (n, 4)."""
+    sub-cells weighted equally in total, so the rare glyphs are not drowned) and the predicted classes (n, 4).
+    `standardize`: the head reads the tokens standardised per channel over these n tokens."""
+    if standardize:
+        tokens = (tokens - tokens.mean(0)) / (tokens.std(0) + 1e-5)  # (n, hidden)
     logits = head(tokens).view(-1, SUB_CELLS, NUM_CLASSES)  # (n, 4 * C) -> (n, 4, C)
     flat, labels = logits.view(-1, NUM_CLASSES), targets.view(-1)  # (4n, C), (4n,)
     losses = F.cross_entropy(flat, labels, ignore_index=IGNORE, reduction="none")  # (4n,)
@@ -248,7 +272,7 @@ def evaluate_glyphs(visual, head, processor, args: PretrainVisionArguments, batc
         pixels, grids, targets = make_batch(keys[start : start + batch_size], processor, args)
         tokens = visual(pixels, grids).pooler_output  # (n, hidden)
         chunks.append(tokens)
-        _, predicted = head_loss(tokens, head, targets)
+        _, predicted = head_loss(tokens, head, targets, args.standardize_tokens)
         glyph, empty = targets > 0, targets == 0
         hits += int((predicted == targets)[glyph].sum())
         in_token = (predicted.unsqueeze(-1) == targets.unsqueeze(1)).any(1)  # (n, 4): predicted anywhere in token
@@ -281,13 +305,16 @@ def load_vision_weights(model, folder: str | Path) -> None:
 # ------------------------------------------------------------------------------------------------------ training
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
+def lr_lambda(warmup: int, total: int, delay: int = 0):
+    """0 for `delay` steps, then linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
 
     def factor(step: int) -> float:
+        step -= delay
+        if step < 0:
+            return 0.0
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - delay - warmup))))
 
     return factor
 
@@ -301,16 +328,16 @@ def pretrain(args: PretrainVisionArguments) -> tuple[dict, dict]:
     visual, processor = build_vision(args)
     head = glyph_head(args.hidden_size, args.seed)
     groups = []
-    for params, lr in (
-        ([p for n, p in visual.named_parameters() if not n.startswith("merger.")], args.vision_tower_lr),
-        (list(visual.merger.parameters()), args.merger_lr),
-        (list(head.parameters()), None),
+    for params, lr, tower in (
+        ([p for n, p in visual.named_parameters() if not n.startswith("merger.")], args.vision_tower_lr, True),
+        (list(visual.merger.parameters()), args.merger_lr, True),
+        (list(head.parameters()), None, False),
     ):
         lr = args.learning_rate if lr is None else lr
         decay = [p for p in params if p.dim() > 1]
         groups += [
-            {"params": decay, "lr": lr, "weight_decay": args.weight_decay},
-            {"params": [p for p in params if p.dim() <= 1], "lr": lr, "weight_decay": 0.0},
+            {"params": decay, "lr": lr, "weight_decay": args.weight_decay, "tower": tower},
+            {"params": [p for p in params if p.dim() <= 1], "lr": lr, "weight_decay": 0.0, "tower": tower},
         ]
     groups = [g for g in groups if g["lr"] > 0 and g["params"]]
     for group in groups:
@@ -319,7 +346,10 @@ def pretrain(args: PretrainVisionArguments) -> tuple[dict, dict]:
     for p in list(visual.parameters()) + list(head.parameters()):
         p.requires_grad_(id(p) in frozen)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+    head_schedule = lr_lambda(args.warmup_steps, args.max_steps)
+    tower_schedule = lr_lambda(args.warmup_steps, args.max_steps, delay=args.head_only_steps)
+    schedules = [tower_schedule if g["tower"] else head_schedule for g in groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
     log = {"arguments": asdict(args), "losses": [], "evaluations": []}
     log["evaluations"].append({"step": 0} | evaluate_glyphs(visual, head, processor, args))
     print(f"step 0: {_metrics(log['evaluations'][-1])}", flush=True)
@@ -328,7 +358,11 @@ def pretrain(args: PretrainVisionArguments) -> tuple[dict, dict]:
     for step in range(args.max_steps):
         keys = [f"pretrain-vision/train/{args.seed}/{step}/{i}" for i in range(args.batch_size)]
         pixels, grids, targets = make_batch(keys, processor, args)
-        loss, _ = head_loss(visual(pixels, grids).pooler_output, head, targets)
+        tokens = visual(pixels, grids).pooler_output  # (n, hidden)
+        loss, _ = head_loss(tokens, head, targets, args.standardize_tokens)
+        if args.share_floor > 0:
+            share = 1 - tokens.mean(0).pow(2).sum() / tokens.pow(2).sum(-1).mean()  # input_dependent_share
+            loss = loss + args.share_weight * torch.relu(args.share_floor - share)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.max_grad_norm > 0:
