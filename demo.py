@@ -15,6 +15,7 @@
 
     nativevl demo                       # about 10 minutes on 2 cores, writes ./nativevl-demo
     nativevl demo --steps 300 --out /tmp/demo
+    nativevl demo --vision-init stage0  # from a `python -m nativevl.training.pretrain_vision` tower, text anywhere
 
 Training runs for `--steps` steps, so its figures do not depend on the machine's load; `--max-minutes` caps its
 wall-clock time, and a run stopped by the cap says so. A rerun into the same --out starts over (new data, a new

@@ -41,7 +41,7 @@ from nativevl.evaluation.synth_rc import (
 )
 
 
-SHIFTS = tuple(range(0, 28, 3)) + (27,)  # px, right and down
+SHIFTS = tuple(range(0, 28, 3))  # px, right and down: 0, 3, ..., 27
 SCALES = (0.8, 0.9, 1.0, 1.1, 1.25)
 MAX_SHIFT = 27
 
