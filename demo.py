@@ -15,6 +15,7 @@
 
     nativevl demo                       # about 10 minutes on 2 cores, writes ./nativevl-demo
     nativevl demo --steps 300 --out /tmp/demo
+    nativevl demo --vision-init stage0  # from a `python -m nativevl.training.pretrain_vision` tower, text anywhere
 
 Training runs for `--steps` steps, so its figures do not depend on the machine's load; `--max-minutes` caps its
 wall-clock time, and a run stopped by the cap says so. A rerun into the same --out starts over (new data, a new
@@ -39,6 +40,8 @@ from nativevl.evaluation.run import evaluate
 from nativevl.evaluation.synth_rc import KINDS, generate_benchmark, make_item
 from nativevl.runs import LOCK_FILE, RunFolderError, RunLock, check_fingerprint, read_predictions
 from nativevl.testing import build_tiny
+from nativevl.training.pretrain_vision import CONFIG_FILE as VISION_CONFIG_FILE
+from nativevl.training.pretrain_vision import load_vision_weights
 from nativevl.training.train import build_trainer, export_final, parse
 
 
@@ -48,6 +51,12 @@ SCALE = 1 / 8  # linear scale of the synthetic images: nominal cell sizes / 8 (a
 # 28 px (native mode feeds them unresampled), starting at a random merged-token cell (benchmarks/RESULTS.md,
 # "Reading from scratch": a from-scratch ViT does not learn to read glyphs at arbitrary pixel offsets in CPU budgets)
 READING = dict(rc_contents=["short_number", "short_code", "word"], rc_placement="grid", text_size=20, snap=28)
+# with a pre-trained vision tower (`--vision-init`, training/pretrain_vision.py): the same items with the text at a
+# random pixel position in images of any size (the processor resamples them), as in photos and documents; sides of at
+# least 22 px so that the 14 px text fits the thinnest images (at 1/8 scale bin A's 1:5 images are ~15 px tall)
+READING_ANYWHERE = dict(
+    rc_contents=["short_number", "short_code", "word"], rc_placement="random", text_size=20, min_side=22
+)
 FIXED_PIXELS = 56 * 56  # the Fixed baseline at this scale: about 4 LLM tokens per image (2-8), aspect kept
 # A second Fixed budget, 112x112 px (about 16 tokens: 8-24, 14.7-14.8 per item on the demo's items). The paper's
 # Fixed (182 tokens) still spreads a large object over many tokens; in 4 the demo's tiny LLM names the large shape
@@ -104,10 +113,18 @@ def write_training_set(folder: Path, per_cell: int, seed: int, scale: float = SC
     return out
 
 
-def train(out: Path, train_jsonl: Path, steps: int, max_seconds: float, seed: int) -> tuple[Path, dict]:
+def train(
+    out: Path, train_jsonl: Path, steps: int, max_seconds: float, seed: int, vision_init: str | None = None
+) -> tuple[Path, dict]:
     """Trains a fresh tiny model for `steps` steps (the `tiny_scratch` recipe, nothing overridden but the step
-    count) through the `nativevl train` path, stopping early after `max_seconds`; returns the final folder."""
-    save_folder(*build_tiny(seed=seed, max_pixels=448 * 448), out / "init", overwrite=True)
+    count) through the `nativevl train` path, stopping early after `max_seconds`; returns the final folder.
+    `vision_init`: a pre-trained tower (`training/pretrain_vision.py` output folder) the model starts from, its
+    vision config included; None: the random tower of `build_tiny`."""
+    vision = None if vision_init is None else json.loads((Path(vision_init) / VISION_CONFIG_FILE).read_text())
+    model, processor = build_tiny(seed=seed, max_pixels=448 * 448, vision=vision)
+    if vision_init is not None:
+        load_vision_weights(model, vision_init)
+    save_folder(model, processor, out / "init", overwrite=True)
     argv = [str(SCRATCH_RECIPE), "--model_name_or_path", str(out / "init"), "--dataset_path", str(train_jsonl)]
     argv += ["--output_dir", str(out / "train"), "--max_steps", str(steps), "--seed", str(seed), "--overwrite", "true"]
     trainer, final, stats = train_for(argv, max_seconds)
@@ -140,12 +157,15 @@ def train_for(argv: list[str], seconds: float):
     return trainer, final, stats
 
 
-def ask_pipeline(final: Path, seed: int) -> list[dict]:
+def ask_pipeline(final: Path, seed: int, reading: dict = READING) -> list[dict]:
     """Two fresh images, one RC and one SC, through `pipeline("image-text-to-text")` (remote code, loaded as a user
     would load it, batch of 2)."""
     from transformers import pipeline
 
-    items = [make_item(kind, 196, 84, random.Random(f"demo-pipeline/{seed}/{kind}"), **_item_args()) for kind in KINDS]
+    items = [
+        make_item(kind, 196, 84, random.Random(f"demo-pipeline/{seed}/{kind}"), **_item_args(reading))
+        for kind in KINDS
+    ]
     pipe = pipeline("image-text-to-text", model=str(final), trust_remote_code=True)
     messages = [
         [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": r["question"]}]}]
@@ -162,9 +182,9 @@ def ask_pipeline(final: Path, seed: int) -> list[dict]:
     ]
 
 
-def _item_args() -> dict:
-    """`make_item` keyword arguments of the demo's RC items (READING without the benchmark-level `snap`)."""
-    return {k: v for k, v in READING.items() if k != "snap"}
+def _item_args(reading: dict = READING) -> dict:
+    """`make_item` keyword arguments of the demo's RC items (`reading` without the benchmark-level sizes)."""
+    return {k: v for k, v in reading.items() if k not in ("snap", "min_side")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-per-cell", type=int, default=120, help="training items per cell and kind")
     parser.add_argument("--test-per-cell", type=int, default=4, help="held-out items per cell and kind")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--vision-init",
+        default=None,
+        help="start from a pre-trained vision tower (a `python -m nativevl.training.pretrain_vision` output folder) "
+        "and put the text at random pixel positions in unsnapped images; default: the random frozen tower, text on "
+        "the 28 px grid",
+    )
     parser.add_argument("--overwrite", action="store_true", help="reuse an --out folder of a demo with other options")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.max_minutes <= 0:
@@ -193,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         raise RunFolderError(f"--out {out} is not empty and not a demo folder (no {RUN_FILE}); --overwrite uses it")
     with RunLock(out):
         options = {k: getattr(args, k) for k in ("steps", "max_minutes", "train_per_cell", "test_per_cell", "seed")}
+        if args.vision_init is not None:  # (absent otherwise: folders of earlier demos keep their fingerprint)
+            options["vision_init"] = str(Path(args.vision_init).resolve())
         check_fingerprint(out / RUN_FILE, options, args.overwrite)
         return run_demo(out, args)
 
@@ -202,16 +231,17 @@ def run_demo(out: Path, args: argparse.Namespace) -> int:
     start = time.monotonic()
     torch.manual_seed(args.seed)
 
+    reading = READING if args.vision_init is None else READING_ANYWHERE
     print(f"[1/4] generating data in {out / 'data'} ...", flush=True)
-    train_jsonl = write_training_set(out / "data" / "train", args.train_per_cell, args.seed, **READING)
+    train_jsonl = write_training_set(out / "data" / "train", args.train_per_cell, args.seed, **reading)
     test_jsonl = generate_benchmark(
-        out / "data" / "test", per_cell=args.test_per_cell, seed=args.seed + 1, scale=SCALE, **READING
+        out / "data" / "test", per_cell=args.test_per_cell, seed=args.seed + 1, scale=SCALE, **reading
     )
     n_train, records = sum(1 for _ in open(train_jsonl)), load_records(test_jsonl)
     print(f"      {n_train} training items, {len(records)} held-out items (35 cells x 2 kinds)", flush=True)
 
     print(f"[2/4] training a fresh model for {args.steps} steps ({SCRATCH_RECIPE.name}) ...", flush=True)
-    final, stats = train(out, train_jsonl, args.steps, args.max_minutes * 60, args.seed)
+    final, stats = train(out, train_jsonl, args.steps, args.max_minutes * 60, args.seed, args.vision_init)
     capped = f" (stopped by --max-minutes {args.max_minutes:g} after {stats['steps']} of {args.steps})"
     print(
         f"      {stats['steps']} steps in {stats['seconds']} s ({stats['steps_per_second']} steps/s)"
@@ -222,7 +252,7 @@ def run_demo(out: Path, args: argparse.Namespace) -> int:
     )
 
     print("[3/4] pipeline('image-text-to-text') on two fresh images:", flush=True)
-    asked = ask_pipeline(final, args.seed)
+    asked = ask_pipeline(final, args.seed, reading)
     for qa in asked:
         print(f"      Q: {qa['question']}  expected: {qa['expected']!r}  answer: {qa['answer']!r}", flush=True)
 

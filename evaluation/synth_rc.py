@@ -295,6 +295,7 @@ def generate_benchmark(
     rc_contents: Sequence[str] = DEFAULT_RC_CONTENTS,
     rc_placement: str = "random",
     snap: int | None = None,
+    min_side: int = 1,
 ) -> Path:
     """Writes `per_cell` items of each kind for each of the 35 cells to `out_dir`: PNGs under `images/` and
     `data.jsonl` (fields id, image (relative to the jsonl), question, answers, metric, kind, width, height,
@@ -307,7 +308,8 @@ def generate_benchmark(
     "tile", a mosaic square's colour, needs no reading at all, for models too small to read a digit) and `rc_placement` ("random" or "corner") the RC text's place, as in `make_item`. `snap` rounds both sides of
     every image to a multiple of `snap` px (at least `snap`) after scaling, so a processor whose resize factor is
     `snap` (28 for nativevl) and whose min_pixels is at most snap^2 feeds the pixels unresampled; the binning
-    stays on the nominal size.
+    stays on the nominal size. `min_side` raises each side to at least that many px after scaling (and `snap`), so
+    text of a fixed pixel height fits the thinnest images without snapping their sizes to a grid.
 
     The benchmark is written into a temporary sibling folder and renamed to `out_dir` at the end, so a killed run
     leaves the previous benchmark (or none) and a rerun never mixes old and new files. An existing `out_dir` is
@@ -317,6 +319,8 @@ def generate_benchmark(
         raise ValueError(f"per_cell must be >= 1 and scale > 0, got per_cell={per_cell} scale={scale}")
     if snap is not None and snap < 1:
         raise ValueError(f"snap must be a positive number of px, got {snap}")
+    if min_side < 1:
+        raise ValueError(f"min_side must be a positive number of px, got {min_side}")
     if bad := [k for k in kinds if k not in KINDS]:
         raise ValueError(f"unknown kinds {bad}; expected a subset of {KINDS}")
     text_size = default_text_size(scale) if text_size is None else text_size
@@ -324,7 +328,9 @@ def generate_benchmark(
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "data.jsonl").is_file():
         raise ValueError(f"{out_dir} is not empty and holds no data.jsonl: not a benchmark to replace")
     with atomic_output_dir(out_dir, overwrite=True) as tmp:
-        lines = _write_items(tmp, per_cell, seed, kinds, max_area, scale, text_size, rc_contents, rc_placement, snap)
+        lines = _write_items(
+            tmp, per_cell, seed, kinds, max_area, scale, text_size, rc_contents, rc_placement, snap, min_side
+        )
         (tmp / "data.jsonl").write_text("\n".join(lines) + "\n")
     return out_dir / "data.jsonl"
 
@@ -340,6 +346,7 @@ def _write_items(
     rc_contents: Sequence[str],
     rc_placement: str,
     snap: int | None,
+    min_side: int = 1,
 ) -> list[str]:
     """Saves the images of `generate_benchmark` under `out_dir / "images"`; returns the data.jsonl lines."""
     (out_dir / "images").mkdir()
@@ -352,6 +359,7 @@ def _write_items(
                 width, height = max(1, round(nominal_w * scale)), max(1, round(nominal_h * scale))
                 if snap:
                     width, height = max(snap, round(width / snap) * snap), max(snap, round(height / snap) * snap)
+                width, height = max(min_side, width), max(min_side, height)
                 for kind in kinds:
                     image, record = make_item(
                         kind, width, height, random.Random(f"{key}/{kind}"), text_size, rc_contents, rc_placement

@@ -175,6 +175,15 @@ def test_snap_keeps_images_unresampled(tmp_path):
         generate_benchmark(tmp_path / "x", per_cell=1, snap=0)
 
 
+def test_min_side_fits_fixed_size_text_without_snapping(tmp_path):
+    path = generate_benchmark(tmp_path, per_cell=1, seed=1, kinds=("rc",), scale=SCALE, text_size=20, min_side=22)
+    records = load_benchmark(path)
+    assert min(min(r["width"], r["height"]) for r in records) == 22  # the thinnest images were raised to 22 px
+    assert any(r["width"] % 28 or r["height"] % 28 for r in records)  # the others keep their sizes
+    with pytest.raises(ValueError, match="min_side must be a positive number of px, got 0"):
+        generate_benchmark(tmp_path / "x", per_cell=1, min_side=0)
+
+
 def test_tile_items_ask_for_the_top_left_square():
     rng = random.Random(3)
     names = list(PALETTE)
