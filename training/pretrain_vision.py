@@ -23,7 +23,7 @@ each token through a linear head, so a common vector brings the loss nothing; th
 tokens is measured at the start and end of training (`input_dependent_share`) and recorded.
 
 Writes `OUTPUT_DIR/vision.safetensors` (the tower, keys as in `model.model.visual`), `vision_config.json`,
-`pretrain_vision.json` (arguments, loss curve, held-out metrics, share) atomically (`conversion/atomic.py`).
+`pretrain_vision.json` (arguments, loss curve, held-out metrics, share) atomically (`runs.atomic_output_dir`).
 
     # tiny example, about 10 s on one core
     python -m nativevl.training.pretrain_vision nativevl/training/recipes/tiny_stage0.yaml \\
@@ -47,10 +47,10 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 from trl import TrlParser
 
-from nativevl.conversion.atomic import atomic_output_dir
 from nativevl.evaluation.synth_rc import _SHORT_WORDS, _clutter, _font, _light
 from nativevl.modeling import NativeVLForConditionalGeneration
 from nativevl.processing import NativeVLImageProcessor, smart_resize
+from nativevl.runs import atomic_output_dir
 from nativevl.testing import build_tiny_tokenizer, tiny_config
 from nativevl.training.vision_init import input_dependent_share
 
