@@ -124,7 +124,7 @@ def test_demo_starts_from_a_pretrained_tower_with_text_anywhere(tmp_path):
     from safetensors.torch import load_file
 
     from nativevl.cli import main as cli
-    from nativevl.evaluation.run import load_records
+    from nativevl.evaluation.data import load_records
 
     assert pv.main(tiny_argv(tmp_path, max_steps=2, eval_images=4)) == 0
     out = tmp_path / "demo"
