@@ -37,7 +37,23 @@ def losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def sft_recipes() -> list[str]:
+    """The recipes of `nativevl train` (every recipe but the vision pre-training stage's, which its own command
+    reads: `test_pretrain_vision.py`)."""
+    from nativevl.training.pretrain_vision import RECIPE as STAGE0
+
+    return sorted(p.name for p in RECIPES.glob("*.yaml") if p.name != STAGE0.name)
+
+
+def test_every_recipe_parses_with_its_command():
+    from nativevl.training.pretrain_vision import RECIPE as STAGE0
+    from nativevl.training.pretrain_vision import parse as parse_stage0
+
+    assert STAGE0.parent == RECIPES and len(sft_recipes()) == len(list(RECIPES.glob("*.yaml"))) - 1
+    assert parse_stage0([str(STAGE0), "--output_dir", "unused"]).max_steps > 0
+
+
+@pytest.mark.parametrize("recipe", sft_recipes())
 def test_every_recipe_names_its_activation_checkpointing(recipe, recwarn):
     """TRL's SFTConfig defaults the deprecated `gradient_checkpointing` to True; a recipe that leaves
     `activation_checkpointing` unset gets it on, with transformers' FutureWarning, instead of choosing."""
