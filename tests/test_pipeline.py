@@ -42,9 +42,12 @@ def test_pipeline_batches_equal_one_by_one(folder, batch_size):
 def test_pipeline_beam_search_batches_equal_one_by_one(folder, generate_kwargs):
     pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
     chats = [chat(2, 0), chat(0, 1), chat(1, 2)]
-    settings = dict(max_new_tokens=4, do_sample=False, generate_kwargs=generate_kwargs)
-    alone = [[a["generated_text"][-1]["content"] for a in pipe(text=c, **settings)] for c in chats]
-    batched = pipe(text=chats, batch_size=2, **settings)
+
+    def settings():  # fresh per call: transformers 5.23's pipeline writes max_new_tokens into the dict it is given
+        return dict(generate_kwargs={**generate_kwargs, "max_new_tokens": 4, "do_sample": False})
+
+    alone = [[a["generated_text"][-1]["content"] for a in pipe(text=c, **settings())] for c in chats]
+    batched = pipe(text=chats, batch_size=2, **settings())
     assert [[a["generated_text"][-1]["content"] for a in b] for b in batched] == alone
     assert [len(a) for a in alone] == [generate_kwargs.get("num_return_sequences", 1)] * len(chats)
 
