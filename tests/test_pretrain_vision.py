@@ -139,3 +139,24 @@ def test_demo_starts_from_a_pretrained_tower_with_text_anywhere(tmp_path):
     boxes = [r["text_box"] for r in records if r["kind"] == "rc"]
     assert len({(x0 - 2) % 28 for x0, *_ in boxes}) > 3  # text not on the 28 px grid
     assert json.loads((out / "demo_run.json").read_text())["vision_init"] == str((tmp_path / "stage0").resolve())
+
+
+def test_saved_tower_emits_the_standardised_tokens_its_head_read(tmp_path):
+    """With standardize_tokens the head read tokens standardised per channel; the saved tower has that folded into
+    the merger's last linear, so its held-out tokens come out centred at unit variance per channel (what an LLM
+    then receives), and the folding changes nothing the head can read (per-channel affine)."""
+    args = tiny_args(tmp_path)
+    state, log = pv.pretrain(args)
+    assert log["folded_standardization"]["tokens"] > 0
+    visual, processor = pv.build_vision(args)
+    visual.load_state_dict(state)
+    visual.eval()
+    keys = [f"pretrain-vision/eval/{args.seed}/{i}" for i in range(args.eval_images)]
+    with torch.no_grad():
+        tokens = visual(*pv.make_batch(keys, processor, args)[:2]).pooler_output
+    torch.testing.assert_close(tokens.mean(0), torch.zeros(args.hidden_size), rtol=0, atol=1e-4)
+    torch.testing.assert_close(tokens.std(0), torch.ones(args.hidden_size), rtol=0, atol=1e-3)
+    args.fold_standardization = False
+    unfolded, log_unfolded = pv.pretrain(args)
+    assert "folded_standardization" not in log_unfolded and log_unfolded["losses"] == log["losses"]
+    assert not torch.allclose(unfolded["merger.mlp.2.weight"], state["merger.mlp.2.weight"])

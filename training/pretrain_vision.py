@@ -99,6 +99,13 @@ class PretrainVisionArguments:
         default=False,
         metadata={"help": "the head reads tokens standardised per channel over the batch (no affine parameters)"},
     )
+    fold_standardization: bool = field(
+        default=True,
+        metadata={
+            "help": "with standardize_tokens: fold the per-channel mean and std of the held-out tokens into the "
+            "merger's last linear before saving, so the saved tower emits the tokens its head read"
+        },
+    )
     vision_depth: int = field(default=2, metadata={"help": "ViT blocks"})
     vision_embed_dim: int = field(default=64, metadata={"help": "ViT width"})
     vision_num_heads: int = field(default=4, metadata={"help": "ViT attention heads"})
@@ -264,6 +271,7 @@ def evaluate_glyphs(visual, head, processor, args: PretrainVisionArguments, batc
     """Held-out images (keys `pretrain-vision/eval/...`, never drawn in training): glyph recall (the sub-cell of a
     glyph centre predicts that glyph), recall per token (the glyph is predicted in any sub-cell of its token),
     false alarms (empty sub-cells predicting a glyph), and the input-dependent share of the tokens."""
+    was_training = visual.training
     visual.eval()
     hits = token_hits = glyphs = alarms = empties = 0
     chunks = []
@@ -280,7 +288,7 @@ def evaluate_glyphs(visual, head, processor, args: PretrainVisionArguments, batc
         glyphs += int(glyph.sum())
         alarms += int((predicted > 0)[empty].sum())
         empties += int(empty.sum())
-    visual.train()
+    visual.train(was_training)
     return {
         "glyph_recall": hits / max(glyphs, 1),
         "token_recall": token_hits / max(glyphs, 1),
@@ -288,6 +296,28 @@ def evaluate_glyphs(visual, head, processor, args: PretrainVisionArguments, batc
         "glyphs": glyphs,
         "share": input_dependent_share(torch.cat(chunks)),
     }
+
+
+@torch.no_grad()
+def fold_standardization(visual, processor, args: PretrainVisionArguments, batch_size: int = 32) -> dict:
+    """Folds the per-channel mean and std of the tokens of the held-out images into the merger's last linear
+    (W / std, (b - mean) / std), in place: the tower then emits the standardised tokens its head was trained on,
+    and an LLM receives them centred, at unit variance per channel. Returns the folded statistics' summary."""
+    was_training = visual.training
+    visual.eval()
+    keys = [f"pretrain-vision/eval/{args.seed}/{i}" for i in range(args.eval_images)]
+    tokens = torch.cat(
+        [
+            visual(*make_batch(keys[s : s + batch_size], processor, args)[:2]).pooler_output
+            for s in range(0, len(keys), batch_size)
+        ]
+    )  # (n, hidden)
+    visual.train(was_training)
+    mean, std = tokens.mean(0), tokens.std(0).clamp_min(1e-8)  # (hidden,)
+    layer = visual.merger.mlp[-1]
+    layer.weight.div_(std.unsqueeze(1))
+    layer.bias.sub_(mean).div_(std)
+    return {"tokens": tokens.shape[0], "std_min": round(float(std.min()), 6), "std_max": round(float(std.max()), 6)}
 
 
 def load_vision_weights(model, folder: str | Path) -> None:
@@ -380,6 +410,8 @@ def pretrain(args: PretrainVisionArguments) -> tuple[dict, dict]:
     log["train_seconds"] = round(time.monotonic() - start, 1)
     log["evaluations"].append({"step": args.max_steps} | evaluate_glyphs(visual, head, processor, args))
     print(f"step {args.max_steps}: {_metrics(log['evaluations'][-1])}", flush=True)
+    if args.standardize_tokens and args.fold_standardization:
+        log["folded_standardization"] = fold_standardization(visual, processor, args)
     return {k: v.detach().clone().contiguous() for k, v in visual.state_dict().items()}, log
 
 
