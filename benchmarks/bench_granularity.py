@@ -18,6 +18,7 @@ trained on (e.g. the RGLF set), then run the held-out set with it.
     python benchmarks/bench_granularity.py --model runs/avg2/final --data rc_demo/data.jsonl --limit 200
     python benchmarks/bench_granularity.py --smoke      # fresh tiny model, random router, 70 tiny items: seconds
     python benchmarks/bench_granularity.py --prefill-at-scale 448 --batch-size 2   # timing only, random 2B model
+    python benchmarks/bench_granularity.py --prefill-at-scale 112 --prefill-shape tiny   # the same, seconds
 
 A model straight out of `--smoke` is untrained: its accuracy is 0 and its router's choices are arbitrary; the
 run only shows that every path works and what the token and time accounting look like.
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "--prefill-at-scale", type=int, metavar="PX", help="only time the prefill at Qwen2-VL-2B's shape on PX images"
     )
     parser.add_argument(
-        "--prefill-shape", choices=sorted(PREFILL_SHAPES), default="qwen2-vl-2b", help=argparse.SUPPRESS
+        "--prefill-shape", choices=sorted(PREFILL_SHAPES), default="qwen2-vl-2b", help="--prefill-at-scale's model"
     )
     args = parser.parse_args(argv)
     if args.prefill_at_scale:
