@@ -48,8 +48,8 @@ from nativevl.training.train import build_trainer, export_final, parse
 SCRATCH_RECIPE = Path(__file__).parent / "training" / "recipes" / "tiny_scratch.yaml"
 SCALE = 1 / 8  # linear scale of the synthetic images: nominal cell sizes / 8 (areas / 64)
 # the demo's RC items: short text at a fixed pixel height (14 px capitals) in images whose sides are multiples of
-# 28 px (native mode feeds them unresampled), starting at a random merged-token cell (benchmarks/RESULTS.md,
-# "Reading from scratch": a from-scratch ViT does not learn to read glyphs at arbitrary pixel offsets in CPU budgets)
+# 28 px (native mode feeds them unresampled), starting at a random merged-token cell (experiments/reading/README.md:
+# a from-scratch ViT does not learn to read glyphs at arbitrary pixel offsets in CPU budgets)
 READING = dict(rc_contents=["short_number", "short_code", "word"], rc_placement="grid", text_size=20, snap=28)
 # with a pre-trained vision tower (`--vision-init`, training/pretrain_vision.py): the same items with the text at a
 # random pixel position in images of any size (the processor resamples them), as in photos and documents; sides of at
@@ -60,8 +60,8 @@ READING_ANYWHERE = dict(
 FIXED_PIXELS = 56 * 56  # the Fixed baseline at this scale: about 4 LLM tokens per image (2-8), aspect kept
 # A second Fixed budget, 112x112 px (about 16 tokens: 8-24, 14.7-14.8 per item on the demo's items). The paper's
 # Fixed (182 tokens) still spreads a large object over many tokens; in 4 the demo's tiny LLM names the large shape
-# less well than from the native grid although the tokens carry it (benchmarks/RESULTS.md, "The shape question at
-# 4 tokens"); in 16 it names it about as well, and the reading in large and extreme-aspect images is still lost.
+# less well than from the native grid although the tokens carry it (experiments/modes/README.md, "The shape question
+# at 4 tokens"); in 16 it names it about as well, and the reading in large and extreme-aspect images is still lost.
 FIXED16_PIXELS = 112 * 112
 # the Crop baseline at this scale (LLaVA-NeXT's 336 px tiles / 8 -> 56): a 56x56 global view plus 2-4 56x56 tiles
 CROP = {

@@ -4,8 +4,9 @@ For a model with `config.granularity` levels, answers every item of `nativevl.ev
 at every fixed level and with the router (`generate(granularity="auto")`), and prints per setting: visual tokens
 per item (RC, SC, all), exact-match accuracy (RC, SC, all), and the prefill time of the router path (vision tower +
 router + LLM prefill on the compacted prompt) against the full grid's (vision tower + LLM prefill). It also prints
-an oracle router (per item, the coarsest level scoring as well as the full grid) and, per content, the visual
-tokens each policy spends there (full grid, oracle, router, and the fallback settings below).
+an oracle router (per item, the coarsest level scoring as well as the full grid: the bound of what a router saves
+at no loss) and, per content, the visual tokens each policy spends there (full grid, oracle, router, and the
+fallback settings below).
 
 `--fallback-threshold T` adds two settings with nativevl's confidence fallback (`generate(fallback_threshold=T)`):
 `cascade` (every image at the coarsest level first) and `router+fb` (the router's level first); an item whose
@@ -17,6 +18,7 @@ trained on (e.g. the RGLF set), then run the held-out set with it.
     python benchmarks/bench_granularity.py --model runs/avg2/final --data rc_demo/data.jsonl --limit 200
     python benchmarks/bench_granularity.py --smoke      # fresh tiny model, random router, 70 tiny items: seconds
     python benchmarks/bench_granularity.py --prefill-at-scale 448 --batch-size 2   # timing only, random 2B model
+    python benchmarks/bench_granularity.py --prefill-at-scale 112 --prefill-shape tiny   # the same, seconds
 
 A model straight out of `--smoke` is untrained: its accuracy is 0 and its router's choices are arbitrary; the
 run only shows that every path works and what the token and time accounting look like.
@@ -160,10 +162,22 @@ def prefill_seconds(model, processor, images, questions, repeats: int = 3, force
     return min(full), min(routed)
 
 
-def prefill_at_scale(size: int, batch_size: int, repeats: int) -> None:
+PREFILL_SHAPES = {
+    # name: (vision tower, LLM, default router?)
+    "qwen2-vl-2b": (
+        {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4},
+        {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12},
+        True,
+    ),
+    "tiny": ({}, {}, False),  # build_tiny's sizes: a smoke run in seconds
+}
+
+
+def prefill_at_scale(size: int, batch_size: int, repeats: int, shape: str = "qwen2-vl-2b") -> list[dict]:
     """Prefill time of the router path against the full grid for a random model of Qwen2-VL-2B's shape (ViT 32 x
-    1280, LLM 28 x 1536, 3 levels, the config's default router), `batch_size` noise images of `size` x `size` px,
-    with every image forced to each level in turn: what the router's choice saves once the LLM is large."""
+    1280, LLM 28 x 1536, 3 levels, the config's default router; `shape="tiny"`: the tiny test model), `batch_size`
+    noise images of `size` x `size` px, with every image forced to each level in turn: what the router's choice
+    saves once the LLM is large. Returns the printed rows."""
     import numpy as np
     from PIL import Image
 
@@ -171,12 +185,13 @@ def prefill_at_scale(size: int, batch_size: int, repeats: int) -> None:
     from nativevl.processing import NativeVLImageProcessor, NativeVLProcessor
     from nativevl.testing import build_tiny_tokenizer, tiny_config
 
-    vision = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4}
-    text = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12}
-    text |= {"num_key_value_heads": 2, "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24]}}
+    vision, text, default_router = PREFILL_SHAPES[shape]
+    if text:
+        text = text | {"num_key_value_heads": 2}
+        text |= {"rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24]}}
     tokenizer = build_tiny_tokenizer()  # a small vocabulary: the embedding table does not change the prefill much
-    config = tiny_config(tokenizer, vision=vision, granularity=3, **text)
-    for field in ("router_top_k", "router_num_heads", "router_intermediate_size"):  # the default router
+    config = tiny_config(tokenizer, vision=vision or None, granularity=3, **text)
+    for field in ("router_top_k", "router_num_heads", "router_intermediate_size") if default_router else ():
         setattr(config, field, getattr(NativeVLConfig, field))
     torch.manual_seed(0)
     model = NativeVLForConditionalGeneration(config).eval()
@@ -187,11 +202,20 @@ def prefill_at_scale(size: int, batch_size: int, repeats: int) -> None:
     merge = model.config.vision_config.spatial_merge_size
     grids = processor.image_processor(images, return_tensors="pt")["image_grid_thw"]
     print(f"random model, {model.num_parameters() / 1e9:.2f}B parameters; {batch_size} images of {size}x{size} px")
-    print(f"{'level':>5} {'tokens/image':>12} {'full s':>7} {'router s':>8} {'router/full':>11}")
+    # bound: the level's visual tokens over the full grid's, the router / full time were all of the prefill spent on
+    # visual tokens (the vision tower, the text and the router itself only raise it)
+    print(f"{'level':>5} {'tokens/image':>12} {'full s':>7} {'router s':>8} {'router/full':>11} {'bound':>6}")
+    full_tokens = image_token_counts(grids, None, merge)[0]
+    rows = []
     for level in range(model.config.granularity):
         tokens = image_token_counts(grids, torch.full((batch_size,), level), merge)[0]
         full, routed = prefill_seconds(model, processor, images, questions, repeats, force=level)
-        print(f"{level:>5} {tokens:>12} {full:7.2f} {routed:8.2f} {routed / full:11.2f}", flush=True)
+        row = f"{level:>5} {tokens:>12} {full:7.2f} {routed:8.2f} {routed / full:11.2f} {tokens / full_tokens:6.2f}"
+        print(row, flush=True)
+        rows.append(
+            {"level": level, "tokens": tokens, "full_s": full, "router_s": routed, "bound": tokens / full_tokens}
+        )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,9 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--prefill-at-scale", type=int, metavar="PX", help="only time the prefill at Qwen2-VL-2B's shape on PX images"
     )
+    parser.add_argument(
+        "--prefill-shape", choices=sorted(PREFILL_SHAPES), default="qwen2-vl-2b", help="--prefill-at-scale's model"
+    )
     args = parser.parse_args(argv)
     if args.prefill_at_scale:
-        prefill_at_scale(args.prefill_at_scale, args.batch_size, repeats=2)
+        prefill_at_scale(args.prefill_at_scale, args.batch_size, repeats=2, shape=args.prefill_shape)
         return 0
     if args.smoke:
         from nativevl.testing import build_tiny

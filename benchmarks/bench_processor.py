@@ -46,12 +46,13 @@ def median_seconds(fns: list, repeats: int) -> list[float]:
     return [statistics.median(bucket) for bucket in times]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Prints the table; returns the figures (seconds per call, ratio, max abs diff, patches)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per processor (median is reported)")
     parser.add_argument("--num-threads", type=int, default=None, help="NativeVL worker threads (default: its own)")
     parser.add_argument("--scale", type=float, default=1.0, help="scale every image side (smoke runs)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.repeats < 1 or args.scale <= 0:
         parser.error("--repeats must be >= 1 and --scale > 0")
 
@@ -80,6 +81,7 @@ def main() -> None:
     print(
         f"speed ratio (transformers / nativevl): {ref_s / our_s:.2f}x   grids identical, max abs diff {max_diff:.3g}"
     )
+    return {"transformers_s": ref_s, "nativevl_s": our_s, "ratio": ref_s / our_s, "max_abs_diff": max_diff}
 
 
 if __name__ == "__main__":

@@ -104,7 +104,8 @@ def worker(args) -> None:
     print(json.dumps({"seconds": statistics.median(times), "peak_bytes": max(peak, 0)}))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict | None:
+    """Prints the table; returns the figures (seconds and peak bytes per side, ratios, max abs diff)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--device", default="cpu")
@@ -117,9 +118,10 @@ def main() -> None:
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--grids", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.side:
-        return worker(args)
+        worker(args)
+        return None
 
     from safetensors.torch import save_file
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
@@ -153,6 +155,14 @@ def main() -> None:
     print(f"speed ratio (transformers / nativevl): {theirs['seconds'] / ours['seconds']:.2f}x")
     print(f"peak memory ratio (transformers / nativevl): {theirs['peak_bytes'] / max(ours['peak_bytes'], 1):.2f}x")
     print(f"max abs difference of merged features: {diff:.2e}")
+    return {
+        "seconds": {side: r["seconds"] for side, r in results.items()},
+        "peak_bytes": {side: r["peak_bytes"] for side, r in results.items()},
+        "speed_ratio": theirs["seconds"] / ours["seconds"],
+        "memory_ratio": theirs["peak_bytes"] / max(ours["peak_bytes"], 1),
+        "max_abs_diff": diff,
+        "patches": patches,
+    }
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 `generate(granularity="cascade")` answers every image at the coarsest granularity level first and answers again
 on the full grid where the coarse answer has a token below a probability threshold. The threshold that saves the
-most visual tokens at an accuracy the user accepts depends on the model and the data (benchmarks/RESULTS.md, "AVG
-with reading items": 0.80-0.95 on the synthetic reading benchmark, from one checkpoint to the next). This module
-chooses it from the model's own answers:
+most visual tokens at an accuracy the user accepts depends on the model and the data
+(experiments/granularity/README.md: 0.80-0.95 on the synthetic reading benchmark, from one checkpoint to the next).
+This module chooses it from the model's own answers:
 
 1. `collect_answers`: each item answered at the coarsest level (with its lowest token probability) and on the full
    grid, greedily;
@@ -18,8 +18,8 @@ writes a complete copy of the model folder (or none) whose config's `cascade_thr
 `cascade_run.json`: the source model's weights digest, the data digest, the arguments, the chosen threshold with
 its tokens and accuracy, a bootstrap interval of the points it loses, and the frontier. Choose it on items the
 model was not trained on, and report accuracy on others. A threshold chosen at exactly `--max-loss` on N items
-loses about that much on other items, give or take the interval (benchmarks/RESULTS.md: 1.0 point on 5600 items
-became 1.9 on 1400 others for one model, 0.8 for another).
+loses about that much on other items, give or take the interval (experiments/granularity/README.md: 1.0 point on
+5600 items became 1.9 on 1400 others for one model, 0.8 for another).
 """
 
 import argparse

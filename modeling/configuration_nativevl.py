@@ -107,8 +107,8 @@ class NativeVLConfig(PreTrainedConfig):
       (width = LLM width, so heads must divide it); 8 heads and torch's default 2048-wide FFN as in the release.
     - `cascade_threshold` (nativevl's addition): `generate(granularity="cascade")` answers again on the full grid
       where the coarse answer has a token below this probability, unless a threshold is given; 0.9 by default
-      (benchmarks/RESULTS.md, "AVG with reading items"), or chosen on a model's own items by
-      `python -m nativevl.training.cascade`.
+      (experiments/granularity/README.md), or chosen on a model's own items by
+      `python -m nativevl.evaluation.calibrate`.
     """
 
     model_type = "nativevl"

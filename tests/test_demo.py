@@ -44,8 +44,10 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert vision and all(init[k].equal(final[k]) for k in vision if not k.endswith("merger.mlp.2.bias"))
     assert not all(init[k].equal(final[k]) for k in init if ".visual." not in k)  # the LLM trained
 
-    # benchmarks/compare_modes.py on this demo: one model per mode, from the demo's init, scored in its own mode
-    compare = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" / "compare_modes.py"))["main"]
+    # experiments/modes/compare_modes.py on this demo: one model per mode, from the demo's init, scored in its own mode
+    compare = runpy.run_path(
+        str(Path(__file__).resolve().parent.parent / "experiments" / "modes" / "compare_modes.py")
+    )["main"]
     assert compare(["--demo", str(out), "--steps", "2", "--out", str(tmp_path / "modes")]) == 0
     modes = json.loads((tmp_path / "modes" / "summary.json").read_text())
     assert modes["steps"] == 2 and [stats["steps"] for stats in modes["training"].values()] == [2, 2]

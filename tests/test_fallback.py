@@ -229,7 +229,7 @@ def test_probe_fallback_signal_auc_and_residuals_by_hand():
     from pathlib import Path
     from types import SimpleNamespace
 
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "probe_fallback_signal.py"
+    script = Path(__file__).resolve().parent.parent / "experiments" / "granularity" / "probe_fallback_signal.py"
     probe = runpy.run_path(str(script))
     assert probe["auc"]([3.0, 2.0], [1.0, 2.0]) == (1 + 1 + 1 + 0.5) / 4
     # a merged 1x2 grid (patches t=1, h=2, w=4) with tokens (3, 0) and (-1, 0): mean (1, 0), spread 2;
@@ -351,7 +351,7 @@ def test_probe_fallback_head_features_equal_the_teacher_forced_coarse_pass(tiny,
     from pathlib import Path
 
     model, processor = tiny
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "probe_fallback_head.py"
+    script = Path(__file__).resolve().parent.parent / "experiments" / "granularity" / "probe_fallback_head.py"
     probe = runpy.run_path(str(script))
     assert probe["auc"](torch.tensor([3.0, 2.0]), torch.tensor([1.0, 0.0])) == 1.0
     images = [noise(60, 90, 0), noise(57, 57, 1)]

@@ -1,5 +1,5 @@
 """From-scratch vision tokens (`training/vision_init.py`): the input-dependent share, centring, and the collapse
-the `tiny_scratch` recipe avoids (benchmarks/RESULTS.md, "Reading from scratch")."""
+the `tiny_scratch` recipe avoids (experiments/reading/README.md, "Reading from scratch")."""
 
 import pytest
 import torch

@@ -1,7 +1,7 @@
 """Vision pre-training (stage 0): teach a from-scratch ViT + 2x2 merger to read glyphs at any pixel offset and scale.
 
 A randomly initialised 14 px-patch ViT gives a glyph different features at every sub-token offset, so an LLM
-trained on a frozen random tower reads only text that sits where its training text sat (benchmarks/RESULTS.md,
+trained on a frozen random tower reads only text that sits where its training text sat (experiments/reading/README.md,
 "Reading from scratch"). Qwen2-VL and NativeRes-LLaVA start from a ViT pre-trained on web-scale data; nativevl
 cannot download one, so this stage makes a small one on synthetic data, as a real pipeline has stages.
 

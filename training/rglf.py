@@ -17,7 +17,7 @@ several images takes its sample's level losses (all images of the sample are for
 `feedback="exact_match"` (nativevl's addition; `--rglf_feedback`) ranks the levels by whether the model's
 teacher-forced greedy answer (end of turn included) is the label: 0 right, 1 wrong, instead of the answer loss. A
 coarse level that still answers right then ties with the full grid instead of losing to its more confident answer
-by a loss margin larger than the token costs tried (benchmarks/RESULTS.md, "AVG with reading items").
+by a loss margin larger than the token costs tried (experiments/granularity/README.md, "Reading items").
 
 `token_cost` (nativevl's addition, 0 in the release recipe) ranks the levels by the feedback (answer loss, or the
 0 / 1 of `exact_match`) plus token_cost times the image's visual tokens at that level over its level-0 tokens.

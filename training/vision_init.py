@@ -2,8 +2,8 @@
 
 A randomly initialised ViT + merger emits tokens dominated by one input-independent vector (the same for every
 patch of every image). After the LLM's RMSNorm the image-dependent remainder is a small share of each token, and
-under a large learning rate the vision side grows the common vector further (benchmarks/RESULTS.md, "Reading from
-scratch"): the LLM then learns the answers it can guess without the image and the gradient to the ViT vanishes.
+under a large learning rate the vision side grows the common vector further (experiments/reading/README.md, "Reading
+from scratch"): the LLM then learns the answers it can guess without the image and the gradient to the ViT vanishes.
 
 - `input_dependent_share`: 1 - |mean token|^2 / mean |token|^2 over the tokens of a set of images, the share of the
   tokens' second moment that varies with the input (0: every token the same vector).

@@ -8,8 +8,8 @@ row per mode next to the demo's native model: accuracy, RC, SC, RC pooled over t
 extreme-aspect bins, RC ACV / RCV and visual tokens per item.
 
     nativevl demo --seed 0 --out /tmp/demo0
-    python benchmarks/compare_modes.py --demo /tmp/demo0                 # 2 x the demo's training time
-    python benchmarks/compare_modes.py --demo /tmp/demo0 --modes crop --steps 300 --out /tmp/modes-smoke
+    python experiments/modes/compare_modes.py --demo /tmp/demo0                 # 2 x the demo's training time
+    python experiments/modes/compare_modes.py --demo /tmp/demo0 --modes crop --steps 300 --out /tmp/modes-smoke
 
 Writes `<out>/<mode>/train/final` (the model, with its run fingerprint) and `<out>/<mode>/run` (predictions, scores),
 and `<out>/summary.json`.

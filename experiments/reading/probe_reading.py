@@ -1,17 +1,17 @@
 """Can a small from-scratch Qwen2-VL-style ViT learn to read one digit? A probe, against a small CNN.
 
-Why this exists: the AVG-LLaVA benchmark (`train_granularity.py`, `bench_granularity.py`) needs a model whose
-reading (RC) accuracy depends on resolution, and tiny nativevl models trained on CPU with the vision side at lr
-1e-3 never learnt to read (the cause was the collapse of the vision tokens, not the ViT: benchmarks/RESULTS.md,
-"Reading from scratch"). This
-isolates the vision tower: each step draws `--batch` fresh images (`--image` px square, light background) with one
-dark digit of font size `--text-size` at the centre shifted by up to `--jitter` px in x and y, and trains
-ViT + linear probe (mean of the merged tokens -> 10 classes) with cross-entropy; the same data trains a two-layer
-CNN with max pooling (translation invariance built in) as the control. Prints, per jitter, the mean training loss
-of the last 50 steps (chance: ln 10 = 2.30) and the accuracy on 512 held-out images.
+Why this exists: the AVG-LLaVA benchmark (`experiments/granularity/train_granularity.py`,
+`benchmarks/bench_granularity.py`) needs a model whose reading (RC) accuracy depends on resolution, and tiny
+nativevl models trained on CPU with the vision side at lr 1e-3 never learnt to read (the cause was the collapse of
+the vision tokens, not the ViT: experiments/reading/README.md, "Reading from scratch"). This isolates the vision
+tower: each step draws `--batch` fresh images (`--image` px square, light background) with one dark digit of font
+size `--text-size` at the centre shifted by up to `--jitter` px in x and y, and trains ViT + linear probe (mean of
+the merged tokens -> 10 classes) with cross-entropy; the same data trains a two-layer CNN with max pooling
+(translation invariance built in) as the control. Prints, per jitter, the mean training loss of the last 50 steps
+(chance: ln 10 = 2.30) and the accuracy on 512 held-out images.
 
-    python benchmarks/probe_reading.py                          # ~2 minutes on 2 CPU cores
-    python benchmarks/probe_reading.py --depth 4 --embed-dim 128 --steps 3000 --jitter 6
+    python experiments/reading/probe_reading.py                          # ~2 minutes on 2 CPU cores
+    python experiments/reading/probe_reading.py --depth 4 --embed-dim 128 --steps 3000 --jitter 6
 """
 
 import argparse

@@ -8,7 +8,7 @@ them), and fits a linear and a two-layer probe on the flattened 4 tokens (each f
 held-out items. A probe far above the LLM's accuracy on the same question means the shape is in the tokens and the
 LLM does not read it out.
 
-    python benchmarks/probe_shape.py --model nativevl-demo/train/final          # about 1 minute on 2 CPU cores
+    python experiments/modes/probe_shape.py --model nativevl-demo/train/final          # about 1 minute on 2 CPU cores
 """
 
 import argparse

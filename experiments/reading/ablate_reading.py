@@ -13,12 +13,12 @@ Variants (`--variant`):
     frozen+c         frozen, vision tokens centred (`--center_vision_tokens 256`)
     train-1e-4+c     ViT and merger trained at lr 1e-4 (warmup as the LLM), tokens centred
 
-Tasks (`--task`): corner-digit (one 9 px digit at the top-left, unresampled `snap` images: RESULTS.md's case),
+Tasks (`--task`): corner-digit (one 9 px digit at the top-left, unresampled `snap` images: the README's case),
 random-digit (the digit anywhere), reading-14px (the demo's items: short numbers, codes and words, capitals 14 px
 tall, starting at a random merged-token cell) and reading (the same at 9 px).
 
-    python benchmarks/ablate_reading.py --out /tmp/abl --variant frozen+c --seed 0 --steps 1000
-    python benchmarks/ablate_reading.py --out /tmp/abl --variant train-1e-3 --seed 1 --steps 1000
+    python experiments/reading/ablate_reading.py --out /tmp/abl --variant frozen+c --seed 0 --steps 1000
+    python experiments/reading/ablate_reading.py --out /tmp/abl --variant train-1e-3 --seed 1 --steps 1000
 
 Rows are appended to `<out>/results.jsonl` (data under `<out>/data/<task>`, shared by the variants and seeds; the
 held-out set at the demo's 1/8 scale); each run folder's `run.json` records the command and the training figures,
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         model = AutoModelForImageTextToText.from_pretrained(final).eval()
     else:
         row = {"task": args.task, "variant": args.variant, "seed": args.seed, "llm_width": args.llm_width}
-        row |= {"command": "python benchmarks/ablate_reading.py " + " ".join(argv or sys.argv[1:])}
+        row |= {"command": "python experiments/reading/ablate_reading.py " + " ".join(argv or sys.argv[1:])}
         heads = args.llm_width // 16  # head dim 16, as the tiny config's M-RoPE sections (2, 3, 3) need
         size = {"hidden_size": args.llm_width, "intermediate_size": 2 * args.llm_width}
         size |= {"num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2)}

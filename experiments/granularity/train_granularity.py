@@ -1,4 +1,5 @@
-"""Trains a tiny AVG-LLaVA model (arXiv 2410.02745) on the synthetic RC/SC benchmark for `bench_granularity.py`.
+"""Trains a tiny AVG-LLaVA model (arXiv 2410.02745) on the synthetic RC/SC benchmark for
+`benchmarks/bench_granularity.py`.
 
 1. Generates, with `nativevl.evaluation.synth_rc` at 1/8 linear scale (as `nativevl demo` does; `--scale`), a
    stage-1 training set, a separate RGLF set (the router is trained on feedback from items the model was not
@@ -18,15 +19,16 @@
 token costs), into `<out>/NAME`; with another `--rglf-per-cell` it first writes that many RGLF items per cell and
 kind, like the run's own (`<out>/data/rglf-N`).
 
-    python benchmarks/train_granularity.py --out /tmp/tile --rc-contents tile --snap --rglf-token-cost 0.05
+    python experiments/granularity/train_granularity.py --out /tmp/tile --rc-contents tile --snap \
+        --rglf-token-cost 0.05
     python benchmarks/bench_granularity.py --model /tmp/tile/rglf/final --data /tmp/tile/data/test/data.jsonl
 
-With the `tiny_scratch` recipe the tiny model reads the demo's items (benchmarks/RESULTS.md, "Reading from
-scratch"); the AVG table with reading items in RESULTS.md came from
+With the `tiny_scratch` recipe the tiny model reads the demo's items (experiments/reading/README.md, "Reading
+from scratch"); a run with reading items (experiments/granularity/README.md has the tables):
 
-    python benchmarks/train_granularity.py --out /tmp/avg0 --seed 0 --rc-contents short_number short_code word \
-        --rc-placement grid --text-size 20 --snap --train-per-cell 120 --stage1-steps 2000 --batch-size 8 \
-        --rglf-minutes 4 --rglf-token-cost 0.05
+    python experiments/granularity/train_granularity.py --out /tmp/avg0 --seed 0 \
+        --rc-contents short_number short_code word --rc-placement grid --text-size 20 --snap --train-per-cell 120 \
+        --stage1-steps 2000 --batch-size 8 --rglf-minutes 4 --rglf-token-cost 0.05
 """
 
 import argparse

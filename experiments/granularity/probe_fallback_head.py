@@ -16,7 +16,7 @@ model's own answers, target 1 where the coarse answer scores at least as well as
 Training items whose image and question also appear in the calibration or test set are dropped (the synthetic
 RGLF sets of `train_granularity.py` nest: the larger one holds the smaller one).
 
-    python benchmarks/probe_fallback_head.py --model runs/stage1/final --train-data rglf-80/data.jsonl \\
+    python experiments/granularity/probe_fallback_head.py --model runs/stage1/final --train-data rglf-80/data.jsonl \\
         --calibration-data rglf/data.jsonl --test-data test/data.jsonl
 """
 

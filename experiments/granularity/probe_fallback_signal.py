@@ -1,6 +1,6 @@
-"""Which per-image signal tells the reading items that pooling breaks (AVG, benchmarks/RESULTS.md, "AVG with reading
-items"): for the RC items a granularity model reads on the full grid, separates those its coarsest level misreads
-from those it still reads, by the area under the ROC curve (0.5: no better than chance) of
+"""Which per-image signal tells the reading items that pooling breaks (AVG, experiments/granularity/README.md): for
+the RC items a granularity model reads on the full grid, separates those its coarsest level misreads from those it
+still reads, by the area under the ROC curve (0.5: no better than chance) of
 
 - what pooling removes from the image's own tokens: the distance of each level-0 token from the pooled token that
   replaces it, over the image's mean token spread (mean and max over the image, at each level above 0);
@@ -8,7 +8,8 @@ from those it still reads, by the area under the ROC curve (0.5: no better than 
   what `generate(fallback_threshold=...)` thresholds), at the coarsest level;
 - the image's width and height.
 
-    python benchmarks/probe_fallback_signal.py --model runs/avg/stage1/final --data runs/avg/data/test/data.jsonl
+    python experiments/granularity/probe_fallback_signal.py --model runs/avg/stage1/final \
+        --data runs/avg/data/test/data.jsonl
 """
 
 import argparse
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # the maintained bench_granularity.py
 from bench_granularity import answer  # noqa: E402
 
 from nativevl.evaluation.data import load_image, load_records  # noqa: E402
