@@ -14,7 +14,7 @@
 
 This file is remote code and imports only numpy, torch and transformers. The processor's functions here (and those
 they call) are copied into `processing/processing_positions_nativevl.py` by `python -m nativevl.modeling.sync_copies`
-(remote-code folders cannot import each other; tests/test_processing.py fails when the copy is stale), so the
+(remote-code folders cannot import each other; tests/test_processing_nativevl.py fails when the copy is stale), so the
 processor and the model compute grids, counts and position ids with the same functions.
 """
 

@@ -8,7 +8,7 @@ imports and the ones they call, their source unchanged, under a "generated, do n
     python -m nativevl.modeling.sync_copies           # rewrite the copies from their source
     python -m nativevl.modeling.sync_copies --check   # exit 1, naming the stale copies, when one differs
 
-tests/test_processing.py fails when a copy is stale. This file is a development tool, not remote code: nothing in
+tests/test_processing_nativevl.py fails when a copy is stale. This file is a development tool, not remote code: nothing in
 `modeling/` imports it, so `save_pretrained` does not export it; it imports only the standard library.
 """
 
@@ -32,7 +32,7 @@ BANNER = '''"""GENERATED from {source} by `python -m nativevl.modeling.sync_copi
 
 The functions of {source} this folder imports (`__all__`) and those they call, their source
 unchanged: remote-code folders cannot import each other. Edit the source and rerun the command;
-tests/test_processing.py fails when this file is stale.
+tests/test_processing_nativevl.py fails when this file is stale.
 """
 '''
 

@@ -2,7 +2,7 @@
 
 The functions of modeling/positions_nativevl.py this folder imports (`__all__`) and those they call, their source
 unchanged: remote-code folders cannot import each other. Edit the source and rerun the command;
-tests/test_processing.py fails when this file is stale.
+tests/test_processing_nativevl.py fails when this file is stale.
 """
 
 from collections.abc import Sequence

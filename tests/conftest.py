@@ -105,6 +105,19 @@ def tester() -> TinyVLTester:
     return TinyVLTester()
 
 
+@pytest.fixture(scope="module")
+def pair():
+    """(tester, transformers' Qwen2-VL at a seeded random init, nativevl's model converted from it), both in eval."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from nativevl.conversion import from_qwen2_vl
+
+    tester = TinyVLTester()
+    torch.manual_seed(0)
+    reference = Qwen2VLForConditionalGeneration(tester.qwen2_vl_config()).eval()
+    return tester, reference, from_qwen2_vl(reference).eval()
+
+
 def mm_token_type_ids(input_ids: torch.Tensor, tester: TinyVLTester) -> torch.Tensor:
     """transformers' Qwen2-VL needs token types (0 text, 1 image, 2 video); nativevl reads them off the ids."""
     types = torch.zeros_like(input_ids)

@@ -1,4 +1,4 @@
-"""Run by test_training.py under `accelerate launch` (or alone, as one process): trains, then writes what this rank
+"""Run by test_training_train.py under `accelerate launch` (or alone, as one process): trains, then writes what this rank
 saw (`seen_rank{r}.json`), the loss history (`losses.json`), the full weights (`state_rank{r}.safetensors`: every
 rank under DDP and ZeRO-2, rank 0 alone under FSDP and ZeRO-3, which gather) and the final remote-code folder.
 

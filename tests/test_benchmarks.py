@@ -1,7 +1,7 @@
 """Smoke runs of the maintained `benchmarks/bench_*.py` tools at tiny scale: each script's `main` runs end to end
 and prints figures that make sense (ratios finite and positive, the two sides' outputs equal, the bounds what they
-claim to be). Timings are not checked. Covered elsewhere: `bench_compile.py` (tests/test_generation.py),
-`bench_granularity.py --smoke` (tests/test_granularity.py), `invariance.py` (tests/test_invariance_bench.py)."""
+claim to be). Timings are not checked. Covered elsewhere: `bench_compile.py` (tests/test_modeling_generation.py),
+`bench_granularity.py --smoke` (tests/test_modeling_granularity.py), `invariance.py` (tests/test_benchmarks_invariance.py)."""
 
 import math
 import re

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_packing import examples
+from test_training_packing import examples
 
 from nativevl.testing import build_tiny
 from nativevl.training import PackingCollator

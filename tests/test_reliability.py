@@ -1,6 +1,6 @@
-"""Nothing lost, nothing hung (issue 14): bad input, faults and concurrency at every entry point.
+"""Nothing lost, nothing hung: bad input, faults and concurrency at every entry point.
 
-Each test is one failure of the code before issue 14: stale results resumed into a run folder, destinations
+Each test is a failure an outside reliability suite found: stale results resumed into a run folder, destinations
 replaced under concurrency, hangs on non-regular files, wrong token budgets for some input types, paths escaping the
 data folder, the decompression-bomb guard bypassed, and tracebacks instead of one-line errors. Kills are injected
 deterministically: a subprocess patches the function it would be inside and SIGKILLs itself there.

@@ -9,7 +9,7 @@ import pytest
 import torch
 from huggingface_hub import metadata_load
 from safetensors import safe_open
-from test_conversion import nativeres_config, read_checkpoint, write_nativeres, write_qwen2_vl
+from test_conversion_convert import nativeres_config, read_checkpoint, write_nativeres, write_qwen2_vl
 
 from nativevl import NativeVLForConditionalGeneration
 from nativevl.conversion import writer
@@ -95,7 +95,7 @@ def test_output_may_not_replace_a_source(source, tmp_path, capsys):
 
 def pickle_source(source: Path, folder: Path) -> None:
     """The same checkpoint as transformers' sharded pickle format (pytorch_model-0000x-of-0000y.bin + index)."""
-    from test_conversion import save_sharded
+    from test_conversion_convert import save_sharded
 
     shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
     save_sharded(folder, read_checkpoint(source), pickle=True)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TinyVLTester
 from PIL import Image
-from test_packing import example
+from test_training_packing import example
 
 from nativevl import NativeVLForConditionalGeneration
 from nativevl.modeling import NativeVLModel, level_grid, pool_grid

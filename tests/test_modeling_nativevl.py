@@ -3,10 +3,8 @@
 import pytest
 import torch
 from conftest import mm_token_type_ids
-from transformers import Qwen2VLForConditionalGeneration
 
 from nativevl import NativeVLForConditionalGeneration
-from nativevl.conversion import from_qwen2_vl
 from nativevl.modeling import NativeVLModel
 
 
@@ -16,16 +14,6 @@ MIXED = [
     [7],
     [2, ("image", (1, 2, 2)), 6],
 ]
-
-
-@pytest.fixture(scope="module")
-def pair():
-    from conftest import TinyVLTester
-
-    tester = TinyVLTester()
-    torch.manual_seed(0)
-    reference = Qwen2VLForConditionalGeneration(tester.qwen2_vl_config()).eval()
-    return tester, reference, from_qwen2_vl(reference).eval()
 
 
 def reference_inputs(batch, tester):

@@ -4,9 +4,8 @@ image) expanded by sample for beam search and `num_return_sequences`; `torch.com
 
 import pytest
 import torch
-from conftest import TinyVLTester, mm_token_type_ids
+from conftest import mm_token_type_ids
 from PIL import Image
-from transformers import Qwen2VLForConditionalGeneration
 
 from nativevl.conversion import from_qwen2_vl
 from nativevl.modeling.generation_nativevl import expansion_index, rows_of_items
@@ -32,14 +31,6 @@ MODES = {
     "scores": dict(do_sample=False, return_dict_in_generate=True, output_scores=True, output_logits=True),
     "beam_scores": dict(num_beams=2, return_dict_in_generate=True, output_scores=True, do_sample=False),
 }
-
-
-@pytest.fixture(scope="module")
-def pair():
-    tester = TinyVLTester()
-    torch.manual_seed(0)
-    reference = Qwen2VLForConditionalGeneration(tester.qwen2_vl_config()).eval()
-    return tester, reference, from_qwen2_vl(reference).eval()
 
 
 def processor_keys(batch: dict, model) -> dict:

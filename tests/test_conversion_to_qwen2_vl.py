@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import TinyVLTester, mm_token_type_ids
 from safetensors import safe_open
-from test_conversion import read_checkpoint, write_qwen2_vl
+from test_conversion_convert import read_checkpoint, write_qwen2_vl
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, Qwen2VLForConditionalGeneration
 
 from nativevl import NativeVLForConditionalGeneration
@@ -166,7 +166,7 @@ def test_unexpressible_models_are_refused(tmp_path, capsys, kind, message):
 def test_round_trip_through_training_equals_the_trained_model(tmp_path):
     """convert qwen2-vl, train 4 steps (tiny recipe), to-qwen2-vl: transformers' Qwen2-VL loaded from the result has
     the trained weights and computes the trained nativevl model's logits."""
-    from test_finetune import QWEN2_VL_TEMPLATE, STEPS, set_template, trl_record, write_images, write_jsonl
+    from test_training_finetune import QWEN2_VL_TEMPLATE, STEPS, set_template, trl_record, write_images, write_jsonl
 
     from nativevl.training.train import main as train_main
 

@@ -39,7 +39,7 @@ def losses(trainer) -> list[float]:
 
 def sft_recipes() -> list[str]:
     """The recipes of `nativevl train` (every recipe but the vision pre-training stage's, which its own command
-    reads: `test_pretrain_vision.py`)."""
+    reads: `test_training_pretrain_vision.py`)."""
     from nativevl.training.pretrain_vision import RECIPE as STAGE0
 
     return sorted(p.name for p in RECIPES.glob("*.yaml") if p.name != STAGE0.name)
@@ -303,7 +303,7 @@ def test_lora_under_zero3_matches_one_process_and_loads_without_nativevl(setup, 
     """`nativevl train tiny_lora.yaml` under ZeRO-3 on 2 CPU processes (global batch 8: 2 x 2 x 2 accumulation steps)
     against one process (4 x 2): the same losses, the same adapter at output_dir and merged final folder (1e-5), and
     both load through transformers + PEFT without nativevl, with equal logits."""
-    from test_finetune import LOAD_WITHOUT_NATIVEVL
+    from test_training_finetune import LOAD_WITHOUT_NATIVEVL
 
     root, model, data = setup
     argv = ["-m", "nativevl.cli", "train", str(RECIPES / "tiny_lora.yaml"), "--model_name_or_path", model]

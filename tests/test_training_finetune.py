@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import COLOURS, recipe_trainer
 from PIL import Image
-from test_conversion import write_nativeres, write_qwen2_llm, write_qwen2_vl
+from test_conversion_convert import write_nativeres, write_qwen2_llm, write_qwen2_vl
 
 from nativevl.conversion.cli import main as convert_main
 from nativevl.conversion.export import save_folder

@@ -104,7 +104,7 @@ def test_pretraining_is_reproducible_and_writes_a_folder_that_loads(tmp_path):
 
 def test_training_the_vit_keeps_its_tokens_input_dependent(tmp_path):
     """The collapse: trained through a head, a random tower first makes its tokens constant (the head's noise
-    falls; under the LLM's loss the share fell from 0.9% to 0.1% in 20 steps, tests/test_vision_init.py). The
+    falls; under the LLM's loss the share fell from 0.9% to 0.1% in 20 steps, tests/test_training_vision_init.py). The
     recipe's head reads tokens standardised over the batch, so shrinking their variation gains nothing: after 40
     steps of the recipe (ViT, merger and head at its lr) the held-out share must stay above 10%. Without the
     standardisation the same 40 steps collapse it below 2%, which is what this test would catch."""

@@ -1,0 +1,84 @@
+"""The research scripts of `experiments/`: their measuring functions on inputs whose answers are known by hand."""
+
+import pytest
+import torch
+from test_modeling_granularity import LEVELS, noise
+
+from nativevl.testing import build_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = build_tiny(max_pixels=112 * 112, granularity=LEVELS)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a projector loud enough that the image level changes the tiny model's answers
+        model.model.visual.merger.mlp[-1].weight.mul_(20)
+    return model.eval(), processor
+
+
+def chat(processor, n):
+    message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
+    return processor.apply_chat_template([message] * n, add_generation_prompt=True, tokenize=False)
+
+
+def test_probe_fallback_signal_auc_and_residuals_by_hand():
+    import runpy
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    script = Path(__file__).resolve().parent.parent / "experiments" / "granularity" / "probe_fallback_signal.py"
+    probe = runpy.run_path(str(script))
+    assert probe["auc"]([3.0, 2.0], [1.0, 2.0]) == (1 + 1 + 1 + 0.5) / 4
+    # a merged 1x2 grid (patches t=1, h=2, w=4) with tokens (3, 0) and (-1, 0): mean (1, 0), spread 2;
+    # level 1 pools the pair to (1, 0), so each token is 2 from its pooled token: residual 1.0; level 2 (height,
+    # one row) changes nothing more
+    tokens = torch.tensor([[3.0, 0.0], [-1.0, 0.0]])
+    model = SimpleNamespace(
+        config=SimpleNamespace(granularity=3, vision_config=SimpleNamespace(spatial_merge_size=2)),
+        model=SimpleNamespace(get_image_features=lambda pixels, grid: SimpleNamespace(pooler_output=(tokens,))),
+    )
+    processor = SimpleNamespace(
+        image_processor=lambda images, return_tensors: {
+            "pixel_values": None,
+            "image_grid_thw": torch.tensor([[1, 2, 4]]),
+        }
+    )
+    residuals = probe["pooling_residuals"](model, processor, image=None)
+    assert residuals == {f"residual level {lv}, {s}": 1.0 for lv in (1, 2) for s in ("mean", "max")}
+
+
+def test_probe_fallback_head_features_equal_the_teacher_forced_coarse_pass(tiny, tmp_path):
+    """The probe's head inputs, read through a hook while the cascade decodes (KV cache), equal those of one forward
+    pass over the prompt expanded for the coarsest level plus the answer."""
+    import runpy
+    from pathlib import Path
+
+    model, processor = tiny
+    script = Path(__file__).resolve().parent.parent / "experiments" / "granularity" / "probe_fallback_head.py"
+    probe = runpy.run_path(str(script))
+    assert probe["auc"](torch.tensor([3.0, 2.0]), torch.tensor([1.0, 0.0])) == 1.0
+    images = [noise(60, 90, 0), noise(57, 57, 1)]
+    records = []
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"{i}.png")
+        records.append({"id": str(i), "image": f"{i}.png", "question": "Hi?", "answers": ["x"]})
+    features = probe["coarse_features"](model, processor, records, tmp_path, max_new_tokens=6)
+    end = model.generation_config.eos_token_id
+    for b, image in enumerate(images):
+        small = processor(images=[image], text=chat(processor, 1), granularity=LEVELS - 1)
+        answer = model.generate(**small, granularity=LEVELS - 1, max_new_tokens=6, do_sample=False)
+        answer = answer[0, small["input_ids"].shape[1] :]
+        ends = (answer == end).nonzero()
+        answer = answer[: ends[0, 0] + 1] if len(ends) else answer  # up to the end token, if any
+        ids = torch.cat([small["input_ids"], answer[None]], dim=1)
+        with torch.no_grad():
+            state = model.model(
+                input_ids=ids, pixel_values=small["pixel_values"], image_grid_thw=small["image_grid_thw"],
+                image_granularity=torch.tensor([LEVELS - 1]),
+            ).last_hidden_state[0]  # fmt: skip
+        steps = state[small["input_ids"].shape[1] - 1 : ids.shape[1] - 1]  # (answer, D): each chose the next token
+        log_probs = model.lm_head(steps).log_softmax(-1).gather(-1, answer[:, None]).squeeze(-1)
+        expected = torch.cat([steps[0], steps.mean(0), log_probs.min()[None], log_probs.mean()[None]])
+        torch.testing.assert_close(features[b], expected, atol=1e-5, rtol=1e-5)
+    score = probe["fit_head"](features, torch.tensor([1.0, 0.0]), hidden=0, steps=50)
+    assert score(features)[0] > score(features)[1]  # two points, one logistic head: separated
