@@ -105,6 +105,28 @@ def tester() -> TinyVLTester:
     return TinyVLTester()
 
 
+LEVELS = 3  # granularity levels of the tiny AVG-LLaVA models
+
+
+@pytest.fixture(scope="module")
+def granular_tiny():
+    """A tiny model with LEVELS granularity levels and a projector loud enough that the image level changes its
+    answers, and its processor (images up to 112x112 px)."""
+    from nativevl.testing import build_tiny
+
+    model, processor = build_tiny(max_pixels=112 * 112, granularity=LEVELS)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.model.visual.merger.mlp[-1].weight.mul_(20)
+    return model.eval(), processor
+
+
+def chat(processor, n: int) -> list[str]:
+    """n prompts of one image and "Hi?" through the processor's chat template."""
+    message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
+    return processor.apply_chat_template([message] * n, add_generation_prompt=True, tokenize=False)
+
+
 @pytest.fixture(scope="module")
 def pair():
     """(tester, transformers' Qwen2-VL at a seeded random init, nativevl's model converted from it), both in eval."""

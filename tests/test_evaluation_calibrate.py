@@ -4,19 +4,8 @@ command's deprecation."""
 
 import pytest
 import torch
-from test_modeling_granularity import LEVELS
 
 from nativevl import NativeVLForConditionalGeneration
-from nativevl.testing import build_tiny
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, processor = build_tiny(max_pixels=112 * 112, granularity=LEVELS)
-    torch.manual_seed(1)
-    with torch.no_grad():  # a projector loud enough that the image level changes the tiny model's answers
-        model.model.visual.merger.mlp[-1].weight.mul_(20)
-    return model.eval(), processor
 
 
 def test_frontier_and_threshold_by_hand():
@@ -58,13 +47,13 @@ def test_loss_interval_by_hand():
     assert loss_interval(confidence.repeat(500), many, threshold=0.1) == (low, high)  # seeded
 
 
-def test_cascade_calibration_writes_a_complete_folder(tiny, tmp_path):
+def test_cascade_calibration_writes_a_complete_folder(granular_tiny, tmp_path):
     import json
 
     from nativevl.evaluation.calibrate import RUN_FILE, main
     from nativevl.evaluation.synth_rc import generate_benchmark
 
-    model, processor = tiny
+    model, processor = granular_tiny
     source = tmp_path / "model"
     model.save_pretrained(source)
     processor.save_pretrained(source)

@@ -1,24 +1,8 @@
 """The research scripts of `experiments/`: their measuring functions on inputs whose answers are known by hand."""
 
-import pytest
 import torch
+from conftest import chat
 from test_modeling_granularity import LEVELS, noise
-
-from nativevl.testing import build_tiny
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, processor = build_tiny(max_pixels=112 * 112, granularity=LEVELS)
-    torch.manual_seed(1)
-    with torch.no_grad():  # a projector loud enough that the image level changes the tiny model's answers
-        model.model.visual.merger.mlp[-1].weight.mul_(20)
-    return model.eval(), processor
-
-
-def chat(processor, n):
-    message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
-    return processor.apply_chat_template([message] * n, add_generation_prompt=True, tokenize=False)
 
 
 def test_probe_fallback_signal_auc_and_residuals_by_hand():
@@ -47,13 +31,13 @@ def test_probe_fallback_signal_auc_and_residuals_by_hand():
     assert residuals == {f"residual level {lv}, {s}": 1.0 for lv in (1, 2) for s in ("mean", "max")}
 
 
-def test_probe_fallback_head_features_equal_the_teacher_forced_coarse_pass(tiny, tmp_path):
+def test_probe_fallback_head_features_equal_the_teacher_forced_coarse_pass(granular_tiny, tmp_path):
     """The probe's head inputs, read through a hook while the cascade decodes (KV cache), equal those of one forward
     pass over the prompt expanded for the coarsest level plus the answer."""
     import runpy
     from pathlib import Path
 
-    model, processor = tiny
+    model, processor = granular_tiny
     script = Path(__file__).resolve().parent.parent / "experiments" / "granularity" / "probe_fallback_head.py"
     probe = runpy.run_path(str(script))
     assert probe["auc"](torch.tensor([3.0, 2.0]), torch.tensor([1.0, 0.0])) == 1.0

@@ -6,13 +6,13 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import chat
 from test_modeling_granularity import GRIDS, LEVELS, crop_mode, fixed_router, granularity_model, noise, pooled_batch
 
 from nativevl import NativeVLForConditionalGeneration
 from nativevl.modeling.generation_nativevl import NativeVLGenerateBeamOutput, NativeVLGenerateOutput
 from nativevl.modeling.granularity_nativevl import answer_confidence, image_rows
 from nativevl.modeling.positions_nativevl import pooled_grid_thw
-from nativevl.testing import build_tiny
 
 
 NEW = dict(max_new_tokens=8, do_sample=False)
@@ -156,22 +156,8 @@ def test_fallback_refuses_what_it_cannot_honour(model):
         plain.generate(**full, granularity="cascade", **NEW)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    model, processor = build_tiny(max_pixels=112 * 112, granularity=LEVELS)
-    torch.manual_seed(1)
-    with torch.no_grad():  # a projector loud enough that the image level changes the tiny model's answers
-        model.model.visual.merger.mlp[-1].weight.mul_(20)
-    return model.eval(), processor
-
-
-def chat(processor, n):
-    message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
-    return processor.apply_chat_template([message] * n, add_generation_prompt=True, tokenize=False)
-
-
-def test_crop_mode_cascade_takes_one_level_per_image(tiny):
-    model, processor = tiny
+def test_crop_mode_cascade_takes_one_level_per_image(granular_tiny):
+    model, processor = granular_tiny
     crop = crop_mode(processor)
     images = [[noise(60, 90, 0)], [noise(57, 57, 1)]]
     full = crop(images=images, text=chat(crop, 2), padding_side="left")
@@ -190,8 +176,8 @@ def test_crop_mode_cascade_takes_one_level_per_image(tiny):
     assert out.visual_tokens.tolist() == per_image.tolist()  # every tile's tokens, both passes
 
 
-def test_text_only_rows_are_never_answered_again(tiny):
-    model, processor = tiny
+def test_text_only_rows_are_never_answered_again(granular_tiny):
+    model, processor = granular_tiny
     text_only = [{"role": "user", "content": [{"type": "text", "text": "Hello there?"}]}]
     prompts = [processor.apply_chat_template([text_only], add_generation_prompt=True, tokenize=False)[0]]
     prompts += chat(processor, 1)
@@ -202,10 +188,10 @@ def test_text_only_rows_are_never_answered_again(tiny):
     assert torch.equal(new, full[:, batch["input_ids"].shape[1] :])
 
 
-def test_pipeline_with_cascade_in_batches(tiny):
+def test_pipeline_with_cascade_in_batches(granular_tiny):
     from transformers import pipeline
 
-    model, processor = tiny
+    model, processor = granular_tiny
     processor.tokenizer.padding_side = "left"
     pipe = pipeline("image-text-to-text", model=model, processor=processor)
     messages = [

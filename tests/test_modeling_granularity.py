@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyVLTester
+from conftest import LEVELS, TinyVLTester
 from PIL import Image
 from test_training_packing import example
 
@@ -24,9 +24,6 @@ from nativevl.processing.processing_nativevl import mrope_position_ids
 from nativevl.testing import build_tiny
 from nativevl.training.packing import PackingCollator
 from nativevl.training.rglf import image_segments
-
-
-LEVELS = 3
 
 
 def test_level_grid_golden_and_released_levels():

@@ -117,6 +117,10 @@ class PretrainVisionArguments:
     max_text_size: int = field(default=28, metadata={"help": "largest font size"})
     max_strings: int = field(default=3, metadata={"help": "strings per image: 0 to this many, uniform"})
     max_pixels: int = field(default=448 * 448, metadata={"help": "the processor's max_pixels (the demo's)"})
+    fingerprint_step: int = field(
+        default=20,
+        metadata={"help": "record the L2 norm of every tower tensor after this step (what a short rerun compares)"},
+    )
     eval_images: int = field(default=256, metadata={"help": "held-out images scored at the end (own seed)"})
     eval_every: int = field(default=0, metadata={"help": "also score the held-out images every N steps; 0: end only"})
     log_every: int = field(default=50, metadata={"help": "print the mean loss every N steps"})
@@ -349,9 +353,12 @@ def lr_lambda(warmup: int, total: int, delay: int = 0):
     return factor
 
 
-def pretrain(args: PretrainVisionArguments) -> tuple[dict, dict]:
+def pretrain(args: PretrainVisionArguments, stop_after: int | None = None) -> tuple[dict, dict]:
     """Trains the tower; returns its state dict and the log (arguments, per-step losses, held-out metrics at the
-    start and end, time)."""
+    start and end, the tensor norms after `fingerprint_step` steps, time).
+
+    `stop_after`: leave after this many steps of the full schedule, without evaluations or folding (a short rerun
+    of a long run: its losses and fingerprint must equal the long run's first ones)."""
     if args.max_steps < 1 or args.batch_size < 1:
         raise ValueError(f"max_steps and batch_size must be >= 1, got {args.max_steps}, {args.batch_size}")
     torch.set_num_threads(args.threads)
@@ -381,8 +388,9 @@ def pretrain(args: PretrainVisionArguments) -> tuple[dict, dict]:
     schedules = [tower_schedule if g["tower"] else head_schedule for g in groups]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
     log = {"arguments": asdict(args), "losses": [], "evaluations": []}
-    log["evaluations"].append({"step": 0} | evaluate_glyphs(visual, head, processor, args))
-    print(f"step 0: {_metrics(log['evaluations'][-1])}", flush=True)
+    if stop_after is None:
+        log["evaluations"].append({"step": 0} | evaluate_glyphs(visual, head, processor, args))
+        print(f"step 0: {_metrics(log['evaluations'][-1])}", flush=True)
     start = time.monotonic()
     visual.train()
     for step in range(args.max_steps):
@@ -401,6 +409,10 @@ def pretrain(args: PretrainVisionArguments) -> tuple[dict, dict]:
         scheduler.step()
         log["losses"].append(round(float(loss.detach()), 6))
         done = step + 1
+        if done == args.fingerprint_step:
+            log["fingerprint"] = {"step": done, "norms": {k: float(v.norm()) for k, v in visual.state_dict().items()}}
+        if done == stop_after:
+            return {k: v.detach().clone().contiguous() for k, v in visual.state_dict().items()}, log
         if args.log_every and done % args.log_every == 0:
             recent = log["losses"][-args.log_every :]
             print(f"step {done}: loss {sum(recent) / len(recent):.4f} ({time.monotonic() - start:.0f} s)", flush=True)
