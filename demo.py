@@ -1,21 +1,24 @@
-"""`nativevl demo`: a native-resolution VLM trained from scratch and evaluated end to end on a CPU, with no download.
+"""`nativevl demo`: a native-resolution VLM trained on a CPU and evaluated end to end, with no download.
 
 1. Generates a synthetic resolution-centric training set and a held-out test set over the 35 area x aspect cells
    (`nativevl.evaluation.synth_rc`, images at 1/8 linear scale so a laptop CPU keeps up): RC items ask for a short
-   number, code or word printed at a fixed pixel height (14 px capitals) somewhere in the image, SC items for the
-   background colour or the large shape.
-2. Trains a small nativevl model from scratch through the `nativevl train` path (TRL SFTTrainer, padding-free
-   multimodal packing, the `tiny_scratch` recipe: random frozen ViT with centred tokens, LLM trained, learning
-   rate decaying linearly to 0) for a fixed number of steps, and exports a remote-code folder.
+   number, code or word printed at a fixed pixel height (14 px capitals) at a random pixel position in an image whose
+   sides are not multiples of 28 px (the processor resamples it), SC items for the background colour or the large
+   shape.
+2. Trains a small nativevl model through the `nativevl train` path (TRL SFTTrainer, padding-free multimodal packing,
+   the `tiny_scratch` recipe: frozen vision side with centred tokens, LLM trained from scratch, learning rate
+   decaying linearly to 0) for a fixed number of steps, starting from the vision tower shipped with nativevl
+   (`PRETRAINED_VISION`: `training/pretrain_vision.py` on the `tiny_stage0` recipe), and exports a remote-code folder.
 3. Answers a question about a freshly generated image through `pipeline("image-text-to-text")`.
 4. Evaluates the model in native, fixed (56x56 and 112x112 px: about 4 and 16 tokens) and crop mode and with
    blank images (does it use the image at all?) and prints the summary, the RC accuracy per area and aspect bin
    with native minus fixed, and the heatmap paths (the native-minus-fixed heatmap of RC items is NativeRes-LLaVA's
    figure). Every figure printed is measured in this run.
 
-    nativevl demo                       # about 10 minutes on 2 cores, writes ./nativevl-demo
+    nativevl demo                       # about 11 minutes on 2 cores, writes ./nativevl-demo
     nativevl demo --steps 300 --out /tmp/demo
-    nativevl demo --vision-init stage0  # from a `python -m nativevl.training.pretrain_vision` tower, text anywhere
+    nativevl demo --vision-init stage0  # from another `python -m nativevl.training.pretrain_vision` tower
+    nativevl demo --from-scratch        # the random frozen tower, text on the 28 px token grid (for comparison)
 
 Training runs for `--steps` steps, so its figures do not depend on the machine's load; `--max-minutes` caps its
 wall-clock time, and a run stopped by the cap says so. A rerun into the same --out starts over (new data, a new
@@ -46,12 +49,15 @@ from nativevl.training.train import build_trainer, export_final, parse
 
 
 SCRATCH_RECIPE = Path(__file__).parent / "training" / "recipes" / "tiny_scratch.yaml"
+# the vision tower the demo starts from: `python -m nativevl.training.pretrain_vision` on the tiny_stage0 recipe,
+# shipped as package data with its model card (README.md there: command, seed, commit, metrics)
+PRETRAINED_VISION = Path(__file__).parent / "training" / "pretrained" / "stage0"
 SCALE = 1 / 8  # linear scale of the synthetic images: nominal cell sizes / 8 (areas / 64)
-# the demo's RC items: short text at a fixed pixel height (14 px capitals) in images whose sides are multiples of
-# 28 px (native mode feeds them unresampled), starting at a random merged-token cell (experiments/reading/README.md:
-# a from-scratch ViT does not learn to read glyphs at arbitrary pixel offsets in CPU budgets)
+# `--from-scratch` RC items: short text at a fixed pixel height (14 px capitals) in images whose sides are multiples
+# of 28 px (native mode feeds them unresampled), starting at a random merged-token cell: the only placement the random
+# frozen tower lets the LLM read (experiments/reading/README.md)
 READING = dict(rc_contents=["short_number", "short_code", "word"], rc_placement="grid", text_size=20, snap=28)
-# with a pre-trained vision tower (`--vision-init`, training/pretrain_vision.py): the same items with the text at a
+# the default, from a pre-trained vision tower (training/pretrain_vision.py): the same items with the text at a
 # random pixel position in images of any size (the processor resamples them), as in photos and documents; sides of at
 # least 22 px so that the 14 px text fits the thinnest images (at 1/8 scale bin A's 1:5 images are ~15 px tall)
 READING_ANYWHERE = dict(
@@ -78,7 +84,7 @@ SETTINGS = {
     "blank": dict(mode="native", blank_images=True),
 }
 EVALUATION = dict(batch_size=16, max_new_tokens=16, progress=False, overwrite=True)
-DEFAULT_STEPS = 4500  # calibrated on the reference machine (2 cores): 8.4-8.8 steps/s, 8.8-9.2 minutes in all
+DEFAULT_STEPS = 4500  # on the reference machine (2 cores), from the shipped tower: 7.0 steps/s, 11 minutes in all
 RUN_FILE = "demo_run.json"  # the options of the demo that wrote an --out folder (`nativevl.runs.check_fingerprint`)
 EXTREMES = {"large area (E, F, G)": ("area", ("E", "F", "G")), "extreme aspect (BH, BW)": ("aspect", ("BH", "BW"))}
 
@@ -197,12 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-per-cell", type=int, default=120, help="training items per cell and kind")
     parser.add_argument("--test-per-cell", type=int, default=4, help="held-out items per cell and kind")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument(
         "--vision-init",
         default=None,
-        help="start from a pre-trained vision tower (a `python -m nativevl.training.pretrain_vision` output folder) "
-        "and put the text at random pixel positions in unsnapped images; default: the random frozen tower, text on "
-        "the 28 px grid",
+        metavar="DIR",
+        help="the pre-trained vision tower to start from (a `python -m nativevl.training.pretrain_vision` output "
+        f"folder); default: the one shipped with nativevl ({PRETRAINED_VISION.relative_to(Path(__file__).parent)})",
+    )
+    start.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="no pre-trained tower: the random frozen ViT, and the text on the 28 px token grid of images whose sides "
+        "are multiples of 28 px (the only placement a random tower reads; for comparison)",
     )
     parser.add_argument("--overwrite", action="store_true", help="reuse an --out folder of a demo with other options")
     args = parser.parse_args(argv)
@@ -212,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--train-per-cell and --test-per-cell must be >= 1, got {args.train_per_cell}, {args.test_per_cell}"
         )
+    tower = None if args.from_scratch else Path(args.vision_init or PRETRAINED_VISION)
+    if tower is not None and not (tower / VISION_CONFIG_FILE).is_file():
+        parser.error(f"--vision-init {tower} holds no {VISION_CONFIG_FILE}: not a pre-trained vision tower folder")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--out {out} exists and is not a folder")
@@ -220,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         raise RunFolderError(f"--out {out} is not empty and not a demo folder (no {RUN_FILE}); --overwrite uses it")
     with RunLock(out):
         options = {k: getattr(args, k) for k in ("steps", "max_minutes", "train_per_cell", "test_per_cell", "seed")}
-        if args.vision_init is not None:  # (absent otherwise: folders of earlier demos keep their fingerprint)
-            options["vision_init"] = str(Path(args.vision_init).resolve())
+        if not args.from_scratch:  # (absent from scratch: folders of earlier from-scratch demos keep theirs)
+            args.vision_init = str(tower.resolve())
+            options["vision_init"] = args.vision_init
         check_fingerprint(out / RUN_FILE, options, args.overwrite)
         return run_demo(out, args)
 
@@ -231,7 +248,7 @@ def run_demo(out: Path, args: argparse.Namespace) -> int:
     start = time.monotonic()
     torch.manual_seed(args.seed)
 
-    reading = READING if args.vision_init is None else READING_ANYWHERE
+    reading = READING if args.from_scratch else READING_ANYWHERE
     print(f"[1/4] generating data in {out / 'data'} ...", flush=True)
     train_jsonl = write_training_set(out / "data" / "train", args.train_per_cell, args.seed, **reading)
     test_jsonl = generate_benchmark(

@@ -21,8 +21,8 @@ Shapes: `qwen2-vl-2b` (2.21B parameters, tied embeddings), `qwen2-vl-7b` (8.29B)
 (Qwen2-VL-2B's ViT with merger + mlp2x_gelu projector 1536 -> 3584 -> 3584 + Qwen2-7B, 8.1B, the release's keys).
 
     python benchmarks/bench_convert.py --shape tiny --shape tiny-nativeres --workdir /tmp/bench-convert  # smoke run
-    nice -n 10 python benchmarks/bench_convert.py --shape qwen2-vl-2b --workdir /work/tmp/bench-convert
-    nice -n 10 python benchmarks/bench_convert.py --shape nativeres-llava-8b --workdir /work/tmp/bench-convert
+    nice -n 10 python benchmarks/bench_convert.py --shape qwen2-vl-2b --workdir bench-convert-work
+    nice -n 10 python benchmarks/bench_convert.py --shape nativeres-llava-8b --workdir bench-convert-work
 """
 
 import argparse

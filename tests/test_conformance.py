@@ -419,9 +419,10 @@ def test_supported_range_is_what_ci_tests(monkeypatch):
     setup = (Path(nativevl.__file__).parent / "setup.cfg").read_text()
     major, minor = (int(x) for x in high.split(".")[:2])
     assert f"transformers>={'.'.join(low.split('.')[:2])},<{major}.{minor + 1}" in setup
-    import transformers
-
-    monkeypatch.setattr(transformers, "__version__", high)
+    # the module object the check reads: `from transformers import AutoProcessor` (run by other tests) puts a new
+    # lazy `transformers` module into sys.modules, so a fresh `import transformers` here may be another object
+    running = configuration_nativevl.transformers
+    monkeypatch.setattr(running, "__version__", high)
     assert not configuration_nativevl.warn_if_untested_transformers()
-    monkeypatch.setattr(transformers, "__version__", f"{major}.{minor + 1}.0")
+    monkeypatch.setattr(running, "__version__", f"{major}.{minor + 1}.0")
     assert configuration_nativevl.warn_if_untested_transformers("5.23.0")

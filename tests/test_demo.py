@@ -5,11 +5,13 @@ import json
 import runpy
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
 from nativevl.cli import main
-from nativevl.demo import WallClockCap
+from nativevl.demo import PRETRAINED_VISION, WallClockCap
+from nativevl.evaluation.data import load_records
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
@@ -38,8 +40,15 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     config = json.loads((out / "train" / "final" / "config.json").read_text())
     assert "AutoModelForImageTextToText" in config["auto_map"]
     assert "uses the image: native" in printed and "pipeline('image-text-to-text')" in printed
-    # the recipe's frozen vision side: the ViT as initialised, the merger's output bias moved by the centring only
+    # the shipped pre-trained tower is the starting point, and the text sits anywhere in images of any size
+    assert json.loads((out / "demo_run.json").read_text())["vision_init"] == str(PRETRAINED_VISION.resolve())
     init, final = (load_file(out / name / "model.safetensors") for name in ("init", "train/final"))
+    for key, value in load_file(PRETRAINED_VISION / "vision.safetensors").items():
+        assert init[f"model.visual.{key}"].equal(value), key
+    records = load_records(out / "data" / "test" / "data.jsonl")
+    assert any(r["width"] % 28 or r["height"] % 28 for r in records)
+    assert len({(r["text_box"][0] - 2) % 28 for r in records if r["kind"] == "rc"}) > 3
+    # the recipe's frozen vision side: the ViT as initialised, the merger's output bias moved by the centring only
     vision = [k for k in init if ".visual." in k]
     assert vision and all(init[k].equal(final[k]) for k in vision if not k.endswith("merger.mlp.2.bias"))
     assert not all(init[k].equal(final[k]) for k in init if ".visual." not in k)  # the LLM trained
@@ -59,6 +68,25 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         assert processor["image_processor"]["mode"] == mode
         scores = json.loads((tmp_path / "modes" / mode / "run" / "scores.json").read_text())
         assert scores["count"] == 70
+
+
+def test_from_scratch_keeps_the_random_tower_and_the_text_on_the_token_grid(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--steps", "2", "--out", str(out), "--train-per-cell", "1", "--test-per-cell", "1"]
+    assert main([*argv, "--from-scratch"]) == 0
+    assert "vision_init" not in json.loads((out / "demo_run.json").read_text())
+    records = load_records(out / "data" / "test" / "data.jsonl")
+    assert all(r["width"] % 28 == 0 and r["height"] % 28 == 0 for r in records)  # never resampled
+    assert {(r["text_box"][0] - 2) % 28 for r in records if r["kind"] == "rc"} == {0}  # on the merged-token grid
+    init = load_file(out / "init" / "model.safetensors")
+    assert init["model.visual.patch_embed.proj.weight"].shape[0] == 64  # build_tiny's random tower
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as error:
+        main([*argv, "--from-scratch", "--vision-init", str(PRETRAINED_VISION)])
+    assert error.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:
+        main([*argv, "--vision-init", str(tmp_path)])
+    assert error.value.code == 2 and f"--vision-init {tmp_path} holds no vision_config.json" in capsys.readouterr().err
 
 
 def test_wall_clock_cap_stops_training_and_says_so():

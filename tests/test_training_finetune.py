@@ -460,6 +460,8 @@ def test_wheel_installs_and_trains_with_a_bundled_recipe(folders, tmp_path):
     assert package.is_relative_to(tmp_path / "venv"), package
     recipe = package / "training" / "recipes" / "tiny_stage2.yaml"
     assert recipe.is_file() and (package / "training" / "accelerate" / "ddp.yaml").is_file()
+    tower = package / "training" / "pretrained" / "stage0"  # the demo's starting point ships in the wheel
+    assert all((tower / name).is_file() for name in ("vision.safetensors", "vision_config.json", "README.md"))
     out = tmp_path / "out"
     run(str(tmp_path / "venv" / "bin" / "nativevl"), "train", str(recipe), "--model_name_or_path", str(root / "export"),
         "--dataset_path", train, "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "no")  # fmt: skip

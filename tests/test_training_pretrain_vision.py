@@ -1,6 +1,7 @@
 """Vision pre-training (`training/pretrain_vision.py`): the per-token glyph targets, reproducibility, the atomic
 output that loads into a tiny model, and that training the ViT keeps its tokens input-dependent."""
 
+import dataclasses
 import json
 import random
 
@@ -160,3 +161,30 @@ def test_saved_tower_emits_the_standardised_tokens_its_head_read(tmp_path):
     unfolded, log_unfolded = pv.pretrain(args)
     assert "folded_standardization" not in log_unfolded and log_unfolded["losses"] == log["losses"]
     assert not torch.allclose(unfolded["merger.mlp.2.weight"], state["merger.mlp.2.weight"])
+
+
+def test_shipped_tower_is_what_its_recipe_trains():
+    """The tower shipped with nativevl (`demo.PRETRAINED_VISION`, the demo's starting point) came from
+    `python -m nativevl.training.pretrain_vision training/recipes/tiny_stage0.yaml`: its log holds the recipe's
+    arguments, and the recipe's first `fingerprint_step` steps rerun here give the same losses and the same tensor
+    norms as the shipped run recorded (relative tolerance 1e-4: the same code on another CPU may round differently
+    in the last bits; on the machine that trained it they are equal). The folder loads into the demo's model, and its
+    held-out tokens come out standardised (folded)."""
+    from nativevl.demo import PRETRAINED_VISION
+
+    shipped = json.loads((PRETRAINED_VISION / pv.LOG_FILE).read_text())
+    args = pv.parse([str(pv.RECIPE), "--output_dir", shipped["arguments"]["output_dir"]])
+    assert shipped["arguments"] == dataclasses.asdict(args)
+    assert json.loads((PRETRAINED_VISION / pv.CONFIG_FILE).read_text()) == args.vision_config()
+    assert shipped["fingerprint"]["step"] == args.fingerprint_step and "folded_standardization" in shipped
+    state, log = pv.pretrain(args, stop_after=args.fingerprint_step)
+    torch.testing.assert_close(
+        torch.tensor(log["losses"]), torch.tensor(shipped["losses"][: args.fingerprint_step]), rtol=1e-4, atol=0
+    )
+    norms = log["fingerprint"]["norms"]
+    assert norms.keys() == shipped["fingerprint"]["norms"].keys() == state.keys()
+    for key, norm in shipped["fingerprint"]["norms"].items():
+        assert norms[key] == pytest.approx(norm, rel=1e-4), key
+    model, _ = build_tiny(seed=0, vision=args.vision_config())
+    pv.load_vision_weights(model, PRETRAINED_VISION)
+    assert shipped["evaluations"][-1]["step"] == args.max_steps
