@@ -6,9 +6,9 @@ trained on a frozen random tower reads only text that sits where its training te
 cannot download one, so this stage makes a small one on synthetic data, as a real pipeline has stages.
 
 Data (generated on the fly, deterministic given the seed): light, cluttered backgrounds (the synthetic benchmark's
-`_light` / `_clutter`) of random size (sides not multiples of 28 px, aspect up to 5), 0-3 dark strings of capitals
-and digits at random pixel positions and several font sizes. Every image goes through the model's own
-`NativeVLImageProcessor`, so it is resampled (by 0.7-1.4x on small images) exactly as in use.
+`_light` / `_clutter`) of random size (sides not multiples of 28 px, aspect up to 5), 0 to `max_strings` dark
+strings of capitals and digits at random pixel positions and several font sizes. Every image goes through the
+model's own `NativeVLImageProcessor`, so it is resampled (by 0.7-1.4x on small images) exactly as in use.
 
 Objective (dense, per merged token): each LLM-width token of the merger covers 2x2 patches of 14x14 px of the
 resampled image; a linear head reads from the token, for each of its four 14 px sub-cells, which character's ink
@@ -20,7 +20,8 @@ model of the same vision config (`load_vision_weights`).
 Collapse: a randomly initialised tower emits tokens dominated by one input-independent vector, and training the
 vision side under the LLM's loss grew it until the image vanished (`training/vision_init.py`). Here the loss reads
 each token through a linear head, so a common vector brings the loss nothing; the input-dependent share of the
-tokens is measured at the start and end of training (`input_dependent_share`) and recorded.
+tokens is measured at the start and end of training (`input_dependent_share`) and recorded. Before saving, the
+held-out tokens' per-channel mean and std are folded into the merger's last linear (`fold_standardization`).
 
 Writes `OUTPUT_DIR/vision.safetensors` (the tower, keys as in `model.model.visual`), `vision_config.json`,
 `pretrain_vision.json` (arguments, loss curve, held-out metrics, share) atomically (`runs.atomic_output_dir`).
