@@ -271,11 +271,16 @@ def head_loss(
     return sum(parts) / len(parts), logits.argmax(-1)
 
 
-@torch.no_grad()
 def evaluate_glyphs(visual, head, processor, args: PretrainVisionArguments, batch_size: int = 32) -> dict:
     """Held-out images (keys `pretrain-vision/eval/...`, never drawn in training): glyph recall (the sub-cell of a
     glyph centre predicts that glyph), recall per token (the glyph is predicted in any sub-cell of its token),
     false alarms (empty sub-cells predicting a glyph), and the input-dependent share of the tokens."""
+    return _evaluate(visual, head, processor, args, batch_size)[0]
+
+
+@torch.no_grad()
+def _evaluate(visual, head, processor, args: PretrainVisionArguments, batch_size: int = 32):
+    """`evaluate_glyphs`' metrics and the held-out tokens they were read from, (n, hidden)."""
     was_training = visual.training
     visual.eval()
     hits = token_hits = glyphs = alarms = empties = 0
@@ -294,30 +299,23 @@ def evaluate_glyphs(visual, head, processor, args: PretrainVisionArguments, batc
         alarms += int((predicted > 0)[empty].sum())
         empties += int(empty.sum())
     visual.train(was_training)
-    return {
+    tokens = torch.cat(chunks)
+    metrics = {
         "glyph_recall": hits / max(glyphs, 1),
         "token_recall": token_hits / max(glyphs, 1),
         "false_alarms": alarms / max(empties, 1),
         "glyphs": glyphs,
-        "share": input_dependent_share(torch.cat(chunks)),
+        "share": input_dependent_share(tokens),
     }
+    return metrics, tokens
 
 
 @torch.no_grad()
-def fold_standardization(visual, processor, args: PretrainVisionArguments, batch_size: int = 32) -> dict:
-    """Folds the per-channel mean and std of the tokens of the held-out images into the merger's last linear
-    (W / std, (b - mean) / std), in place: the tower then emits the standardised tokens its head was trained on,
-    and an LLM receives them centred, at unit variance per channel. Returns the folded statistics' summary."""
-    was_training = visual.training
-    visual.eval()
-    keys = [f"pretrain-vision/eval/{args.seed}/{i}" for i in range(args.eval_images)]
-    tokens = torch.cat(
-        [
-            visual(*make_batch(keys[s : s + batch_size], processor, args)[:2]).pooler_output
-            for s in range(0, len(keys), batch_size)
-        ]
-    )  # (n, hidden)
-    visual.train(was_training)
+def fold_standardization(visual, tokens: torch.Tensor) -> dict:
+    """Folds the per-channel mean and std of `tokens` (n, hidden), the tower's tokens of the held-out images, into
+    the merger's last linear (W / std, (b - mean) / std), in place: the tower then emits the standardised tokens its
+    head was trained on, and an LLM receives them centred, at unit variance per channel. Returns the folded
+    statistics' summary."""
     mean, std = tokens.mean(0), tokens.std(0).clamp_min(1e-8)  # (hidden,)
     layer = visual.merger.mlp[-1]
     layer.weight.div_(std.unsqueeze(1))
@@ -413,7 +411,7 @@ def pretrain(args: PretrainVisionArguments, stop_after: int | None = None) -> tu
         if done == args.fingerprint_step:
             log["fingerprint"] = {"step": done, "norms": {k: float(v.norm()) for k, v in visual.state_dict().items()}}
         if done == stop_after:
-            return {k: v.detach().clone().contiguous() for k, v in visual.state_dict().items()}, log
+            return _state(visual), log
         if args.log_every and done % args.log_every == 0:
             recent = log["losses"][-args.log_every :]
             print(f"step {done}: loss {sum(recent) / len(recent):.4f} ({time.monotonic() - start:.0f} s)", flush=True)
@@ -421,11 +419,17 @@ def pretrain(args: PretrainVisionArguments, stop_after: int | None = None) -> tu
             log["evaluations"].append({"step": done} | evaluate_glyphs(visual, head, processor, args))
             print(f"step {done}: {_metrics(log['evaluations'][-1])}", flush=True)
     log["train_seconds"] = round(time.monotonic() - start, 1)
-    log["evaluations"].append({"step": args.max_steps} | evaluate_glyphs(visual, head, processor, args))
-    print(f"step {args.max_steps}: {_metrics(log['evaluations'][-1])}", flush=True)
+    metrics, tokens = _evaluate(visual, head, processor, args)
+    log["evaluations"].append({"step": args.max_steps} | metrics)
+    print(f"step {args.max_steps}: {_metrics(metrics)}", flush=True)
     if args.standardize_tokens and args.fold_standardization:
-        log["folded_standardization"] = fold_standardization(visual, processor, args)
-    return {k: v.detach().clone().contiguous() for k, v in visual.state_dict().items()}, log
+        log["folded_standardization"] = fold_standardization(visual, tokens)  # the tokens just scored
+    return _state(visual), log
+
+
+def _state(visual) -> dict:
+    """The tower's tensors, detached copies (what `save` writes)."""
+    return {k: v.detach().clone().contiguous() for k, v in visual.state_dict().items()}
 
 
 def _metrics(e: dict) -> str:
