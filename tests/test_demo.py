@@ -1,5 +1,6 @@
 """`nativevl demo` end to end on a minimal budget: every output exists and parses, and the training follows the
-`tiny_scratch` recipe (nothing overridden but the step count)."""
+demo's recipe (`tiny_from_stage0` from the shipped tower, `tiny_scratch` with `--from-scratch`; nothing overridden
+but the step count)."""
 
 import json
 import runpy
@@ -48,9 +49,12 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     records = load_records(out / "data" / "test" / "data.jsonl")
     assert any(r["width"] % 28 or r["height"] % 28 for r in records)
     assert len({(r["text_box"][0] - 2) % 28 for r in records if r["kind"] == "rc"}) > 3
-    # the recipe's frozen vision side: the ViT as initialised, the merger's output bias moved by the centring only
-    vision = [k for k in init if ".visual." in k]
-    assert vision and all(init[k].equal(final[k]) for k in vision if not k.endswith("merger.mlp.2.bias"))
+    # the tiny_from_stage0 recipe: the ViT as pre-trained, the merger and the LLM trained
+    assert training["recipe"] == "tiny_from_stage0.yaml" and "(tiny_from_stage0.yaml)" in printed
+    vit = [k for k in init if ".visual." in k and ".merger." not in k]
+    merger = [k for k in init if ".visual.merger." in k and not k.endswith("merger.mlp.2.bias")]
+    assert vit and all(init[k].equal(final[k]) for k in vit)
+    assert merger and not any(init[k].equal(final[k]) for k in merger)
     assert not all(init[k].equal(final[k]) for k in init if ".visual." not in k)  # the LLM trained
 
     # experiments/modes/compare_modes.py on this demo: one model per mode, from the demo's init, scored in its own mode
@@ -78,6 +82,11 @@ def test_from_scratch_keeps_the_random_tower_and_the_text_on_the_token_grid(tmp_
     records = load_records(out / "data" / "test" / "data.jsonl")
     assert all(r["width"] % 28 == 0 and r["height"] % 28 == 0 for r in records)  # never resampled
     assert {(r["text_box"][0] - 2) % 28 for r in records if r["kind"] == "rc"} == {0}  # on the merged-token grid
+    # the tiny_scratch recipe: the random vision side frozen, the merger's output bias moved by the centring only
+    assert json.loads((out / "summary.json").read_text())["training"]["recipe"] == "tiny_scratch.yaml"
+    init, final = (load_file(out / name / "model.safetensors") for name in ("init", "train/final"))
+    vision = [k for k in init if ".visual." in k]
+    assert vision and all(init[k].equal(final[k]) for k in vision if not k.endswith("merger.mlp.2.bias"))
     init = load_file(out / "init" / "model.safetensors")
     assert init["model.visual.patch_embed.proj.weight"].shape[0] == 64  # build_tiny's random tower
     capsys.readouterr()

@@ -66,3 +66,21 @@ def test_probe_fallback_head_features_equal_the_teacher_forced_coarse_pass(granu
         torch.testing.assert_close(features[b], expected, atol=1e-5, rtol=1e-5)
     score = probe["fit_head"](features, torch.tensor([1.0, 0.0]), hidden=0, steps=50)
     assert score(features)[0] > score(features)[1]  # two points, one logistic head: separated
+
+
+def test_demo_variant_builds_the_changed_llm_and_appends_the_training_options(monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    import nativevl.demo as demo
+
+    monkeypatch.setattr(demo, "build_tiny", demo.build_tiny)  # restored after the test
+    seen = []
+    monkeypatch.setattr(demo, "train_for", lambda argv, seconds: seen.append((argv, seconds)))
+    script = Path(__file__).resolve().parent.parent / "experiments" / "reading" / "demo_variant.py"
+    variant = runpy.run_path(str(script))
+    variant["patch"]({"position_scheme": "1d", "num_hidden_layers": 3}, ["--merger_lr", "3e-4"])
+    model, _ = demo.build_tiny(seed=0)
+    assert model.config.position_scheme == "1d" and model.config.text_config.num_hidden_layers == 3
+    demo.train_for(["recipe.yaml", "--max_steps", "5"], 60.0)
+    assert seen == [(["recipe.yaml", "--max_steps", "5", "--merger_lr", "3e-4"], 60.0)]

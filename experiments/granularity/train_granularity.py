@@ -87,6 +87,7 @@ def feedback_summary(trainer, jsonl: Path, limit: int, batch_size: int = 16) -> 
 def item_options(args: argparse.Namespace) -> dict:
     """The `generate_benchmark` keyword arguments of the items given on the command line."""
     items = {"rc_contents": args.rc_contents, "rc_placement": args.rc_placement, "text_size": args.text_size}
+    items |= {"min_side": args.min_side} if args.min_side is not None else {}
     return items | {"scale": args.scale, "snap": 28 if args.snap else None}
 
 
@@ -146,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-size", type=float, default=None, help="RC font size in px (default: the scale's)")
     parser.add_argument("--rc-placement", choices=RC_PLACEMENTS, default="random", help="where RC text is drawn")
     parser.add_argument("--scale", type=float, default=SCALE, help="linear scale of the synthetic images")
+    parser.add_argument(
+        "--min-side", type=int, default=None, help="shortest image side in px (the demo's text-anywhere items: 22)"
+    )
     parser.add_argument(
         "--snap", action="store_true", help="image sides multiples of 28 px and min_pixels 28x28: no resampling"
     )

@@ -26,11 +26,11 @@ from nativevl.demo import (
     EVALUATION,
     EXTREMES,
     RUN_FILE,
-    SCRATCH_RECIPE,
     SETTINGS,
     _num,
     pooled_extremes,
     rc_summary,
+    recipe_for,
     run_row,
     train_for,
 )
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default: <demo>/modes)")
     args = parser.parse_args(argv)
     demo = Path(args.demo)
-    options = json.loads((demo / RUN_FILE).read_text())  # the demo's steps and seed
+    options = json.loads((demo / RUN_FILE).read_text())  # the demo's steps, seed and tower (its recipe)
     steps, seed = args.steps or options["steps"], options["seed"]
     out = Path(args.out) if args.out else demo / "modes"
     test = demo / "data" / "test" / "data.jsonl"
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes:
         print(f"training a {mode}-mode model for {steps} steps (seed {seed}) ...", flush=True)
         init = mode_init(demo, mode, out / mode / "init")
-        argv = [str(SCRATCH_RECIPE), "--model_name_or_path", str(init), "--image_mode", mode]
+        argv = [str(recipe_for(options.get("vision_init"))), "--model_name_or_path", str(init), "--image_mode", mode]
         argv += [
             "--dataset_path",
             str(demo / "data" / "train" / "train.jsonl"),
