@@ -214,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps (16 samples each)")
     parser.add_argument("--max-minutes", type=float, default=30.0, help="wall-clock cap on training (minutes)")
     parser.add_argument(
-        "--train-per-cell", type=int, default=TRAIN_PER_CELL, help="training items per cell and kind (35 cells, 2 kinds)"
+        "--train-per-cell",
+        type=int,
+        default=TRAIN_PER_CELL,
+        help="training items per cell and kind (35 cells, 2 kinds)",
     )
     parser.add_argument("--test-per-cell", type=int, default=4, help="held-out items per cell and kind")
     parser.add_argument("--seed", type=int, default=0)
