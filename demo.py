@@ -88,10 +88,10 @@ SETTINGS = {
     "blank": dict(mode="native", blank_images=True),
 }
 EVALUATION = dict(batch_size=16, max_new_tokens=16, progress=False, overwrite=True)
-# 25200 training items: each seen about 3 times in 4500 steps; at 120 per cell (9 passes) the model fits its training
+# 25200 training items: each seen about 3 times in 4500 steps (1.7 in the default 2700); at 120 per cell (9 passes) the model fits its training
 # items (RC 86% on them) far better than it reads new ones (64%) (experiments/reading/README.md)
 TRAIN_PER_CELL = 360
-DEFAULT_STEPS = 4500  # on the reference machine (2 cores), from the shipped tower: 7.0 steps/s, 11 minutes in all
+DEFAULT_STEPS = 2700  # on the reference machine (2 cores): about 4.2 steps/s, at most 15 minutes in all
 RUN_FILE = "demo_run.json"  # the options of the demo that wrote an --out folder (`nativevl.runs.check_fingerprint`)
 EXTREMES = {"large area (E, F, G)": ("area", ("E", "F", "G")), "extreme aspect (BH, BW)": ("aspect", ("BH", "BW"))}
 
