@@ -17,7 +17,7 @@
    with native minus fixed, and the heatmap paths (the native-minus-fixed heatmap of RC items is NativeRes-LLaVA's
    figure). Every figure printed is measured in this run.
 
-    nativevl demo                       # about 15 minutes on 2 cores, writes ./nativevl-demo
+    nativevl demo                       # about 13 minutes on 2 cores, writes ./nativevl-demo
     nativevl demo --steps 300 --out /tmp/demo
     nativevl demo --vision-init stage0  # from another `python -m nativevl.training.pretrain_vision` tower
     nativevl demo --from-scratch        # the random frozen tower, text on the 28 px token grid (for comparison)
@@ -91,7 +91,7 @@ EVALUATION = dict(batch_size=16, max_new_tokens=16, progress=False, overwrite=Tr
 # 25200 training items, each seen 1.7 times in the default 2700 steps: at 120 per cell and 4500 steps (9 passes) the
 # model fits its training items (RC 86% on them) far better than it reads new ones (64%; experiments/reading/README.md)
 TRAIN_PER_CELL = 360
-DEFAULT_STEPS = 2700  # on the reference machine (2 cores): about 4.2 steps/s, at most 15 minutes in all
+DEFAULT_STEPS = 2700  # on the reference machine (2 cores): 3.8 steps/s, 13 minutes in all (the budget: 15)
 RUN_FILE = "demo_run.json"  # the options of the demo that wrote an --out folder (`nativevl.runs.check_fingerprint`)
 EXTREMES = {"large area (E, F, G)": ("area", ("E", "F", "G")), "extreme aspect (BH, BW)": ("aspect", ("BH", "BW"))}
 
