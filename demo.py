@@ -133,17 +133,23 @@ def train(
     count) through the `nativevl train` path, stopping early after `max_seconds`; returns the final folder.
     `vision_init`: a pre-trained tower (`training/pretrain_vision.py` output folder) the model starts from, its
     vision config included; None: the random tower of `build_tiny`."""
-    vision = None if vision_init is None else json.loads((Path(vision_init) / VISION_CONFIG_FILE).read_text())
-    model, processor = build_tiny(seed=seed, max_pixels=448 * 448, vision=vision)
-    if vision_init is not None:
-        load_vision_weights(model, vision_init)
-    save_folder(model, processor, out / "init", overwrite=True)
+    save_folder(*initial_model(seed, vision_init), out / "init", overwrite=True)
     recipe = recipe_for(vision_init)
     argv = [str(recipe), "--model_name_or_path", str(out / "init"), "--dataset_path", str(train_jsonl)]
     argv += ["--output_dir", str(out / "train"), "--max_steps", str(steps), "--seed", str(seed), "--overwrite", "true"]
     trainer, final, stats = train_for(argv, max_seconds)
     stats["fill_rate"] = trainer.data_collator.fill_rate
     return final, stats | {"recipe": recipe.name}
+
+
+def initial_model(seed: int, vision_init: str | Path | None = None):
+    """The demo's fresh tiny model and processor: `build_tiny`'s, with the pre-trained tower in `vision_init` (its
+    vision config and weights) when given."""
+    vision = None if vision_init is None else json.loads((Path(vision_init) / VISION_CONFIG_FILE).read_text())
+    model, processor = build_tiny(seed=seed, max_pixels=448 * 448, vision=vision)
+    if vision_init is not None:
+        load_vision_weights(model, vision_init)
+    return model, processor
 
 
 def recipe_for(vision_init: str | None) -> Path:

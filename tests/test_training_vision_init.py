@@ -62,19 +62,19 @@ def test_training_images_are_a_seeded_sample_of_all_the_data():
     assert training_images([{"images": []}], 4) == []
 
 
-def share_after_training(tmp_path, jsonl, images, steps: int, *overrides: str) -> float:
-    """Input-dependent share of the vision tokens of `images` before and after `steps` steps of the
-    `tiny_scratch` recipe (with `overrides`) from a fresh tiny model."""
+def share_after_training(tmp_path, jsonl, images, steps: int, *overrides: str, recipe=SCRATCH_RECIPE, init=None):
+    """Input-dependent share of the vision tokens of `images` after `steps` steps of `recipe` (with `overrides`)
+    from `init` (a model and its processor; default: a fresh tiny model), and the trainer."""
     from nativevl.conversion.export import save_folder
 
-    save_folder(*build_tiny(seed=0, max_pixels=448 * 448), tmp_path / "init", overwrite=True)
-    argv = [str(SCRATCH_RECIPE), "--model_name_or_path", str(tmp_path / "init"), "--dataset_path", str(jsonl)]
+    save_folder(*(init or build_tiny(seed=0, max_pixels=448 * 448)), tmp_path / "init", overwrite=True)
+    argv = [str(recipe), "--model_name_or_path", str(tmp_path / "init"), "--dataset_path", str(jsonl)]
     argv += ["--output_dir", str(tmp_path / "out"), "--max_steps", str(steps), "--logging_steps", "1000"]
     argv += ["--per_device_train_batch_size", "8"]
     trainer = build_trainer(*parse([*argv, *overrides]))
     processor = NativeVLProcessor.from_pretrained(tmp_path / "init")
     trainer.train()
-    return input_dependent_share(vision_tokens(trainer.model, processor, images))
+    return input_dependent_share(vision_tokens(trainer.model, processor, images)), trainer
 
 
 def test_recipe_keeps_the_vision_tokens_input_dependent_where_a_trained_vision_side_collapses(tmp_path, reading_data):
@@ -83,10 +83,10 @@ def test_recipe_keeps_the_vision_tokens_input_dependent_where_a_trained_vision_s
     whose input-dependent share is ~0.1% (measured: 1.4% at the random init, 0.1% after 20 steps), while the
     recipe's centred frozen vision side keeps ~11%."""
     jsonl, _, rc_images = reading_data
-    recipe = share_after_training(tmp_path / "recipe", jsonl, rc_images, 30)
+    recipe, _ = share_after_training(tmp_path / "recipe", jsonl, rc_images, 30)
     trained = ["--train_vision_tower", "true", "--train_merger", "true", "--train_projector", "true"]
     trained += ["--vision_tower_lr", "1e-3", "--merger_lr", "1e-3", "--center_vision_tokens", "0"]
-    collapsed = share_after_training(tmp_path / "trained", jsonl, rc_images, 30, *trained)
+    collapsed, _ = share_after_training(tmp_path / "trained", jsonl, rc_images, 30, *trained)
     assert recipe > 0.05 and collapsed < 0.01, (recipe, collapsed)
 
 
@@ -96,23 +96,15 @@ def test_demo_recipe_keeps_the_pretrained_towers_tokens_input_dependent(tmp_path
     about half of their energy stays input-dependent: measured 97.8% -> 51.2% in these 30 steps, and 97.7% -> 48.3%
     / 43.9% at the end of the demo's 2700 / 4500 steps (held-out RC images), which read 46.4 / 76.4. A collapse, as
     the random tower's under a trained vision side (the test above), ends below 1%."""
-    from nativevl.conversion.export import save_folder
-    from nativevl.demo import PRETRAINED_VISION, RECIPE
-    from nativevl.training.pretrain_vision import CONFIG_FILE, load_vision_weights
+    from nativevl.demo import PRETRAINED_VISION, RECIPE, initial_model
 
     jsonl, _, rc_images = reading_data
-    vision = __import__("json").loads((PRETRAINED_VISION / CONFIG_FILE).read_text())
-    model, processor = build_tiny(seed=0, max_pixels=448 * 448, vision=vision)
-    load_vision_weights(model, PRETRAINED_VISION)
+    model, processor = initial_model(seed=0, vision_init=PRETRAINED_VISION)
     before = input_dependent_share(vision_tokens(model, processor, rc_images))
-    save_folder(model, processor, tmp_path / "init", overwrite=True)
-    argv = [str(RECIPE), "--model_name_or_path", str(tmp_path / "init"), "--dataset_path", str(jsonl)]
-    argv += ["--output_dir", str(tmp_path / "out"), "--max_steps", "30", "--logging_steps", "1000"]
-    argv += ["--per_device_train_batch_size", "8", "--warmup_steps", "0"]
-    trainer = build_trainer(*parse(argv))
-    merger = {k: v.clone() for k, v in trainer.model.model.visual.merger.state_dict().items()}
-    trainer.train()
-    after = input_dependent_share(vision_tokens(trainer.model, processor, rc_images))
+    merger = {k: v.clone() for k, v in model.model.visual.merger.state_dict().items()}
+    after, trainer = share_after_training(
+        tmp_path, jsonl, rc_images, 30, "--warmup_steps", "0", recipe=RECIPE, init=(model, processor)
+    )
     moved = [k for k, v in trainer.model.model.visual.merger.state_dict().items() if not v.equal(merger[k])]
     assert len(moved) == len(merger), "the recipe trains every merger tensor"
     assert before > 0.9 and after > 0.25, (before, after)
