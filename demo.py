@@ -88,10 +88,12 @@ SETTINGS = {
     "blank": dict(mode="native", blank_images=True),
 }
 EVALUATION = dict(batch_size=16, max_new_tokens=16, progress=False, overwrite=True)
-# 25200 training items, each seen 1.7 times in the default 2700 steps: at 120 per cell and 4500 steps (9 passes) the
-# model fits its training items (RC 86% on them) far better than it reads new ones (64%; experiments/reading/README.md)
+# 12600 RC training items: at 120 per cell and 4500 steps (9 passes) the model fits its training items (RC 86% on
+# them) far better than it reads new ones (64%; experiments/reading/README.md). SC (the main colour) is learnt from
+# far fewer: a third as many SC items puts three of every four steps' samples on reading.
 TRAIN_PER_CELL = 360
-DEFAULT_STEPS = 2700  # on the reference machine (2 cores): 3.8 steps/s, 13 minutes in all (the budget: 15)
+SC_SHARE = 1 / 3  # SC training items per RC item, the default of --train-sc-per-cell
+DEFAULT_STEPS = 2900  # on the reference machine (2 cores): 4.0 steps/s, about 13 minutes in all (the budget: 15)
 RUN_FILE = "demo_run.json"  # the options of the demo that wrote an --out folder (`nativevl.runs.check_fingerprint`)
 EXTREMES = {"large area (E, F, G)": ("area", ("E", "F", "G")), "extreme aspect (BH, BW)": ("aspect", ("BH", "BW"))}
 
@@ -111,9 +113,12 @@ class WallClockCap(TrainerCallback):
         return control
 
 
-def write_training_set(folder: Path, per_cell: int, seed: int, scale: float = SCALE, **benchmark) -> Path:
-    """The synthetic benchmark generator's items as TRL conversational examples (`train.jsonl`); `benchmark`:
-    further keyword arguments of `generate_benchmark` (e.g. `rc_contents`, `text_size`)."""
+def write_training_set(
+    folder: Path, per_cell: int | dict[str, int], seed: int, scale: float = SCALE, **benchmark
+) -> Path:
+    """The synthetic benchmark generator's items as TRL conversational examples (`train.jsonl`); `per_cell`: items
+    per cell of each kind, or {kind: count}; `benchmark`: further keyword arguments of `generate_benchmark` (e.g.
+    `rc_contents`, `text_size`)."""
     data = generate_benchmark(folder, per_cell=per_cell, seed=seed, scale=scale, **benchmark)
     out = folder / "train.jsonl"
     with open(out, "w") as f:
@@ -223,7 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         "--train-per-cell",
         type=int,
         default=TRAIN_PER_CELL,
-        help="training items per cell and kind (35 cells, 2 kinds)",
+        help="RC (reading) training items per cell (35 cells)",
+    )
+    parser.add_argument(
+        "--train-sc-per-cell",
+        type=int,
+        default=None,
+        help=f"SC (main colour) training items per cell; default: {SC_SHARE:.2g} of --train-per-cell (at least 1)",
     )
     parser.add_argument("--test-per-cell", type=int, default=4, help="held-out items per cell and kind")
     parser.add_argument("--seed", type=int, default=0)
@@ -245,9 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.max_minutes <= 0:
         parser.error(f"--steps must be >= 1 and --max-minutes positive, got {args.steps} and {args.max_minutes}")
-    if args.train_per_cell < 1 or args.test_per_cell < 1:
+    if args.train_sc_per_cell is None:
+        args.train_sc_per_cell = max(1, round(args.train_per_cell * SC_SHARE))
+    if min(args.train_per_cell, args.train_sc_per_cell, args.test_per_cell) < 1:
         parser.error(
-            f"--train-per-cell and --test-per-cell must be >= 1, got {args.train_per_cell}, {args.test_per_cell}"
+            "--train-per-cell, --train-sc-per-cell and --test-per-cell must be >= 1, got "
+            f"{args.train_per_cell}, {args.train_sc_per_cell}, {args.test_per_cell}"
         )
     tower = None if args.from_scratch else Path(args.vision_init or PRETRAINED_VISION)
     if tower is not None and not (tower / VISION_CONFIG_FILE).is_file():
@@ -259,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     if foreign and not args.overwrite:
         raise RunFolderError(f"--out {out} is not empty and not a demo folder (no {RUN_FILE}); --overwrite uses it")
     with RunLock(out):
-        options = {k: getattr(args, k) for k in ("steps", "max_minutes", "train_per_cell", "test_per_cell", "seed")}
+        names = ("steps", "max_minutes", "train_per_cell", "train_sc_per_cell", "test_per_cell", "seed")
+        options = {k: getattr(args, k) for k in names}
         if not args.from_scratch:  # (absent from scratch: folders of earlier from-scratch demos keep theirs)
             args.vision_init = str(tower.resolve())
             options["vision_init"] = args.vision_init
@@ -274,12 +289,17 @@ def run_demo(out: Path, args: argparse.Namespace) -> int:
 
     reading = READING if args.from_scratch else READING_ANYWHERE
     print(f"[1/4] generating data in {out / 'data'} ...", flush=True)
-    train_jsonl = write_training_set(out / "data" / "train", args.train_per_cell, args.seed, **reading)
+    per_cell = {"rc": args.train_per_cell, "sc": args.train_sc_per_cell}
+    train_jsonl = write_training_set(out / "data" / "train", per_cell, args.seed, **reading)
     test_jsonl = generate_benchmark(
         out / "data" / "test", per_cell=args.test_per_cell, seed=args.seed + 1, scale=SCALE, **reading
     )
     n_train, records = sum(1 for _ in open(train_jsonl)), load_records(test_jsonl)
-    print(f"      {n_train} training items, {len(records)} held-out items (35 cells x 2 kinds)", flush=True)
+    print(
+        f"      {n_train} training items ({args.train_per_cell} RC and {args.train_sc_per_cell} SC per cell), "
+        f"{len(records)} held-out items (35 cells x 2 kinds)",
+        flush=True,
+    )
 
     print(f"[2/4] training a fresh model for {args.steps} steps ({recipe_for(args.vision_init).name}) ...", flush=True)
     final, stats = train(out, train_jsonl, args.steps, args.max_minutes * 60, args.seed, args.vision_init)

@@ -30,7 +30,7 @@ import json
 import math
 import random
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -286,7 +286,7 @@ def make_item(
 
 def generate_benchmark(
     out_dir: str | Path,
-    per_cell: int = 50,
+    per_cell: int | Mapping[str, int] = 50,
     seed: int = 0,
     kinds: Sequence[str] = KINDS,
     max_area: float | None = None,
@@ -297,7 +297,8 @@ def generate_benchmark(
     snap: int | None = None,
     min_side: int = 1,
 ) -> Path:
-    """Writes `per_cell` items of each kind for each of the 35 cells to `out_dir`: PNGs under `images/` and
+    """Writes `per_cell` items of each kind (an int, or {kind: count}: e.g. fewer of the easy SC items in a
+    training set) for each of the 35 cells to `out_dir`: PNGs under `images/` and
     `data.jsonl` (fields id, image (relative to the jsonl), question, answers, metric, kind, width, height,
     nominal_width, nominal_height, area_bin, aspect_bin, content, and text_box for "rc"). Returns the jsonl path.
 
@@ -315,21 +316,25 @@ def generate_benchmark(
     leaves the previous benchmark (or none) and a rerun never mixes old and new files. An existing `out_dir` is
     replaced when it is a benchmark (holds `data.jsonl`); any other non-empty folder is refused.
     """
-    if per_cell < 1 or scale <= 0:
-        raise ValueError(f"per_cell must be >= 1 and scale > 0, got per_cell={per_cell} scale={scale}")
+    if bad := [k for k in kinds if k not in KINDS]:
+        raise ValueError(f"unknown kinds {bad}; expected a subset of {KINDS}")
+    counts = dict(per_cell) if isinstance(per_cell, Mapping) else dict.fromkeys(kinds, per_cell)
+    if set(counts) != set(kinds) or any(not isinstance(n, int) or n < 1 for n in counts.values()) or scale <= 0:
+        raise ValueError(
+            f"per_cell must be an int >= 1, or one for each of the kinds {tuple(kinds)}, and scale > 0; got "
+            f"per_cell={per_cell} scale={scale}"
+        )
     if snap is not None and snap < 1:
         raise ValueError(f"snap must be a positive number of px, got {snap}")
     if min_side < 1:
         raise ValueError(f"min_side must be a positive number of px, got {min_side}")
-    if bad := [k for k in kinds if k not in KINDS]:
-        raise ValueError(f"unknown kinds {bad}; expected a subset of {KINDS}")
     text_size = default_text_size(scale) if text_size is None else text_size
     out_dir = Path(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "data.jsonl").is_file():
         raise ValueError(f"{out_dir} is not empty and holds no data.jsonl: not a benchmark to replace")
     with atomic_output_dir(out_dir, overwrite=True) as tmp:
         lines = _write_items(
-            tmp, per_cell, seed, kinds, max_area, scale, text_size, rc_contents, rc_placement, snap, min_side
+            tmp, counts, seed, kinds, max_area, scale, text_size, rc_contents, rc_placement, snap, min_side
         )
         (tmp / "data.jsonl").write_text("\n".join(lines) + "\n")
     return out_dir / "data.jsonl"
@@ -337,7 +342,7 @@ def generate_benchmark(
 
 def _write_items(
     out_dir: Path,
-    per_cell: int,
+    per_cell: Mapping[str, int],
     seed: int,
     kinds: Sequence[str],
     max_area: float | None,
@@ -348,19 +353,20 @@ def _write_items(
     snap: int | None,
     min_side: int = 1,
 ) -> list[str]:
-    """Saves the images of `generate_benchmark` under `out_dir / "images"`; returns the data.jsonl lines."""
+    """Saves the images of `generate_benchmark` under `out_dir / "images"` (`per_cell`: items per cell of each
+    kind); returns the data.jsonl lines."""
     (out_dir / "images").mkdir()
     lines = []
     for area in AREA_BINS:
         for aspect in ASPECT_BINS:
-            for index in range(per_cell):
+            for index in range(max(per_cell[kind] for kind in kinds)):
                 key = f"nativevl-synth-rc/{seed}/{area}/{aspect}/{index}"
                 nominal_w, nominal_h = sample_cell_size(area, aspect, random.Random(key), max_area)
                 width, height = max(1, round(nominal_w * scale)), max(1, round(nominal_h * scale))
                 if snap:
                     width, height = max(snap, round(width / snap) * snap), max(snap, round(height / snap) * snap)
                 width, height = max(min_side, width), max(min_side, height)
-                for kind in kinds:
+                for kind in (k for k in kinds if index < per_cell[k]):
                     image, record = make_item(
                         kind, width, height, random.Random(f"{key}/{kind}"), text_size, rc_contents, rc_placement
                     )

@@ -46,6 +46,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     init, final = (load_file(out / name / "model.safetensors") for name in ("init", "train/final"))
     for key, value in load_file(PRETRAINED_VISION / "vision.safetensors").items():
         assert init[f"model.visual.{key}"].equal(value), key
+    # fewer SC than RC training items (a third by default, at least 1 per cell); the held-out set keeps both at 1
+    kinds = [row["id"].rsplit("-", 1)[1] for row in map(json.loads, open(out / "data" / "train" / "train.jsonl"))]
+    assert (kinds.count("rc"), kinds.count("sc")) == (70, 35) and "(2 RC and 1 SC per cell)" in printed
     records = load_records(out / "data" / "test" / "data.jsonl")
     assert any(r["width"] % 28 or r["height"] % 28 for r in records)
     assert len({(r["text_box"][0] - 2) % 28 for r in records if r["kind"] == "rc"}) > 3

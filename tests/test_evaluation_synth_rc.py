@@ -47,6 +47,24 @@ def test_deterministic_for_a_seed(bench, tmp_path):
     assert other.read_bytes() != bench.read_bytes()
 
 
+def test_per_kind_counts_keep_the_same_items(bench, tmp_path):
+    # {kind: count}: fewer SC items than RC ones; every item is the one the int form writes at its index
+    fewer = generate_benchmark(tmp_path / "d", per_cell={"rc": PER_CELL, "sc": 1}, seed=3, scale=SCALE)
+    rows = {r["id"]: r for r in load_benchmark(fewer)}
+    assert sum(r["kind"] == "rc" for r in rows.values()) == 35 * PER_CELL
+    assert sum(r["kind"] == "sc" for r in rows.values()) == 35
+    full = {r["id"]: r for r in load_benchmark(bench)}
+    for item_id, row in rows.items():
+        assert open(row["image_path"], "rb").read() == open(full[item_id]["image_path"], "rb").read()
+        assert {k: v for k, v in row.items() if k != "image_path"} == {
+            k: v for k, v in full[item_id].items() if k != "image_path"
+        }
+    assert not any(r["kind"] == "sc" and not r["id"].endswith("-000-sc") for r in rows.values())
+    for bad in ({"rc": 1}, {"rc": 1, "sc": 0}, {"rc": 1, "sc": 1, "xx": 1}, 0):
+        with pytest.raises(ValueError, match="per_cell must be"):
+            generate_benchmark(tmp_path / "e", per_cell=bad)
+
+
 def test_balanced_over_cells_and_kinds(bench):
     records = load_benchmark(bench)
     counts = Counter((r["area_bin"], r["aspect_bin"], r["kind"]) for r in records)
