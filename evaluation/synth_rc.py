@@ -28,6 +28,7 @@ Example (35 cells x 1 item x 2 kinds at 1/8 linear scale, under a second)::
 import functools
 import json
 import math
+import numbers
 import random
 import string
 from collections.abc import Mapping, Sequence
@@ -319,7 +320,11 @@ def generate_benchmark(
     if bad := [k for k in kinds if k not in KINDS]:
         raise ValueError(f"unknown kinds {bad}; expected a subset of {KINDS}")
     counts = dict(per_cell) if isinstance(per_cell, Mapping) else dict.fromkeys(kinds, per_cell)
-    if set(counts) != set(kinds) or any(not isinstance(n, int) or n < 1 for n in counts.values()) or scale <= 0:
+    if (
+        set(counts) != set(kinds)
+        or any(not isinstance(n, numbers.Integral) or n < 1 for n in counts.values())
+        or scale <= 0
+    ):
         raise ValueError(
             f"per_cell must be an int >= 1, or one for each of the kinds {tuple(kinds)}, and scale > 0; got "
             f"per_cell={per_cell} scale={scale}"

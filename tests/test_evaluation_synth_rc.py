@@ -60,7 +60,8 @@ def test_per_kind_counts_keep_the_same_items(bench, tmp_path):
             k: v for k, v in full[item_id].items() if k != "image_path"
         }
     assert not any(r["kind"] == "sc" and not r["id"].endswith("-000-sc") for r in rows.values())
-    for bad in ({"rc": 1}, {"rc": 1, "sc": 0}, {"rc": 1, "sc": 1, "xx": 1}, 0):
+    assert load_benchmark(generate_benchmark(tmp_path / "f", per_cell=np.int64(1), kinds=("sc",), scale=SCALE))
+    for bad in ({"rc": 1}, {"rc": 1, "sc": 0}, {"rc": 1, "sc": 1, "xx": 1}, {"rc": 1.5, "sc": 1}, 0):
         with pytest.raises(ValueError, match="per_cell must be"):
             generate_benchmark(tmp_path / "e", per_cell=bad)
 
