@@ -52,6 +52,34 @@ def test_token_targets_follow_the_resampling_into_token_and_sub_cell():
     assert clash[0, 0] == pv.IGNORE  # two centres in one sub-cell: left out of the loss
 
 
+def test_two_glyph_slots_read_both_centres_of_a_sub_cell_left_to_right():
+    # B left of A in one sub-cell, 7 alone in another, three centres in a third (more than the slots: ignored)
+    glyphs = [("A", 10.0, 3.0), ("B", 2.0, 9.0), ("7", 20.0, 20.0), ("X", 30, 2), ("Y", 34, 4), ("Z", 40, 6)]
+    targets = pv.token_targets(glyphs, size=(56, 28), resized=(28, 56), slots=2)
+    assert targets.shape == (2, 4 * 2)  # 1 token row x 2 token columns, 4 sub-cells x 2 slots each
+    a, b, seven = (pv.ALPHABET.index(c) + 1 for c in "AB7")
+    expected = torch.zeros(2, 8, dtype=torch.long)
+    expected[0, 0:2] = torch.tensor([b, a])  # sub-cell (0, 0): B (x 2) then A (x 10)
+    expected[0, 6:8] = torch.tensor([seven, 0])  # sub-cell (1, 1): 7 alone, second slot empty
+    expected[1, 0:2] = pv.IGNORE  # token 1, sub-cell (0, 0): X, Y, Z
+    torch.testing.assert_close(targets, expected, rtol=0, atol=0)
+    one = pv.token_targets(glyphs, size=(56, 28), resized=(28, 56))  # one slot: the former target, unchanged
+    torch.testing.assert_close(one, torch.tensor([[pv.IGNORE, 0, 0, seven], [pv.IGNORE, 0, 0, 0]]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="slots"):
+        pv.token_targets(glyphs, size=(56, 28), resized=(28, 56), slots=0)
+
+
+def test_two_slot_pretraining_runs_with_its_wider_head(tmp_path):
+    args = tiny_args(tmp_path, glyph_slots=2)
+    visual, processor = pv.build_vision(args)
+    pixels, grids, targets = pv.make_batch([f"t/{i}" for i in range(16)], processor, args)
+    assert targets.shape == (int(grids.prod(-1).sum()) // 4, 8)
+    first, second = targets[:, 0::2], targets[:, 1::2]  # (tokens, 4) each
+    assert (second > 0).any() and ((second > 0) <= (first > 0)).all()  # a second glyph only beside a first one
+    state, log = pv.pretrain(args)
+    assert len(log["losses"]) == args.max_steps and 0 <= log["evaluations"][-1]["glyph_recall"] <= 1
+
+
 def test_glyph_images_are_deterministic_with_centres_on_ink():
     image, glyphs = pv.glyph_image(random.Random("k"), 30, 120 * 120, (14, 28))
     again, glyphs_again = pv.glyph_image(random.Random("k"), 30, 120 * 120, (14, 28))

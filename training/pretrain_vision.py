@@ -63,7 +63,7 @@ RECIPE = Path(__file__).parent / "recipes" / "tiny_stage0.yaml"  # the recipe of
 WEIGHTS_FILE = "vision.safetensors"
 CONFIG_FILE = "vision_config.json"
 LOG_FILE = "pretrain_vision.json"
-IGNORE = -100  # a sub-cell holding two glyph centres (narrow glyphs) is left out of the loss
+IGNORE = -100  # a sub-cell holding more glyph centres than the head has slots is left out of the loss
 
 
 @dataclass
@@ -117,6 +117,14 @@ class PretrainVisionArguments:
     min_text_size: int = field(default=14, metadata={"help": "smallest font size (synth_rc's 20: 14 px capitals)"})
     max_text_size: int = field(default=28, metadata={"help": "largest font size"})
     max_strings: int = field(default=3, metadata={"help": "strings per image: 0 to this many, uniform"})
+    glyph_slots: int = field(
+        default=1,
+        metadata={
+            "help": "glyph centres the head reads per 14 px sub-cell, left to right (1 or 2); a sub-cell holding more "
+            "is left out of the loss. Text of 12 px advance (the demo's digits) puts two centres in one sub-cell "
+            "at some offsets: with 1 slot the tower is never asked to describe them"
+        },
+    )
     max_pixels: int = field(default=448 * 448, metadata={"help": "the processor's max_pixels (the demo's)"})
     fingerprint_step: int = field(
         default=20,
@@ -192,37 +200,51 @@ def glyph_image(
 
 
 def token_targets(
-    glyphs: list[tuple[str, float, float]], size: tuple[int, int], resized: tuple[int, int], patch: int = 14
+    glyphs: list[tuple[str, float, float]],
+    size: tuple[int, int],
+    resized: tuple[int, int],
+    patch: int = 14,
+    slots: int = 1,
 ) -> torch.Tensor:
-    """Per merged token of an image resampled from `size` (width, height) to `resized` (height, width), the class
-    of the glyph whose ink centre lies in each of its four `patch`-px sub-cells (0: none, IGNORE: two glyphs).
+    """Per merged token of an image resampled from `size` (width, height) to `resized` (height, width), the
+    classes of the glyphs whose ink centres lie in each of its four `patch`-px sub-cells, left to right, in `slots`
+    slots per sub-cell (0: none; IGNORE in every slot of a sub-cell holding more centres than `slots`).
 
-    Returns (resized_h / 2patch * resized_w / 2patch, 4) long, tokens in raster order (the merger's order),
-    sub-cells in raster order inside the token.
+    Returns (resized_h / 2patch * resized_w / 2patch, 4 * slots) long, tokens in raster order (the merger's order),
+    sub-cells in raster order inside the token, the slots of a sub-cell side by side.
     """
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
     width, height = size
     rh, rw = resized
     rows, cols = rh // patch, rw // patch  # patches
-    cells = torch.zeros(rows, cols, dtype=torch.long)  # (rows, cols) patch grid of classes
+    found: dict[tuple[int, int], list[tuple[float, int]]] = {}  # sub-cell -> [(x, class)]
     for char, x, y in glyphs:
         r = min(rows - 1, max(0, int(y * rh / height // patch)))
         c = min(cols - 1, max(0, int(x * rw / width // patch)))
-        cells[r, c] = IGNORE if cells[r, c] != 0 else ALPHABET.index(char) + 1
-    # (rows, cols) -> (rows/2, 2, cols/2, 2) -> (rows/2, cols/2, 2, 2) -> (tokens, 4)
-    return cells.view(rows // 2, 2, cols // 2, 2).permute(0, 2, 1, 3).reshape(-1, SUB_CELLS)
+        found.setdefault((r, c), []).append((x, ALPHABET.index(char) + 1))
+    cells = torch.zeros(rows, cols, slots, dtype=torch.long)  # (rows, cols, slots) patch grid of classes
+    for (r, c), centres in found.items():
+        if len(centres) > slots:
+            cells[r, c] = IGNORE
+        else:
+            for slot, (_, cls) in enumerate(sorted(centres)):
+                cells[r, c, slot] = cls
+    # (rows, cols, slots) -> (rows/2, 2, cols/2, 2, slots) -> (rows/2, cols/2, 2, 2, slots) -> (tokens, 4 * slots)
+    return cells.view(rows // 2, 2, cols // 2, 2, slots).permute(0, 2, 1, 3, 4).reshape(-1, SUB_CELLS * slots)
 
 
 def make_batch(
     keys: list[str], processor: NativeVLImageProcessor, args: PretrainVisionArguments
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The images seeded by `keys` through `processor`: pixel_values (patches, C*T*P*P), image_grid_thw (n, 3),
-    targets (tokens, 4) long (`token_targets`, images concatenated in the order of their tokens)."""
+    targets (tokens, 4 * glyph_slots) long (`token_targets`, images concatenated in the order of their tokens)."""
     images, targets = [], []
     for key in keys:
         image, glyphs = glyph_image(random.Random(key), args.min_side, args.max_area, _sizes(args), args.max_strings)
         resized = smart_resize(image.height, image.width, 28, processor.min_pixels, processor.max_pixels)
         images.append(image)
-        targets.append(token_targets(glyphs, image.size, resized, processor.patch_size))
+        targets.append(token_targets(glyphs, image.size, resized, processor.patch_size, args.glyph_slots))
     batch = processor(images=images, return_tensors="pt")
     grids = batch["image_grid_thw"]
     for grid, target in zip(grids.tolist(), targets, strict=True):
@@ -249,23 +271,24 @@ def build_vision(args: PretrainVisionArguments):
     return visual, NativeVLImageProcessor(min_pixels=784, max_pixels=args.max_pixels)
 
 
-def glyph_head(hidden_size: int, seed: int) -> torch.nn.Linear:
-    """The linear read-out of one token: (hidden,) -> (4 sub-cells x NUM_CLASSES) logits."""
+def glyph_head(hidden_size: int, seed: int, slots: int = 1) -> torch.nn.Linear:
+    """The linear read-out of one token: (hidden,) -> (4 sub-cells x `slots` x NUM_CLASSES) logits."""
     torch.manual_seed(seed + 1)
-    return torch.nn.Linear(hidden_size, SUB_CELLS * NUM_CLASSES)
+    return torch.nn.Linear(hidden_size, SUB_CELLS * slots * NUM_CLASSES)
 
 
 def head_loss(
     tokens: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, standardize: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """tokens (n, hidden), targets (n, 4) long. Returns the mean cross-entropy over sub-cells (glyph and empty
-    sub-cells weighted equally in total, so the rare glyphs are not drowned) and the predicted classes (n, 4).
+    """tokens (n, hidden), targets (n, 4 * slots) long. Returns the mean cross-entropy over sub-cell slots (glyph
+    and empty slots weighted equally in total, so the rare glyphs are not drowned) and the predicted classes, shaped
+    as `targets`.
     `standardize`: the head reads the tokens standardised per channel over these n tokens."""
     if standardize:
         tokens = (tokens - tokens.mean(0)) / (tokens.std(0) + 1e-5)  # (n, hidden)
-    logits = head(tokens).view(-1, SUB_CELLS, NUM_CLASSES)  # (n, 4 * C) -> (n, 4, C)
-    flat, labels = logits.view(-1, NUM_CLASSES), targets.view(-1)  # (4n, C), (4n,)
-    losses = F.cross_entropy(flat, labels, ignore_index=IGNORE, reduction="none")  # (4n,)
+    logits = head(tokens).view(targets.shape[0], targets.shape[1], NUM_CLASSES)  # (n, 4 * slots * C) -> (n, 4s, C)
+    flat, labels = logits.view(-1, NUM_CLASSES), targets.view(-1)  # (4sn, C), (4sn,)
+    losses = F.cross_entropy(flat, labels, ignore_index=IGNORE, reduction="none")  # (4sn,)
     glyph, empty = labels > 0, labels == 0
     parts = [losses[m].mean() for m in (glyph, empty) if m.any()]
     return sum(parts) / len(parts), logits.argmax(-1)
@@ -362,7 +385,7 @@ def pretrain(args: PretrainVisionArguments, stop_after: int | None = None) -> tu
         raise ValueError(f"max_steps and batch_size must be >= 1, got {args.max_steps}, {args.batch_size}")
     torch.set_num_threads(args.threads)
     visual, processor = build_vision(args)
-    head = glyph_head(args.hidden_size, args.seed)
+    head = glyph_head(args.hidden_size, args.seed, args.glyph_slots)
     groups = []
     for params, lr, tower in (
         ([p for n, p in visual.named_parameters() if not n.startswith("merger.")], args.vision_tower_lr, True),

@@ -40,12 +40,11 @@ from pathlib import Path
 import torch
 
 from nativevl.conversion.export import save_folder
-from nativevl.demo import SCALE, train_for, write_training_set
+from nativevl.demo import RECIPES, SCALE, train_for, write_training_set
 from nativevl.evaluation.synth_rc import DEFAULT_RC_CONTENTS, RC_CONTENTS, RC_PLACEMENTS, generate_benchmark
 from nativevl.testing import build_tiny
 
 
-RECIPES = Path(__file__).resolve().parent.parent / "training" / "recipes"
 RGLF_PER_CELL = 20  # RGLF items per cell and kind by default (data/rglf)
 ITEMS_FILE = "items.json"  # the item options of a run's data (`--rglf-only --rglf-per-cell` writes more like them)
 COMMON = ["--max_steps", "100000", "--save_strategy", "no", "--dataloader_num_workers", "0", "--disable_tqdm", "true"]
@@ -109,18 +108,21 @@ def run_stage1(args: argparse.Namespace, out: Path, batch: list[str]) -> tuple[P
 
     if args.init_model:  # a trained model (e.g. `nativevl demo`'s): levels and a fresh router are added to it
         start, levels = args.init_model, ["--granularity", str(args.levels)]
+        # the demo's own recipe (merger at 3e-4, ViT frozen), without re-centring: a trained merger's mean token is
+        # part of what its LLM reads, and centring it away would change the reader's input
+        recipe, levels = RECIPES / "tiny_from_stage0.yaml", [*levels, "--center_vision_tokens", "0"]
         print(f"stage 1 starts from {start}, adding {args.levels} levels", flush=True)
     else:
         vision = {"depth": args.vision_depth, "embed_dim": args.vision_embed_dim}
         model, processor = build_tiny(seed=args.seed, max_pixels=448 * 448, granularity=args.levels, vision=vision)
         print(f"model: {model.num_parameters()} parameters ({args.levels} levels)", flush=True)
         save_folder(model, processor, out / "init", overwrite=True)
-        start, levels = str(out / "init"), []
-    stage1 = [str(RECIPES / "tiny_scratch.yaml"), "--model_name_or_path", start, *levels]
+        start, levels, recipe = str(out / "init"), [], RECIPES / "tiny_scratch.yaml"
+    stage1 = [str(recipe), "--model_name_or_path", start, *levels]
     stage1 += ["--dataset_path", str(train_jsonl), "--output_dir", str(out / "stage1"), *COMMON[2:], *batch]
     stage1 += ["--granularity_training", args.granularity_training, "--max_steps", str(args.stage1_steps)]
     print(
-        f"stage 1 ({args.granularity_training} levels, tiny_scratch recipe) for {args.stage1_steps} steps "
+        f"stage 1 ({args.granularity_training} levels, {recipe.stem} recipe) for {args.stage1_steps} steps "
         f"(at most {args.stage1_minutes} min) ...",
         flush=True,
     )
