@@ -12,6 +12,8 @@ most 15 points), and writes them to `--out/invariance.json`.
 
     python benchmarks/invariance.py --model nativevl-demo/train/final --out /tmp/inv
     python benchmarks/invariance.py --model nativevl-demo/train/final --out /tmp/inv --shifts 0 7 14 21 --items 70
+    # which direction matters: the text shifted right only (x) or down only (y), scales skipped
+    python benchmarks/invariance.py --model nativevl-demo/train/final --out /tmp/inv-x --shift-axes x --scales
 """
 
 import argparse
@@ -46,9 +48,12 @@ SCALES = (0.8, 0.9, 1.0, 1.1, 1.25)
 MAX_SHIFT = 27
 
 
-def shifted_item(key: str, width: int, height: int, shift: int, text_size: float, contents) -> tuple | None:
-    """The item `key` with its text `shift` px right and down of its grid position, or None when the image has
-    no room for the text at every shift 0-MAX_SHIFT. The background, text and cell depend only on `key`."""
+def shifted_item(
+    key: str, width: int, height: int, shift: int, text_size: float, contents, axes: str = "xy"
+) -> tuple | None:
+    """The item `key` with its text `shift` px right and down of its grid position (`axes` "x": right only, "y":
+    down only), or None when the image has no room for the text at every shift 0-MAX_SHIFT. The background, text
+    and cell depend only on `key`."""
     rng = random.Random(key)
     font, cap = _font(text_size), cap_height(text_size)
     image = Image.new("RGB", (width, height), _light(rng, 215))
@@ -61,8 +66,8 @@ def shifted_item(key: str, width: int, height: int, shift: int, text_size: float
     if room_x < 0 or room_y < 0:
         return None
     x0, y0, _, _ = font.getbbox(text)
-    x = TEXT_MARGIN + TILE * rng.randint(0, room_x // TILE) + shift
-    y = TEXT_MARGIN + TILE * rng.randint(0, room_y // TILE) + shift
+    x = TEXT_MARGIN + TILE * rng.randint(0, room_x // TILE) + (shift if "x" in axes else 0)
+    y = TEXT_MARGIN + TILE * rng.randint(0, room_y // TILE) + (shift if "y" in axes else 0)
     draw.text((x - x0, y - y0), text, font=font, fill=tuple(rng.randint(0, 70) for _ in range(3)))
     return image, {"question": _RC_QUESTIONS[content], "answers": [text], "content": content, "metric": "exact_match"}
 
@@ -85,12 +90,14 @@ def item_keys(items: int, seed: int, text_size: float, contents) -> list[tuple[s
     return keys
 
 
-def write_set(folder: Path, keys, shift: int, scale: float, text_size: float, contents) -> list[dict]:
-    """The items at one (shift, scale) as PNGs under `folder` and their records."""
+def write_set(
+    folder: Path, keys, shift: int, scale: float, text_size: float, contents, axes: str = "xy"
+) -> list[dict]:
+    """The items at one (shift along `axes`, scale) as PNGs under `folder` and their records."""
     folder.mkdir(parents=True, exist_ok=True)
     records = []
     for i, (key, w, h) in enumerate(keys):
-        image, record = shifted_item(key, w, h, shift, text_size, contents)
+        image, record = shifted_item(key, w, h, shift, text_size, contents, axes)
         if scale != 1.0:
             image = image.resize((round(w * scale), round(h * scale)), Image.Resampling.BICUBIC)
         path = folder / f"{i:04d}.png"
@@ -99,15 +106,17 @@ def write_set(folder: Path, keys, shift: int, scale: float, text_size: float, co
     return records
 
 
-def measure(model, processor, out: Path, items: int, seed: int, shifts, scales, batch_size: int = 16) -> dict:
-    """Accuracy (%) per shift (scale 1) and per scale (shift 0), and max - min of each."""
+def measure(
+    model, processor, out: Path, items: int, seed: int, shifts, scales, batch_size: int = 16, axes: str = "xy"
+) -> dict:
+    """Accuracy (%) per shift along `axes` (scale 1) and per scale (shift 0), and max - min of each."""
     text_size, contents = READING["text_size"], READING["rc_contents"]
     keys = item_keys(items, seed, text_size, contents)
     settings = [("shift", d, d, 1.0) for d in shifts] + [("scale", s, 0, s) for s in scales]
-    result = {"items": len(keys), "shift": {}, "scale": {}}
+    result = {"items": len(keys), "shift_axes": axes, "shift": {}, "scale": {}}
     for axis, value, shift, scale in settings:
         name = f"{axis}-{value}"
-        records = write_set(out / "data" / name, keys, shift, scale, text_size, contents)
+        records = write_set(out / "data" / name, keys, shift, scale, text_size, contents, axes)
         scores = evaluate(
             model, processor, records, out / "runs" / name, batch_size=batch_size, max_new_tokens=8,
             progress=False, overwrite=True, image_root=out / "data" / name,
@@ -127,7 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=140, help="RC items (the same at every shift and scale)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the items")
     parser.add_argument("--shifts", type=int, nargs="+", default=list(SHIFTS), help=f"px, 0-{MAX_SHIFT}")
-    parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES), help="image scale factors")
+    parser.add_argument(
+        "--shift-axes", choices=("xy", "x", "y"), default="xy",
+        help="shift the text right and down (xy, the benchmark), right only (x) or down only (y)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scales", type=float, nargs="*", default=list(SCALES), help="image scale factors (none: shifts only)"
+    )
     args = parser.parse_args(argv)
     if args.items < 1 or any(not 0 <= d <= MAX_SHIFT for d in args.shifts) or any(s <= 0 for s in args.scales):
         parser.error(f"need --items >= 1, shifts in 0-{MAX_SHIFT}, scales > 0; got {args.items}, {args.shifts}, "
@@ -137,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     processor = AutoProcessor.from_pretrained(args.model)
     out = Path(args.out)
     print(f"RC accuracy of {args.model} on {args.items} items (seed {args.seed}):", flush=True)
-    result = measure(model, processor, out, args.items, args.seed, args.shifts, args.scales)
+    result = measure(model, processor, out, args.items, args.seed, args.shifts, args.scales, axes=args.shift_axes)
     print(f"max - min over shifts: {result['shift_spread']} points; over scales: {result['scale_spread']} points")
     (out / "invariance.json").write_text(json.dumps({"model": args.model} | result, indent=2) + "\n")
     return 0

@@ -28,6 +28,10 @@ def test_a_shift_moves_the_text_by_that_many_pixels_and_nothing_else():
         assert len(ink_a) == len(ink_b) > 0
         np.testing.assert_array_equal(ink_b.min(0) - ink_a.min(0), [5, 5])  # (row, col) moved by 5 px each
         assert ((a != b).sum(0) > 0).sum() < w  # elsewhere the background is the same
+        for axes, moved_by in (("x", [0, 5]), ("y", [5, 0])):  # one direction only
+            one, _ = bench["shifted_item"](key, w, h, 5, READING["text_size"], READING["rc_contents"], axes)
+            ink = np.argwhere(np.asarray(one.convert("L"), dtype=int) < 100)
+            np.testing.assert_array_equal(ink.min(0) - ink_a.min(0), moved_by)
 
 
 def test_invariance_script_scores_a_model_per_shift_and_scale(tmp_path, capsys):
@@ -43,3 +47,7 @@ def test_invariance_script_scores_a_model_per_shift_and_scale(tmp_path, capsys):
         accs = list(result[axis].values())
         assert all(0 <= a <= 100 for a in accs) and result[f"{axis}_spread"] == max(accs) - min(accs)
     assert "max - min over shifts" in capsys.readouterr().out
+    assert main([*args[:6], "--shifts", "0", "9", "--shift-axes", "y", "--scales"]) == 0  # shifts only, down
+    result = json.loads((out / "invariance.json").read_text())
+    assert result["shift_axes"] == "y" and set(result["shift"]) == {"0", "9"} and result["scale"] == {}
+    assert result["scale_spread"] is None

@@ -202,7 +202,11 @@ def test_shipped_tower_is_what_its_recipe_trains():
 
     shipped = json.loads((PRETRAINED_VISION / pv.LOG_FILE).read_text())
     args = pv.parse([str(pv.RECIPE), "--output_dir", shipped["arguments"]["output_dir"]])
-    assert shipped["arguments"] == dataclasses.asdict(args)
+    recipe = dataclasses.asdict(args)
+    # an option added after the tower was made is absent from its log, and must sit at the default that reproduces it
+    later = {f.name: f.default for f in dataclasses.fields(args) if f.name not in shipped["arguments"]}
+    assert later.keys() <= {"glyph_slots"} and all(recipe[k] == v for k, v in later.items()), later
+    assert shipped["arguments"] == {k: v for k, v in recipe.items() if k not in later}
     assert json.loads((PRETRAINED_VISION / pv.CONFIG_FILE).read_text()) == args.vision_config()
     assert shipped["fingerprint"]["step"] == args.fingerprint_step and "folded_standardization" in shipped
     state, log = pv.pretrain(args, stop_after=args.fingerprint_step)
