@@ -69,7 +69,8 @@ def shifted_item(
     x = TEXT_MARGIN + TILE * rng.randint(0, room_x // TILE) + (shift if "x" in axes else 0)
     y = TEXT_MARGIN + TILE * rng.randint(0, room_y // TILE) + (shift if "y" in axes else 0)
     draw.text((x - x0, y - y0), text, font=font, fill=tuple(rng.randint(0, 70) for _ in range(3)))
-    return image, {"question": _RC_QUESTIONS[content], "answers": [text], "content": content, "metric": "exact_match"}
+    record = {"question": _RC_QUESTIONS[content], "answers": [text], "content": content, "metric": "exact_match"}
+    return image, record | {"text_box": [x, y, x + ink, y + cap]}  # the ink's first column and row, as synth_rc's
 
 
 def item_keys(items: int, seed: int, text_size: float, contents) -> list[tuple[str, int, int]]:

@@ -22,7 +22,9 @@ def test_a_shift_moves_the_text_by_that_many_pixels_and_nothing_else():
     for key, w, h in keys:
         base, record = bench["shifted_item"](key, w, h, 0, READING["text_size"], READING["rc_contents"])
         moved, record_moved = bench["shifted_item"](key, w, h, 5, READING["text_size"], READING["rc_contents"])
+        box, box_moved = record.pop("text_box"), record_moved.pop("text_box")
         assert record == record_moved and base.size == moved.size
+        assert [b - a for a, b in zip(box, box_moved, strict=True)] == [5, 5, 5, 5]
         a, b = (np.asarray(im.convert("L"), dtype=int) for im in (base, moved))
         ink_a, ink_b = np.argwhere(a < 100), np.argwhere(b < 100)  # the text's dark ink (backgrounds >= 175)
         assert len(ink_a) == len(ink_b) > 0

@@ -84,3 +84,29 @@ def test_demo_variant_builds_the_changed_llm_and_appends_the_training_options(mo
     assert model.config.position_scheme == "1d" and model.config.text_config.num_hidden_layers == 3
     demo.train_for(["recipe.yaml", "--max_steps", "5"], 60.0)
     assert seen == [(["recipe.yaml", "--max_steps", "5", "--merger_lr", "3e-4"], 60.0)]
+
+
+def test_glyph_columns_finds_the_centres_the_benchmark_drew():
+    """experiments/reading/glyph_columns.py: the glyph centres it computes lie on the benchmark's ink, move with the
+    shift, and its shares follow from them (by hand: the demo's digits advance 12 px, so at shift 0 the three
+    centres of a code sit in three 14 px columns, and a 6 px shift puts two of them into one)."""
+    import runpy
+    from pathlib import Path
+
+    import numpy as np
+
+    script = Path(__file__).resolve().parent.parent / "experiments" / "reading" / "glyph_columns.py"
+    glyphs = runpy.run_path(str(script))
+    bench = glyphs["BENCH"]
+    keys = bench["item_keys"](4, 0, 20, ["short_number", "short_code", "word"])
+    for key, w, h in keys:
+        image, record = bench["shifted_item"](key, w, h, 0, 20, ["short_number", "short_code", "word"])
+        gray = np.asarray(image.convert("L"), dtype=int)
+        points = glyphs["centres"](key, w, h, 0, "xy")
+        assert len(points) == len(record["answers"][0])
+        for x, y in points:  # dark ink within 6 px of each centre, on its row
+            assert gray[round(y), max(0, round(x) - 6) : round(x) + 7].min() < 100
+        moved = glyphs["centres"](key, w, h, 6, "x")
+        assert [(a + 6, b) for a, b in points] == moved
+    at0, at6 = (glyphs["shares"](keys, d, 1.0, "x") for d in (0, 6))
+    assert at0["two_in_a_column"] < at6["two_in_a_column"] and at6["two_token_rows"] == 0.0
