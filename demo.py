@@ -93,7 +93,7 @@ EVALUATION = dict(batch_size=16, max_new_tokens=16, progress=False, overwrite=Tr
 # far fewer: a third as many SC items puts three of every four steps' samples on reading.
 TRAIN_PER_CELL = 360
 SC_SHARE = 1 / 3  # SC training items per RC item, the default of --train-sc-per-cell
-DEFAULT_STEPS = 3300  # on the reference machine (2 cores), alone: 4.38 steps/s, 13.4 minutes in all (the budget: 15)
+DEFAULT_STEPS = 3300  # on the reference machine (2 cores), alone: 4.2-4.4 steps/s, 13.4-14.0 min in all (budget 15)
 RUN_FILE = "demo_run.json"  # the options of the demo that wrote an --out folder (`nativevl.runs.check_fingerprint`)
 EXTREMES = {"large area (E, F, G)": ("area", ("E", "F", "G")), "extreme aspect (BH, BW)": ("aspect", ("BH", "BW"))}
 

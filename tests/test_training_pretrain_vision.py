@@ -69,7 +69,11 @@ def test_two_glyph_slots_read_both_centres_of_a_sub_cell_left_to_right():
         pv.token_targets(glyphs, size=(56, 28), resized=(28, 56), slots=0)
 
 
-def test_two_slot_pretraining_runs_with_its_wider_head(tmp_path):
+def test_one_and_two_slot_pretraining_run_with_their_heads(tmp_path):
+    args = tiny_args(tmp_path, glyph_slots=1)
+    _, _, targets = pv.make_batch([f"t/{i}" for i in range(4)], pv.build_vision(args)[1], args)
+    assert targets.shape[1] == 4
+    assert len(pv.pretrain(args)[1]["losses"]) == args.max_steps
     args = tiny_args(tmp_path, glyph_slots=2)
     visual, processor = pv.build_vision(args)
     pixels, grids, targets = pv.make_batch([f"t/{i}" for i in range(16)], processor, args)
@@ -99,7 +103,8 @@ def test_make_batch_targets_match_the_processor_tokens(tmp_path):
     args = tiny_args(tmp_path)
     visual, processor = pv.build_vision(args)
     pixels, grids, targets = pv.make_batch([f"t/{i}" for i in range(6)], processor, args)
-    assert targets.shape == (int(grids.prod(-1).sum()) // 4, 4)
+    assert args.glyph_slots == 2  # the recipe's: two glyph centres per sub-cell
+    assert targets.shape == (int(grids.prod(-1).sum()) // 4, 4 * args.glyph_slots)
     assert visual(pixels, grids).pooler_output.shape == (targets.shape[0], args.hidden_size)
     assert (targets > 0).any()
 
@@ -136,7 +141,8 @@ def test_training_the_vit_keeps_its_tokens_input_dependent(tmp_path):
     falls; under the LLM's loss the share fell from 0.9% to 0.1% in 20 steps, tests/test_training_vision_init.py). The
     recipe's head reads tokens standardised over the batch, so shrinking their variation gains nothing: after 40
     steps of the recipe (ViT, merger and head at its lr) the held-out share must stay above 10%. Without the
-    standardisation the same 40 steps collapse it below 2%, which is what this test would catch."""
+    standardisation the same 40 steps halve it (12% -> 7% with the recipe's two glyph slots; below 2% with one), and
+    this test catches that."""
     flags = ["--output_dir", str(tmp_path / "s"), "--max_steps", "40", "--warmup_steps", "10", "--eval_images", "32"]
     args = pv.parse([str(pv.RECIPE), *flags, "--log_every", "0"])
     assert args.standardize_tokens and args.vision_tower_lr is None  # the ViT trains at the full lr
@@ -146,7 +152,7 @@ def test_training_the_vit_keeps_its_tokens_input_dependent(tmp_path):
     assert last["false_alarms"] < first["false_alarms"]  # the head learnt something: empty cells read as empty
     args.standardize_tokens = False
     _, log = pv.pretrain(args)
-    assert log["evaluations"][-1]["share"] < 0.02, log["evaluations"]
+    assert log["evaluations"][-1]["share"] < 0.10, log["evaluations"]
 
 
 def test_demo_starts_from_a_pretrained_tower_with_text_anywhere(tmp_path):
@@ -202,11 +208,7 @@ def test_shipped_tower_is_what_its_recipe_trains():
 
     shipped = json.loads((PRETRAINED_VISION / pv.LOG_FILE).read_text())
     args = pv.parse([str(pv.RECIPE), "--output_dir", shipped["arguments"]["output_dir"]])
-    recipe = dataclasses.asdict(args)
-    # an option added after the tower was made is absent from its log, and must sit at the default that reproduces it
-    later = {f.name: f.default for f in dataclasses.fields(args) if f.name not in shipped["arguments"]}
-    assert later.keys() <= {"glyph_slots"} and all(recipe[k] == v for k, v in later.items()), later
-    assert shipped["arguments"] == {k: v for k, v in recipe.items() if k not in later}
+    assert shipped["arguments"] == dataclasses.asdict(args)
     assert json.loads((PRETRAINED_VISION / pv.CONFIG_FILE).read_text()) == args.vision_config()
     assert shipped["fingerprint"]["step"] == args.fingerprint_step and "folded_standardization" in shipped
     state, log = pv.pretrain(args, stop_after=args.fingerprint_step)

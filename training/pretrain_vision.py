@@ -11,10 +11,12 @@ strings of capitals and digits at random pixel positions and several font sizes.
 model's own `NativeVLImageProcessor`, so it is resampled (by 0.7-1.4x on small images) exactly as in use.
 
 Objective (dense, per merged token): each LLM-width token of the merger covers 2x2 patches of 14x14 px of the
-resampled image; a linear head reads from the token, for each of its four 14 px sub-cells, which character's ink
-centre falls there (36 classes: A-Z, 0-9) or none. Every token gets its own gradient (a pooled probe gives the
-whole image one), and the token must carry both the identity of the glyphs under it and their order, which is what
-the LLM needs to read them. The head is dropped after pre-training; the tower's weights load into a `build_tiny`
+resampled image; a linear head reads from the token, for each of its four 14 px sub-cells, which characters' ink
+centres fall there (36 classes: A-Z, 0-9, or none), in `glyph_slots` slots, left to right: text that advances less
+than 14 px per glyph puts two centres into one sub-cell at some offsets, and a one-slot target leaves those out of
+the loss, so the tower never learns to name them (experiments/reading/README.md). Every token gets its own
+gradient (a pooled probe gives the whole image one), and the token must carry both the identity of the glyphs under
+it and their order, which is what the LLM needs to read them. The head is dropped after pre-training; the tower's weights load into a `build_tiny`
 model of the same vision config (`load_vision_weights`).
 
 Collapse: a randomly initialised tower emits tokens dominated by one input-independent vector, and training the
