@@ -16,8 +16,8 @@ centres fall there (36 classes: A-Z, 0-9, or none), in `glyph_slots` slots, left
 than 14 px per glyph puts two centres into one sub-cell at some offsets, and a one-slot target leaves those out of
 the loss, so the tower never learns to name them (experiments/reading/README.md). Every token gets its own
 gradient (a pooled probe gives the whole image one), and the token must carry both the identity of the glyphs under
-it and their order, which is what the LLM needs to read them. The head is dropped after pre-training; the tower's weights load into a `build_tiny`
-model of the same vision config (`load_vision_weights`).
+it and their order, which is what the LLM needs to read them. The head is dropped after pre-training; the tower's
+weights load into a `build_tiny` model of the same vision config (`load_vision_weights`).
 
 Collapse: a randomly initialised tower emits tokens dominated by one input-independent vector, and training the
 vision side under the LLM's loss grew it until the image vanished (`training/vision_init.py`). Here the loss reads
@@ -122,7 +122,7 @@ class PretrainVisionArguments:
     glyph_slots: int = field(
         default=1,
         metadata={
-            "help": "glyph centres the head reads per 14 px sub-cell, left to right (1 or 2); a sub-cell holding more "
+            "help": "glyph centres the head reads per 14 px sub-cell, left to right (the recipe: 2); a sub-cell holding more "
             "is left out of the loss. Text of 12 px advance (the demo's digits) puts two centres in one sub-cell "
             "at some offsets: with 1 slot the tower is never asked to describe them"
         },
