@@ -122,9 +122,9 @@ class PretrainVisionArguments:
     glyph_slots: int = field(
         default=1,
         metadata={
-            "help": "glyph centres the head reads per 14 px sub-cell, left to right (the recipe: 2); a sub-cell holding more "
-            "is left out of the loss. Text of 12 px advance (the demo's digits) puts two centres in one sub-cell "
-            "at some offsets: with 1 slot the tower is never asked to describe them"
+            "help": "glyph centres the head reads per 14 px sub-cell, left to right (the recipe: 2); a sub-cell "
+            "holding more is left out of the loss. Text of 12 px advance (the demo's digits) puts two centres in one "
+            "sub-cell at some offsets: with 1 slot the tower is never asked to describe them"
         },
     )
     max_pixels: int = field(default=448 * 448, metadata={"help": "the processor's max_pixels (the demo's)"})
@@ -194,11 +194,35 @@ def glyph_image(
         boxes.append(box)
         origin = (x - x0, y - y0)  # where `draw.text` puts the string so that its ink starts at (x, y)
         draw.text(origin, text, font=font, fill=tuple(rng.randint(0, 70) for _ in range(3)))
-        for i, char in enumerate(text):
-            cx0, cy0, cx1, cy1 = font.getbbox(char)
-            advance = font.getlength(text[:i])
-            glyphs.append((char, origin[0] + advance + (cx0 + cx1) / 2, origin[1] + (cy0 + cy1) / 2))
+        glyphs += ink_centres(font, text, origin)
     return image, glyphs
+
+
+def ink_centres(font, text: str, origin: tuple[float, float]) -> list[tuple[str, float, float]]:
+    """(character, x, y) of the ink centre of every glyph of `text` drawn with `draw.text(origin, text, font=font)`,
+    in px of the image: the glyph's advance along the string plus the centre of its own bounding box."""
+    centres = []
+    for i, char in enumerate(text):
+        cx0, cy0, cx1, cy1 = font.getbbox(char)
+        centres.append((char, origin[0] + font.getlength(text[:i]) + (cx0 + cx1) / 2, origin[1] + (cy0 + cy1) / 2))
+    return centres
+
+
+def sub_cell_glyphs(
+    glyphs: list[tuple[str, float, float]], size: tuple[int, int], resized: tuple[int, int], patch: int = 14
+) -> dict[tuple[int, int], list[tuple[float, float, int]]]:
+    """The glyph centres of an image resampled from `size` (width, height) to `resized` (height, width), by the
+    `patch`-px sub-cell (row, column) holding each: {(r, c): [(x, y, class), ...]}, x and y in px of the resampled
+    image, left to right."""
+    width, height = size
+    rh, rw = resized
+    rows, cols = rh // patch, rw // patch  # patches
+    found: dict[tuple[int, int], list[tuple[float, float, int]]] = {}
+    for char, x, y in glyphs:
+        x, y = x * rw / width, y * rh / height
+        cell = (min(rows - 1, max(0, int(y // patch))), min(cols - 1, max(0, int(x // patch))))
+        found.setdefault(cell, []).append((x, y, ALPHABET.index(char) + 1))
+    return {cell: sorted(centres) for cell, centres in found.items()}
 
 
 def token_targets(
@@ -217,20 +241,13 @@ def token_targets(
     """
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
-    width, height = size
-    rh, rw = resized
-    rows, cols = rh // patch, rw // patch  # patches
-    found: dict[tuple[int, int], list[tuple[float, int]]] = {}  # sub-cell -> [(x, class)]
-    for char, x, y in glyphs:
-        r = min(rows - 1, max(0, int(y * rh / height // patch)))
-        c = min(cols - 1, max(0, int(x * rw / width // patch)))
-        found.setdefault((r, c), []).append((x, ALPHABET.index(char) + 1))
+    rows, cols = resized[0] // patch, resized[1] // patch  # patches
     cells = torch.zeros(rows, cols, slots, dtype=torch.long)  # (rows, cols, slots) patch grid of classes
-    for (r, c), centres in found.items():
+    for (r, c), centres in sub_cell_glyphs(glyphs, size, resized, patch).items():
         if len(centres) > slots:
             cells[r, c] = IGNORE
         else:
-            for slot, (_, cls) in enumerate(sorted(centres)):
+            for slot, (_, _, cls) in enumerate(centres):
                 cells[r, c, slot] = cls
     # (rows, cols, slots) -> (rows/2, 2, cols/2, 2, slots) -> (rows/2, cols/2, 2, 2, slots) -> (tokens, 4 * slots)
     return cells.view(rows // 2, 2, cols // 2, 2, slots).permute(0, 2, 1, 3, 4).reshape(-1, SUB_CELLS * slots)

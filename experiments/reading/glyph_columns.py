@@ -19,6 +19,7 @@ from pathlib import Path
 from nativevl.demo import READING
 from nativevl.evaluation.synth_rc import _font
 from nativevl.processing import smart_resize
+from nativevl.training.pretrain_vision import ink_centres
 
 
 BENCH = runpy.run_path(str(Path(__file__).resolve().parents[2] / "benchmarks" / "invariance.py"))
@@ -33,11 +34,7 @@ def centres(key: str, width: int, height: int, shift: int, axes: str) -> list[tu
     text, (x, y, _, _) = record["answers"][0], record["text_box"]
     font = _font(text_size)
     x0, y0, _, _ = font.getbbox(text)  # the text is drawn at (x - x0, y - y0) so that its ink starts at (x, y)
-    out = []
-    for i, char in enumerate(text):
-        cx0, cy0, cx1, cy1 = font.getbbox(char)
-        out.append((x - x0 + font.getlength(text[:i]) + (cx0 + cx1) / 2, y - y0 + (cy0 + cy1) / 2))
-    return out
+    return [(cx, cy) for _, cx, cy in ink_centres(font, text, (x - x0, y - y0))]
 
 
 def shares(keys, shift: int, scale: float, axes: str) -> dict:

@@ -59,15 +59,10 @@ def recall_by_offset(visual, head, processor, args: pv.PretrainVisionArguments, 
         # (tokens, 4 * slots * C) -> (rows/2, cols/2, 2, 2, slots) -> (rows, cols, slots), as token_targets lays out
         predicted = logits.view(rows // 2, cols // 2, 2, 2, slots, pv.NUM_CLASSES).argmax(-1)
         predicted = predicted.permute(0, 2, 1, 3, 4).reshape(rows, cols, slots)
-        cells = {}
-        for char, x, y in glyphs:
-            xx, yy = x * rw / image.width, y * rh / image.height
-            cell = (min(rows - 1, int(yy // patch)), min(cols - 1, int(xx // patch)))
-            cells.setdefault(cell, []).append((xx, yy, pv.ALPHABET.index(char) + 1))
-        for (r, c), found in cells.items():
+        for (r, c), found in pv.sub_cell_glyphs(glyphs, image.size, (rh, rw), patch).items():
             if len(found) > slots:
                 continue  # left out of the loss: no slot to read it from
-            for slot, (xx, yy, cls) in enumerate(sorted(found)):
+            for slot, (xx, yy, cls) in enumerate(found):
                 hit = int(predicted[r, c, slot] == cls)
                 for name in (
                     f"row offset {int(yy % 28) // 4 * 4:2d}-{int(yy % 28) // 4 * 4 + 3} px",
