@@ -192,13 +192,34 @@ def _make_tile(width: int, height: int, rng: random.Random) -> tuple[Image.Image
     return image, {"question": _RC_QUESTIONS["tile"], "answers": [answer], "content": "tile"}
 
 
+def _text_sizes(text_size) -> float | tuple[int, int]:
+    """A font size, or a (low, high) range of integer sizes, checked: positive, low <= high."""
+    if isinstance(text_size, numbers.Real):
+        if text_size <= 0:
+            raise ValueError(f"text_size must be positive, got {text_size}")
+        return text_size
+    sizes = tuple(text_size)
+    if len(sizes) != 2 or not all(isinstance(v, numbers.Integral) for v in sizes) or not 0 < sizes[0] <= sizes[1]:
+        raise ValueError(f"text_size must be a number or two integers 0 < low <= high, got {text_size!r}")
+    return int(sizes[0]), int(sizes[1])
+
+
 def _make_rc(
-    width: int, height: int, rng: random.Random, text_size: float, contents: Sequence[str], placement: str
+    width: int,
+    height: int,
+    rng: random.Random,
+    text_size: float | tuple[int, int],
+    contents: Sequence[str],
+    placement: str,
 ) -> tuple[Image.Image, dict]:
     if "tile" in contents:  # (drawn first only then, so text-only benchmarks keep their random sequence)
         if rng.choice(tuple(contents)) == "tile":
             return _make_tile(width, height, rng)
         contents = [c for c in contents if c != "tile"]
+    sized = {}
+    if isinstance(text_size, tuple):  # (drawn only then, so fixed-size benchmarks keep their random sequence)
+        text_size = rng.randint(*text_size)
+        sized = {"text_size": text_size}
     font, cap = _font(text_size), cap_height(text_size)
     if cap + 2 * TEXT_MARGIN > height:
         raise ValueError(f"a {width}x{height} image cannot hold text {cap} px tall (text_size={text_size})")
@@ -222,7 +243,7 @@ def _make_rc(
         y = TEXT_MARGIN + TILE * rng.randint(0, (height - 2 * TEXT_MARGIN - cap) // TILE)
     draw.text((x - x0, y - y0), text, font=font, fill=tuple(rng.randint(0, 70) for _ in range(3)))
     record = {"question": _RC_QUESTIONS[content], "answers": [text], "content": content}
-    return image, record | {"text_box": [x, y, x + x1 - x0, y + y1 - y0]}
+    return image, record | {"text_box": [x, y, x + x1 - x0, y + y1 - y0]} | sized
 
 
 def _make_sc(width: int, height: int, rng: random.Random) -> tuple[Image.Image, dict]:
@@ -256,7 +277,7 @@ def make_item(
     width: int,
     height: int,
     rng: random.Random,
-    text_size: float = DEFAULT_TEXT_SIZE,
+    text_size: float | tuple[int, int] = DEFAULT_TEXT_SIZE,
     rc_contents: Sequence[str] = DEFAULT_RC_CONTENTS,
     rc_placement: str = "random",
 ) -> tuple[Image.Image, dict]:
@@ -265,7 +286,8 @@ def make_item(
     The record holds `question`, `answers` (one string), `metric` ("exact_match": every answer has at most 3
     words), `kind`, `content` (tile/digit/number/date/code/phrase or color/shape) and, for text, `text_box` = [x0, y0,
     x1, y1] in px: rows exactly those of the ink (height `cap_height(text_size)`), columns from the font metrics
-    (may include 1-3 px of side bearing). `rc_contents`: the RC content types to draw from; `rc_placement`:
+    (may include 1-3 px of side bearing). `text_size`: the font size in px, or (low, high): an integer size drawn
+    per item from that range (inclusive), recorded as the record's `text_size`. `rc_contents`: the RC content types to draw from; `rc_placement`:
     "random" (anywhere), "corner" (top-left, TEXT_MARGIN px in, like a date stamp) or "grid" (TEXT_MARGIN px in
     from the corner of a random TILE-px cell: on an unresampled `snap=28` image the text starts at the same place
     inside a merged token wherever it is drawn). Deterministic given the
@@ -278,6 +300,7 @@ def make_item(
         raise ValueError(f"rc_contents must be a non-empty subset of {RC_CONTENTS}, got {list(rc_contents)}")
     if rc_placement not in RC_PLACEMENTS:
         raise ValueError(f"rc_placement must be one of {RC_PLACEMENTS}, got {rc_placement!r}")
+    text_size = _text_sizes(text_size)
     if kind == "rc":
         image, record = _make_rc(width, height, rng, text_size, rc_contents, rc_placement)
     else:
@@ -292,7 +315,7 @@ def generate_benchmark(
     kinds: Sequence[str] = KINDS,
     max_area: float | None = None,
     scale: float = 1.0,
-    text_size: float | None = None,
+    text_size: float | tuple[int, int] | None = None,
     rc_contents: Sequence[str] = DEFAULT_RC_CONTENTS,
     rc_placement: str = "random",
     snap: int | None = None,
@@ -305,7 +328,8 @@ def generate_benchmark(
 
     Every item draws from its own `random.Random` seeded by (seed, cell, index, kind), so the output is
     deterministic and one item does not depend on the others; the rc and sc items of a (cell, index) share a size.
-    `text_size` defaults to `default_text_size(scale)`; `rc_contents` picks the RC content types (default number,
+    `text_size` defaults to `default_text_size(scale)`; (low, high) draws each RC item's size from that range, as
+    in `make_item`; `rc_contents` picks the RC content types (default number,
     date, code, phrase; "digit", one character, is the easiest reading task, for models too small to read strings;
     "tile", a mosaic square's colour, needs no reading at all, for models too small to read a digit) and `rc_placement` ("random" or "corner") the RC text's place, as in `make_item`. `snap` rounds both sides of
     every image to a multiple of `snap` px (at least `snap`) after scaling, so a processor whose resize factor is
@@ -333,7 +357,7 @@ def generate_benchmark(
         raise ValueError(f"snap must be a positive number of px, got {snap}")
     if min_side < 1:
         raise ValueError(f"min_side must be a positive number of px, got {min_side}")
-    text_size = default_text_size(scale) if text_size is None else text_size
+    text_size = default_text_size(scale) if text_size is None else _text_sizes(text_size)
     out_dir = Path(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "data.jsonl").is_file():
         raise ValueError(f"{out_dir} is not empty and holds no data.jsonl: not a benchmark to replace")
@@ -352,7 +376,7 @@ def _write_items(
     kinds: Sequence[str],
     max_area: float | None,
     scale: float,
-    text_size: float,
+    text_size: float | tuple[int, int],
     rc_contents: Sequence[str],
     rc_placement: str,
     snap: int | None,

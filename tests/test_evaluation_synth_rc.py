@@ -203,6 +203,30 @@ def test_min_side_fits_fixed_size_text_without_snapping(tmp_path):
         generate_benchmark(tmp_path / "x", per_cell=1, min_side=0)
 
 
+def test_text_size_range_draws_each_items_size_and_records_it(tmp_path):
+    """(16, 25), the demo's training sizes: every RC item's font size is drawn from the range, its ink is that size's
+    cap height tall, the thinnest images at min_side 22 still hold the largest; a fixed size draws nothing more."""
+    path = generate_benchmark(
+        tmp_path, per_cell=2, seed=3, kinds=("rc", "sc"), scale=SCALE, text_size=(16, 25), min_side=22
+    )
+    records = load_benchmark(path)
+    rc = [r for r in records if r["kind"] == "rc"]
+    sizes = Counter(r["text_size"] for r in rc)
+    assert set(sizes) <= set(range(16, 26)) and len(sizes) >= 6
+    for r in rc:
+        x0, y0, x1, y1 = r["text_box"]
+        assert y1 - y0 == cap_height(r["text_size"]), r["id"]
+        dark = np.asarray(Image.open(r["image_path"])).min(axis=2) < 160
+        rows = np.nonzero(dark.any(axis=1))[0]
+        assert (rows.min(), rows.max() + 1) == (y0, y1), r["id"]
+    assert all("text_size" not in r for r in records if r["kind"] == "sc")
+    fixed = make_item("rc", 120, 40, random.Random("k"), 20)[1]
+    assert "text_size" not in fixed and fixed == make_item("rc", 120, 40, random.Random("k"), 20.0)[1]
+    for bad in ((25, 16), (0, 5), (16.5, 20), (16,), -3):
+        with pytest.raises(ValueError, match="text_size must be"):
+            make_item("rc", 120, 40, random.Random("k"), bad)
+
+
 def test_tile_items_ask_for_the_top_left_square():
     rng = random.Random(3)
     names = list(PALETTE)

@@ -127,6 +127,15 @@ class PretrainVisionArguments:
             "sub-cell at some offsets: with 1 slot the tower is never asked to describe them"
         },
     )
+    glyph_cell_width: int = field(
+        default=14,
+        metadata={
+            "help": "px width of the cells the head names glyph centres in: 14, a patch column (4 cells of 14x14 per "
+            "merged token), or 28, the whole token (2 cells of 28x14 per token, its two patch rows): the LLM needs "
+            "which glyphs a token holds and their order, not on which side of the patch border inside the token "
+            "each centre lies"
+        },
+    )
     max_pixels: int = field(default=448 * 448, metadata={"help": "the processor's max_pixels (the demo's)"})
     fingerprint_step: int = field(
         default=20,
@@ -209,18 +218,23 @@ def ink_centres(font, text: str, origin: tuple[float, float]) -> list[tuple[str,
 
 
 def sub_cell_glyphs(
-    glyphs: list[tuple[str, float, float]], size: tuple[int, int], resized: tuple[int, int], patch: int = 14
+    glyphs: list[tuple[str, float, float]],
+    size: tuple[int, int],
+    resized: tuple[int, int],
+    patch: int = 14,
+    cell_width: int | None = None,
 ) -> dict[tuple[int, int], list[tuple[float, float, int]]]:
     """The glyph centres of an image resampled from `size` (width, height) to `resized` (height, width), by the
-    `patch`-px sub-cell (row, column) holding each: {(r, c): [(x, y, class), ...]}, x and y in px of the resampled
-    image, left to right."""
+    sub-cell (row, column) holding each, `patch` px tall and `cell_width` px wide (default `patch`):
+    {(r, c): [(x, y, class), ...]}, x and y in px of the resampled image, left to right."""
     width, height = size
     rh, rw = resized
-    rows, cols = rh // patch, rw // patch  # patches
+    cell_width = cell_width or patch
+    rows, cols = rh // patch, rw // cell_width  # sub-cells
     found: dict[tuple[int, int], list[tuple[float, float, int]]] = {}
     for char, x, y in glyphs:
         x, y = x * rw / width, y * rh / height
-        cell = (min(rows - 1, max(0, int(y // patch))), min(cols - 1, max(0, int(x // patch))))
+        cell = (min(rows - 1, max(0, int(y // patch))), min(cols - 1, max(0, int(x // cell_width))))
         found.setdefault(cell, []).append((x, y, ALPHABET.index(char) + 1))
     return {cell: sorted(centres) for cell, centres in found.items()}
 
@@ -231,39 +245,53 @@ def token_targets(
     resized: tuple[int, int],
     patch: int = 14,
     slots: int = 1,
+    cell_width: int | None = None,
 ) -> torch.Tensor:
     """Per merged token of an image resampled from `size` (width, height) to `resized` (height, width), the
-    classes of the glyphs whose ink centres lie in each of its four `patch`-px sub-cells, left to right, in `slots`
-    slots per sub-cell (0: none; IGNORE in every slot of a sub-cell holding more centres than `slots`).
+    classes of the glyphs whose ink centres lie in each of its sub-cells, left to right, in `slots` slots per
+    sub-cell (0: none; IGNORE in every slot of a sub-cell holding more centres than `slots`). The sub-cells are
+    `patch` px tall and `cell_width` px wide: `patch` (default), the token's four patches, or 2 `patch`, its two
+    patch rows (`cells_per_token`).
 
-    Returns (resized_h / 2patch * resized_w / 2patch, 4 * slots) long, tokens in raster order (the merger's order),
-    sub-cells in raster order inside the token, the slots of a sub-cell side by side.
+    Returns (resized_h / 2patch * resized_w / 2patch, cells_per_token * slots) long, tokens in raster order (the
+    merger's order), sub-cells in raster order inside the token, the slots of a sub-cell side by side.
     """
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
-    rows, cols = resized[0] // patch, resized[1] // patch  # patches
-    cells = torch.zeros(rows, cols, slots, dtype=torch.long)  # (rows, cols, slots) patch grid of classes
-    for (r, c), centres in sub_cell_glyphs(glyphs, size, resized, patch).items():
+    per_row = cells_per_token(patch, cell_width) // 2  # sub-cells per patch row of a token (checks cell_width)
+    rows, cols = resized[0] // patch, resized[1] // (cell_width or patch)  # sub-cells
+    cells = torch.zeros(rows, cols, slots, dtype=torch.long)  # (rows, cols, slots) sub-cell grid of classes
+    for (r, c), centres in sub_cell_glyphs(glyphs, size, resized, patch, cell_width).items():
         if len(centres) > slots:
             cells[r, c] = IGNORE
         else:
             for slot, (_, _, cls) in enumerate(centres):
                 cells[r, c, slot] = cls
-    # (rows, cols, slots) -> (rows/2, 2, cols/2, 2, slots) -> (rows/2, cols/2, 2, 2, slots) -> (tokens, 4 * slots)
-    return cells.view(rows // 2, 2, cols // 2, 2, slots).permute(0, 2, 1, 3, 4).reshape(-1, SUB_CELLS * slots)
+    # (rows, cols, slots) -> (rows/2, 2, cols/k, k, slots) -> (rows/2, cols/k, 2, k, slots) -> (tokens, 2k * slots)
+    grid = cells.view(rows // 2, 2, cols // per_row, per_row, slots).permute(0, 2, 1, 3, 4)
+    return grid.reshape(-1, 2 * per_row * slots)
+
+
+def cells_per_token(patch: int = 14, cell_width: int | None = None) -> int:
+    """Sub-cells of one merged token (2x2 patches) for sub-cells `cell_width` px wide: 4 (`patch`) or 2 (2 `patch`)."""
+    if cell_width not in (None, patch, 2 * patch):
+        raise ValueError(f"glyph cells must be {patch} or {2 * patch} px wide (a patch or a token), got {cell_width}")
+    return SUB_CELLS if cell_width in (None, patch) else SUB_CELLS // 2
 
 
 def make_batch(
     keys: list[str], processor: NativeVLImageProcessor, args: PretrainVisionArguments
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The images seeded by `keys` through `processor`: pixel_values (patches, C*T*P*P), image_grid_thw (n, 3),
-    targets (tokens, 4 * glyph_slots) long (`token_targets`, images concatenated in the order of their tokens)."""
+    targets (tokens, cells_per_token * glyph_slots) long (`token_targets`, images concatenated in the order of their tokens)."""
     images, targets = [], []
     for key in keys:
         image, glyphs = glyph_image(random.Random(key), args.min_side, args.max_area, _sizes(args), args.max_strings)
         resized = smart_resize(image.height, image.width, 28, processor.min_pixels, processor.max_pixels)
         images.append(image)
-        targets.append(token_targets(glyphs, image.size, resized, processor.patch_size, args.glyph_slots))
+        targets.append(
+            token_targets(glyphs, image.size, resized, processor.patch_size, args.glyph_slots, args.glyph_cell_width)
+        )
     batch = processor(images=images, return_tensors="pt")
     grids = batch["image_grid_thw"]
     for grid, target in zip(grids.tolist(), targets, strict=True):
@@ -290,22 +318,24 @@ def build_vision(args: PretrainVisionArguments):
     return visual, NativeVLImageProcessor(min_pixels=784, max_pixels=args.max_pixels)
 
 
-def glyph_head(hidden_size: int, seed: int, slots: int = 1) -> torch.nn.Linear:
-    """The linear read-out of one token: (hidden,) -> (4 sub-cells x `slots` x NUM_CLASSES) logits."""
+def glyph_head(hidden_size: int, seed: int, slots: int = 1, cells: int = SUB_CELLS) -> torch.nn.Linear:
+    """The linear read-out of one token: (hidden,) -> (`cells` sub-cells x `slots` x NUM_CLASSES) logits."""
     torch.manual_seed(seed + 1)
-    return torch.nn.Linear(hidden_size, SUB_CELLS * slots * NUM_CLASSES)
+    return torch.nn.Linear(hidden_size, cells * slots * NUM_CLASSES)
 
 
 def head_loss(
     tokens: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, standardize: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """tokens (n, hidden), targets (n, 4 * slots) long. Returns the mean cross-entropy over sub-cell slots (glyph
+    """tokens (n, hidden), targets (n, cells * slots) long. Returns the mean cross-entropy over sub-cell slots (glyph
     and empty slots weighted equally in total, so the rare glyphs are not drowned) and the predicted classes, shaped
     as `targets`.
     `standardize`: the head reads the tokens standardised per channel over these n tokens."""
     if standardize:
         tokens = (tokens - tokens.mean(0)) / (tokens.std(0) + 1e-5)  # (n, hidden)
-    logits = head(tokens).view(targets.shape[0], targets.shape[1], NUM_CLASSES)  # (n, 4 * slots * C) -> (n, 4s, C)
+    logits = head(tokens).view(
+        targets.shape[0], targets.shape[1], NUM_CLASSES
+    )  # (n, cells * slots * C) -> (n, cells * slots, C)
     flat, labels = logits.view(-1, NUM_CLASSES), targets.view(-1)  # (4sn, C), (4sn,)
     losses = F.cross_entropy(flat, labels, ignore_index=IGNORE, reduction="none")  # (4sn,)
     glyph, empty = labels > 0, labels == 0
@@ -404,7 +434,8 @@ def pretrain(args: PretrainVisionArguments, stop_after: int | None = None) -> tu
         raise ValueError(f"max_steps and batch_size must be >= 1, got {args.max_steps}, {args.batch_size}")
     torch.set_num_threads(args.threads)
     visual, processor = build_vision(args)
-    head = glyph_head(args.hidden_size, args.seed, args.glyph_slots)
+    cells = cells_per_token(processor.patch_size, args.glyph_cell_width)
+    head = glyph_head(args.hidden_size, args.seed, args.glyph_slots, cells)
     groups = []
     for params, lr, tower in (
         ([p for n, p in visual.named_parameters() if not n.startswith("merger.")], args.vision_tower_lr, True),

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the figures here as JSON")
     options = parser.parse_args(argv)
     torch.set_num_threads(1)
-    args = pv.parse([str(pv.RECIPE), "--output_dir", "unused", "--glyph_slots", str(options.glyph_slots)])
+    argv = ["--output_dir", "unused", "--glyph_slots", str(options.glyph_slots), "--glyph_cell_width", "14"]
+    args = pv.parse([str(pv.RECIPE), *argv])  # the head names glyphs per 14 px sub-cell whatever the recipe's cells
     args.vision_depth, args.vision_embed_dim, args.vision_num_heads, args.vision_mlp_ratio, args.hidden_size = (
         json.loads((Path(options.tower) / pv.CONFIG_FILE).read_text())[k]
         for k in ("depth", "embed_dim", "num_heads", "mlp_ratio", "hidden_size")
