@@ -95,11 +95,12 @@ def test_token_wide_cells_pretrain_with_their_head(tmp_path):
 
 
 def test_one_and_two_slot_pretraining_run_with_their_heads(tmp_path):
-    args = tiny_args(tmp_path, glyph_slots=1)
+    # 14 px cells (a token's four patches), the tower before the recipe's 28 px ones
+    args = tiny_args(tmp_path, glyph_slots=1, glyph_cell_width=14)
     _, _, targets = pv.make_batch([f"t/{i}" for i in range(4)], pv.build_vision(args)[1], args)
     assert targets.shape[1] == 4
     assert len(pv.pretrain(args)[1]["losses"]) == args.max_steps
-    args = tiny_args(tmp_path, glyph_slots=2)
+    args = tiny_args(tmp_path, glyph_slots=2, glyph_cell_width=14)
     visual, processor = pv.build_vision(args)
     pixels, grids, targets = pv.make_batch([f"t/{i}" for i in range(16)], processor, args)
     assert targets.shape == (int(grids.prod(-1).sum()) // 4, 8)
@@ -128,8 +129,8 @@ def test_make_batch_targets_match_the_processor_tokens(tmp_path):
     args = tiny_args(tmp_path)
     visual, processor = pv.build_vision(args)
     pixels, grids, targets = pv.make_batch([f"t/{i}" for i in range(6)], processor, args)
-    assert args.glyph_slots == 2  # the recipe's: two glyph centres per sub-cell
-    assert targets.shape == (int(grids.prod(-1).sum()) // 4, 4 * args.glyph_slots)
+    assert (args.glyph_cell_width, args.glyph_slots) == (28, 4)  # the recipe's: 4 glyph centres per token row
+    assert targets.shape == (int(grids.prod(-1).sum()) // 4, 2 * args.glyph_slots)
     assert visual(pixels, grids).pooler_output.shape == (targets.shape[0], args.hidden_size)
     assert (targets > 0).any()
 
@@ -164,20 +165,20 @@ def test_pretraining_is_reproducible_and_writes_a_folder_that_loads(tmp_path):
 def test_training_the_vit_keeps_its_tokens_input_dependent(tmp_path):
     """The collapse: trained through a head, a random tower first makes its tokens constant (the head's noise
     falls; under the LLM's loss the share fell from 0.9% to 0.1% in 20 steps, tests/test_training_vision_init.py). The
-    recipe's head reads tokens standardised over the batch, so shrinking their variation gains nothing: after 40
-    steps of the recipe (ViT, merger and head at its lr) the held-out share must stay above 10%. Without the
-    standardisation the same 40 steps halve it (12% -> 7% with the recipe's two glyph slots; below 2% with one), and
-    this test catches that."""
-    flags = ["--output_dir", str(tmp_path / "s"), "--max_steps", "40", "--warmup_steps", "10", "--eval_images", "32"]
+    recipe's head reads tokens standardised over the batch, so shrinking their variation gains nothing: after 20
+    steps of the recipe (ViT, merger and head at its lr) the held-out share must stay above 3% (12.3% -> 7.5%; seed
+    1: 9.0% -> 5.1%). Without the standardisation the same 20 steps take it to 0.8% (seed 1: 0.3%) and the head
+    calls every cell empty, and this test catches that. (The full recipe's run keeps 65-72% from step 4000 on.)"""
+    flags = ["--output_dir", str(tmp_path / "s"), "--max_steps", "20", "--warmup_steps", "10", "--eval_images", "32"]
     args = pv.parse([str(pv.RECIPE), *flags, "--log_every", "0"])
     assert args.standardize_tokens and args.vision_tower_lr is None  # the ViT trains at the full lr
     _, log = pv.pretrain(args)
     first, last = log["evaluations"][0], log["evaluations"][-1]
-    assert last["share"] > 0.10, (first["share"], last["share"])
+    assert last["share"] > 0.03, (first["share"], last["share"])
     assert last["false_alarms"] < first["false_alarms"]  # the head learnt something: empty cells read as empty
     args.standardize_tokens = False
     _, log = pv.pretrain(args)
-    assert log["evaluations"][-1]["share"] < 0.10, log["evaluations"]
+    assert log["evaluations"][-1]["share"] < 0.03, log["evaluations"]
 
 
 def test_demo_starts_from_a_pretrained_tower_with_text_anywhere(tmp_path):

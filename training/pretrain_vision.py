@@ -11,13 +11,16 @@ strings of capitals and digits at random pixel positions and several font sizes.
 model's own `NativeVLImageProcessor`, so it is resampled (by 0.7-1.4x on small images) exactly as in use.
 
 Objective (dense, per merged token): each LLM-width token of the merger covers 2x2 patches of 14x14 px of the
-resampled image; a linear head reads from the token, for each of its four 14 px sub-cells, which characters' ink
-centres fall there (36 classes: A-Z, 0-9, or none), in `glyph_slots` slots, left to right: text that advances less
-than 14 px per glyph puts two centres into one sub-cell at some offsets, and a one-slot target leaves those out of
-the loss, so the tower never learns to name them (experiments/reading/README.md). Every token gets its own
-gradient (a pooled probe gives the whole image one), and the token must carry both the identity of the glyphs under
-it and their order, which is what the LLM needs to read them. The head is dropped after pre-training; the tower's
-weights load into a `build_tiny` model of the same vision config (`load_vision_weights`).
+resampled image; a linear head reads from the token which characters' ink centres fall into each of its cells (36
+classes: A-Z, 0-9, or none), in `glyph_slots` slots per cell, left to right. The cells are `glyph_cell_width` px
+wide: 14, the token's four patches, or 28 (the recipe), its two patch rows. With 14 px cells, text that advances
+less than 14 px per glyph puts two centres into one cell at some offsets, and a one-slot target leaves those out of
+the loss, so the tower never learns to name them; the LLM needs the glyphs of a token and their order, not the side
+of the patch border inside the token each centre falls on, so the recipe names them per token row
+(experiments/reading/README.md). Every token gets its own gradient (a pooled probe gives the whole image one), and
+the token must carry both the identity of the glyphs under it and their order, which is what the LLM needs to read
+them. The head is dropped after pre-training; the tower's weights load into a `build_tiny` model of the same vision
+config (`load_vision_weights`).
 
 Collapse: a randomly initialised tower emits tokens dominated by one input-independent vector, and training the
 vision side under the LLM's loss grew it until the image vanished (`training/vision_init.py`). Here the loss reads
@@ -122,9 +125,9 @@ class PretrainVisionArguments:
     glyph_slots: int = field(
         default=1,
         metadata={
-            "help": "glyph centres the head reads per 14 px sub-cell, left to right (the recipe: 2); a sub-cell "
+            "help": "glyph centres the head reads per cell, left to right (the recipe: 4 per 28 px token row); a cell "
             "holding more is left out of the loss. Text of 12 px advance (the demo's digits) puts two centres in one "
-            "sub-cell at some offsets: with 1 slot the tower is never asked to describe them"
+            "14 px cell at some offsets: with 1 slot the tower is never asked to describe them"
         },
     )
     glyph_cell_width: int = field(
