@@ -1,8 +1,8 @@
 """Where the glyphs of `benchmarks/invariance.py`'s items fall on the 14 px patch grid, per text shift and scale.
 
 For each shift (right and down, as the benchmark; `--shift-axes x` or `y` for one direction) and each scale, prints
-the share of the items whose text puts two glyph ink centres into one 14 px patch column (the sub-cell the shipped
-tower's one-slot pre-training target leaves out of its loss, `training/pretrain_vision.py`'s `glyph_slots`), the
+the share of the items whose text puts two glyph ink centres into one 14 px patch column (the sub-cell the first
+tower's one-slot pre-training target left out of its loss, `training/pretrain_vision.py`'s `glyph_slots`), the
 share with a centre within 1.5 px of a patch column border, and the share whose centres fall into more than one
 28 px token row. No model is needed: the geometry is that of the benchmark's own items (after the processor's
 resampling, for the scales).
