@@ -287,11 +287,11 @@ def make_item(
     words), `kind`, `content` (tile/digit/number/date/code/phrase or color/shape) and, for text, `text_box` = [x0, y0,
     x1, y1] in px: rows exactly those of the ink (height `cap_height(text_size)`), columns from the font metrics
     (may include 1-3 px of side bearing). `text_size`: the font size in px, or (low, high): an integer size drawn
-    per item from that range (inclusive), recorded as the record's `text_size`. `rc_contents`: the RC content types to draw from; `rc_placement`:
-    "random" (anywhere), "corner" (top-left, TEXT_MARGIN px in, like a date stamp) or "grid" (TEXT_MARGIN px in
-    from the corner of a random TILE-px cell: on an unresampled `snap=28` image the text starts at the same place
-    inside a merged token wherever it is drawn). Deterministic given the
-    state of `rng`; usable to build training sets."""
+    per item from that range (inclusive), recorded as the record's `text_size`. `rc_contents`: the RC content types
+    to draw from; `rc_placement`: "random" (anywhere), "corner" (top-left, TEXT_MARGIN px in, like a date stamp) or
+    "grid" (TEXT_MARGIN px in from the corner of a random TILE-px cell: on an unresampled `snap=28` image the text
+    starts at the same place inside a merged token wherever it is drawn). Deterministic given the state of `rng`;
+    usable to build training sets."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if width < 1 or height < 1:
@@ -329,9 +329,10 @@ def generate_benchmark(
     Every item draws from its own `random.Random` seeded by (seed, cell, index, kind), so the output is
     deterministic and one item does not depend on the others; the rc and sc items of a (cell, index) share a size.
     `text_size` defaults to `default_text_size(scale)`; (low, high) draws each RC item's size from that range, as
-    in `make_item`; `rc_contents` picks the RC content types (default number,
-    date, code, phrase; "digit", one character, is the easiest reading task, for models too small to read strings;
-    "tile", a mosaic square's colour, needs no reading at all, for models too small to read a digit) and `rc_placement` ("random" or "corner") the RC text's place, as in `make_item`. `snap` rounds both sides of
+    in `make_item`; `rc_contents` picks the RC content types (default number, date, code, phrase; "digit", one
+    character, is the easiest reading task, for models too small to read strings; "tile", a mosaic square's colour,
+    needs no reading at all, for models too small to read a digit) and `rc_placement` ("random", "corner" or
+    "grid") the RC text's place, as in `make_item`. `snap` rounds both sides of
     every image to a multiple of `snap` px (at least `snap`) after scaling, so a processor whose resize factor is
     `snap` (28 for nativevl) and whose min_pixels is at most snap^2 feeds the pixels unresampled; the binning
     stays on the nominal size. `min_side` raises each side to at least that many px after scaling (and `snap`), so

@@ -286,7 +286,8 @@ def make_batch(
     keys: list[str], processor: NativeVLImageProcessor, args: PretrainVisionArguments
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The images seeded by `keys` through `processor`: pixel_values (patches, C*T*P*P), image_grid_thw (n, 3),
-    targets (tokens, cells_per_token * glyph_slots) long (`token_targets`, images concatenated in the order of their tokens)."""
+    targets (tokens, cells_per_token * glyph_slots) long (`token_targets`, images concatenated in the order of their
+    tokens)."""
     images, targets = [], []
     for key in keys:
         image, glyphs = glyph_image(random.Random(key), args.min_side, args.max_area, _sizes(args), args.max_strings)
