@@ -92,10 +92,11 @@ def test_recipe_keeps_the_vision_tokens_input_dependent_where_a_trained_vision_s
 
 def test_demo_recipe_keeps_the_pretrained_towers_tokens_input_dependent(tmp_path, reading_data):
     """The demo's `tiny_from_stage0` recipe trains the merger of the shipped pre-trained tower under the LLM's loss
-    (3e-4; no warm-up here, so all 30 steps move it at full rate). The merger adds a common vector to the tokens, but
-    about half of their energy stays input-dependent: measured 97.8% -> 51.2% in these 30 steps, and 97.7% -> 48.3%
-    / 43.9% at the end of the demo's 2700 / 4500 steps (held-out RC images), which read 46.4 / 76.4. A collapse, as
-    the random tower's under a trained vision side (the test above), ends below 1%."""
+    (3e-4; no warm-up here, so all 30 steps move it at full rate). The merger first adds a common vector to the
+    tokens, then the LLM's loss makes them input-dependent again: measured 95.4% -> 19.8% in these 30 steps, and
+    59.7% at the end of the default demo (3300 steps, seed 0, RC 87.1; the same images). The two-slot tower before
+    it went 96.6% -> 42.0% in these 30 steps and ended its demo at 43.1%. A collapse, as the random tower's under a
+    trained vision side (the test above), ends below 1%."""
     from nativevl.demo import PRETRAINED_VISION, RECIPE, initial_model
 
     jsonl, _, rc_images = reading_data
@@ -107,4 +108,4 @@ def test_demo_recipe_keeps_the_pretrained_towers_tokens_input_dependent(tmp_path
     )
     moved = [k for k, v in trainer.model.model.visual.merger.state_dict().items() if not v.equal(merger[k])]
     assert len(moved) == len(merger), "the recipe trains every merger tensor"
-    assert before > 0.9 and after > 0.25, (before, after)
+    assert before > 0.9 and after > 0.10, (before, after)
