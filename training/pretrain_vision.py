@@ -337,11 +337,10 @@ def head_loss(
     `standardize`: the head reads the tokens standardised per channel over these n tokens."""
     if standardize:
         tokens = (tokens - tokens.mean(0)) / (tokens.std(0) + 1e-5)  # (n, hidden)
-    logits = head(tokens).view(
-        targets.shape[0], targets.shape[1], NUM_CLASSES
-    )  # (n, cells * slots * C) -> (n, cells * slots, C)
-    flat, labels = logits.view(-1, NUM_CLASSES), targets.view(-1)  # (4sn, C), (4sn,)
-    losses = F.cross_entropy(flat, labels, ignore_index=IGNORE, reduction="none")  # (4sn,)
+    # (n, cells * slots * C) -> (n, k, C), k = cells * slots read-out slots per token
+    logits = head(tokens).view(targets.shape[0], targets.shape[1], NUM_CLASSES)
+    flat, labels = logits.view(-1, NUM_CLASSES), targets.view(-1)  # (kn, C), (kn,)
+    losses = F.cross_entropy(flat, labels, ignore_index=IGNORE, reduction="none")  # (kn,)
     glyph, empty = labels > 0, labels == 0
     parts = [losses[m].mean() for m in (glyph, empty) if m.any()]
     return sum(parts) / len(parts), logits.argmax(-1)
@@ -369,7 +368,7 @@ def _evaluate(visual, head, processor, args: PretrainVisionArguments, batch_size
         _, predicted = head_loss(tokens, head, targets, args.standardize_tokens)
         glyph, empty = targets > 0, targets == 0
         hits += int((predicted == targets)[glyph].sum())
-        in_token = (predicted.unsqueeze(-1) == targets.unsqueeze(1)).any(1)  # (n, 4): predicted anywhere in token
+        in_token = (predicted.unsqueeze(-1) == targets.unsqueeze(1)).any(1)  # (n, k): predicted anywhere in token
         token_hits += int(in_token[glyph].sum())
         glyphs += int(glyph.sum())
         alarms += int((predicted > 0)[empty].sum())
