@@ -94,6 +94,20 @@ def test_token_wide_cells_pretrain_with_their_head(tmp_path):
     assert len(log["losses"]) == args.max_steps and 0 <= log["evaluations"][-1]["glyph_recall"] <= 1
 
 
+def test_balanced_slots_weigh_each_slot_index_alike(tmp_path):
+    # 1 token, 2 cells x 2 slots: glyphs in slots (cell 0, slot 0), (cell 1, slot 0), (cell 1, slot 1); one empty slot
+    head = torch.nn.Linear(3, 2 * 2 * pv.NUM_CLASSES)
+    tokens, targets = torch.randn(1, 3), torch.tensor([[5, 0, 7, 9]])
+    logits = head(tokens).view(4, pv.NUM_CLASSES)
+    each = torch.nn.functional.cross_entropy(logits, targets[0], reduction="none")  # (4,) per slot
+    plain, _ = pv.head_loss(tokens, head, targets)
+    torch.testing.assert_close(plain, ((each[0] + each[2] + each[3]) / 3 + each[1]) / 2)
+    balanced, _ = pv.head_loss(tokens, head, targets, balance_slots=2)
+    torch.testing.assert_close(balanced, (((each[0] + each[2]) / 2 + each[3]) / 2 + each[1]) / 2)
+    args = tiny_args(tmp_path, balance_slots=True)
+    assert len(pv.pretrain(args)[1]["losses"]) == args.max_steps
+
+
 def test_one_and_two_slot_pretraining_run_with_their_heads(tmp_path):
     # 14 px cells (a token's four patches), the tower before the recipe's 28 px ones
     args = tiny_args(tmp_path, glyph_slots=1, glyph_cell_width=14)
