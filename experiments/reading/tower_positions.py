@@ -78,6 +78,12 @@ def probe(args_cli) -> None:
     visual.eval()
     balance = args.glyph_slots if args_cli.balanced_probe else 0
     head = pv.glyph_head(args.hidden_size, 0, args.glyph_slots, pv.cells_per_token(14, TOKEN))
+    if args_cli.mlp_probe:  # a hidden layer before the same read-out: what a nonlinear reader gets
+        head = torch.nn.Sequential(
+            torch.nn.Linear(args.hidden_size, args_cli.mlp_probe),
+            torch.nn.GELU(),
+            pv.glyph_head(args_cli.mlp_probe, 0, args.glyph_slots, pv.cells_per_token(14, TOKEN)),
+        )
     optimizer = torch.optim.Adam(head.parameters(), 3e-3)
     for step in range(args_cli.probe_steps):
         pixels, grids, targets = pv.make_batch([f"probe/{step}/{i}" for i in range(16)], processor, args)
@@ -197,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-steps", type=int, default=400, help="batches of 16 images fitting the linear head")
     p.add_argument("--batches", type=int, default=20, help="held-out batches of 16 images scored")
     p.add_argument("--balanced-probe", action="store_true", help="fit the head with every slot index weighted alike")
+    p.add_argument("--mlp-probe", type=int, default=0, help="units of a hidden layer in the head (0: linear)")
     p.add_argument("--threads", type=int, default=1)
     c = commands.add_parser("continue", help="more pre-training of the shipped tower")
     c.add_argument("--out", required=True, help="folder for vision.safetensors")
