@@ -20,6 +20,7 @@ border, or `--balance-slots` (every slot index weighted alike, `pretrain_vision.
 """
 
 import argparse
+import json
 import math
 import random
 import time
@@ -35,11 +36,23 @@ from nativevl.training import pretrain_vision as pv
 
 SHIPPED = pv.RECIPE.parent.parent / "pretrained" / "stage0" / pv.WEIGHTS_FILE
 TOKEN = 28  # px, a merged token's side
+FLAGS = {  # pre-training flag -> its key in vision_config.json
+    "vision_depth": "depth",
+    "vision_embed_dim": "embed_dim",
+    "vision_num_heads": "num_heads",
+    "vision_mlp_ratio": "mlp_ratio",
+    "hidden_size": "hidden_size",
+}
 
 
-def recipe_args(text_size: int | None) -> pv.PretrainVisionArguments:
-    """The shipped recipe's arguments, at one font size if `text_size`."""
+def recipe_args(text_size: int | None, folder: Path | None = None) -> pv.PretrainVisionArguments:
+    """The shipped recipe's arguments, at one font size if `text_size`, with the tower shape of a pre-training
+    output `folder` (its `vision_config.json`: depth, widths)."""
     argv = [str(pv.RECIPE), "--output_dir", "unused"]
+    if folder is not None and (folder / pv.CONFIG_FILE).exists():
+        config = json.loads((folder / pv.CONFIG_FILE).read_text())
+        for flag, key in FLAGS.items():
+            argv += [f"--{flag}", str(config[key])]
     if text_size:
         argv += ["--min_text_size", str(text_size), "--max_text_size", str(text_size)]
     return pv.parse(argv)
@@ -73,7 +86,7 @@ def glyph_slots(key: str, grid: list[int], args: pv.PretrainVisionArguments):
 
 
 def probe(args_cli) -> None:
-    args = recipe_args(args_cli.text_size)
+    args = recipe_args(args_cli.text_size, Path(args_cli.tower))
     visual, processor = load_tower(args, Path(args_cli.tower))
     visual.eval()
     balance = args.glyph_slots if args_cli.balanced_probe else 0
