@@ -110,3 +110,31 @@ def test_glyph_columns_finds_the_centres_the_benchmark_drew():
         assert [(a + 6, b) for a, b in points] == moved
     at0, at6 = (glyphs["shares"](keys, d, 1.0, "x") for d in (0, 6))
     assert at0["two_in_a_column"] < at6["two_in_a_column"] and at6["two_token_rows"] == 0.0
+
+
+def test_tower_positions_places_each_named_glyph_and_weights_the_border_ones():
+    """experiments/reading/tower_positions.py: every glyph it places is the class `token_targets` puts in that token
+    and read-out slot, it places every named glyph, and the border weights fall on glyphs within the margin of a
+    token's x border (by hand: a weight of 3 where min(x mod 28, 28 - x mod 28) < 2)."""
+    import runpy
+    from pathlib import Path
+
+    from nativevl.training import pretrain_vision as pv
+
+    script = Path(__file__).resolve().parent.parent / "experiments" / "reading" / "tower_positions.py"
+    positions = runpy.run_path(str(script))
+    args = positions["recipe_args"](20)
+    assert (args.min_text_size, args.max_text_size, args.glyph_cell_width) == (20, 20, 28)
+    _, processor = pv.build_vision(pv.parse([str(pv.RECIPE), "--output_dir", "x", "--vision_depth", "1"]))
+    keys = [f"t/{i}" for i in range(6)]
+    _, grids, targets = pv.make_batch(keys, processor, args)
+    weights = positions["border_weights"](keys, grids, args, 3.0, 2.0)
+    placed, near, first = 0, 0, 0
+    for key, grid in zip(keys, grids.tolist(), strict=True):
+        for token, k, x, in_row, slot, cls in positions["glyph_slots"](key, grid, args):
+            assert targets[first + token, k] == cls and slot < in_row <= args.glyph_slots
+            border = min(x % 28, 28 - x % 28) < 2.0
+            assert weights[first + token, k] == (3.0 if border else 1.0)
+            placed, near = placed + 1, near + border
+        first += grid[1] * grid[2] // 4
+    assert placed == int((targets > 0).sum()) and 0 < near < placed and int((weights == 3.0).sum()) == near
